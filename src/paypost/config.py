@@ -1,0 +1,36 @@
+"""Process-wide configuration: where embedded state lives, and the environment it reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_DIR_ENV = "PAYPOST_DATA_DIR"
+DEFAULT_DATA_DIR = Path("paypost-data")
+
+
+def data_dir(explicit: Path | None = None) -> Path:
+    """The directory of embedded state: explicit value, else $PAYPOST_DATA_DIR, else ./paypost-data."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env) if env else DEFAULT_DATA_DIR
+
+
+def ensure_data_dir(path: Path) -> Path:
+    """Create the data directory if needed, with a message that names it when that fails."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the data directory {str(path)!r}: {exc.strerror}. "
+            f"Pass --data-dir (or set {DATA_DIR_ENV}) to a writable directory."
+        ) from exc
+    return path
+
+
+class UserError(Exception):
+    """An error a user can meet: the message names the input, what is wrong and what to do.
+
+    The CLI prints it without a traceback and exits with status 2.
+    """
