@@ -10,7 +10,7 @@ DEFAULT_DATA_DIR = Path("paypost-data")
 
 
 def data_dir(explicit: Path | None = None) -> Path:
-    """The directory of embedded state: explicit value, else $PAYPOST_DATA_DIR, else ./paypost-data."""
+    """Embedded state directory: EXPLICIT, else $PAYPOST_DATA_DIR, else ./paypost-data."""
     if explicit is not None:
         return explicit
     env = os.environ.get(DATA_DIR_ENV)

@@ -30,7 +30,7 @@ def derive_event_id(input_id: str, stage: str, index: int = 0) -> str:
 
 
 def utc_now() -> str:
-    """The current time as RFC 3339 UTC with millisecond precision, e.g. 2026-11-21T22:09:31.123Z."""
+    """Now as RFC 3339 UTC with milliseconds, e.g. 2026-11-21T22:09:31.123Z."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -212,7 +212,7 @@ class TransactionApproved(Detail, frozen=True, kw_only=True):
 
 
 class TransactionFlagged(Detail, frozen=True, kw_only=True):
-    """Side notification; the concrete detail-type names the flag (e.g. HighValueTransactionDetected)."""
+    """A side notification; its detail-type names the flag (HighValueTransactionDetected, ...)."""
 
     DETAIL_TYPE: ClassVar[str] = "TransactionFlagged"
     DESCRIPTION: ClassVar[str] = (
