@@ -15,6 +15,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """paypost: post authorized payments into customer accounts in near real time."""
+
+
 def _register() -> None:
     # Imported here so that `import paypost.cli` stays cheap and cycles stay impossible.
     from paypost.cli import registry

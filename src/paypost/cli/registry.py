@@ -6,5 +6,6 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    # Each group module exposes `app` (a Typer) or `register(app)`.
-    pass
+    from paypost.cli import schemas
+
+    app.command("schemas")(schemas.schemas)
