@@ -1,0 +1,110 @@
+"""Structured JSON logs (NFR7): one JSON object per line, PAN-redacted as the last step.
+
+Every line carries `timestamp`, `level`, `logger`, `event` and whatever is bound in the
+current context: a stage binds `correlation-id` and `tenant` (and anything else) with
+`log_context(...)`, so every line of that work carries them without passing them around.
+
+The final processor runs `paypost.security.tokens.redact` over the rendered line: any
+Luhn-valid 13–19 digit number that slipped into a log call is masked (defence in depth;
+no code should log a PAN in the first place, DESIGN §3.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from paypost.security.tokens import redact
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def _redact_rendered(_logger: WrappedLogger, _name: str, line: Any) -> Any:
+    """Last processor: mask every Luhn-valid 13–19 digit number in the rendered line."""
+    if isinstance(line, str):
+        return redact(line)
+    if isinstance(line, bytes):
+        return redact(line.decode("utf-8", "replace")).encode("utf-8")
+    return line
+
+
+def _redact_values(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """For the console renderer (no final string pass possible on coloured output)."""
+    for key, value in list(event_dict.items()):
+        if isinstance(value, str):
+            event_dict[key] = redact(value)
+        elif not isinstance(value, int | float | bool) and value is not None:
+            event_dict[key] = redact(repr(value))
+    return event_dict
+
+
+def configure_logging(
+    level: str = "info", *, json: bool = True, stream: TextIO | None = None
+) -> None:
+    """Configure structlog process-wide: JSON lines (default) or console, at LEVEL, to STREAM.
+
+    STREAM defaults to stderr (stdout stays for command output).
+    """
+    lvl = _LEVELS.get(level.lower())
+    if lvl is None:
+        from paypost.config import UserError
+
+        raise UserError(
+            f"log level {level!r} is not one of {', '.join(_LEVELS)}: pick one of them."
+        )
+    out = stream if stream is not None else sys.stderr
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    renderer: list[Any]
+    if json:
+        renderer = [
+            structlog.processors.UnicodeDecoder(),
+            structlog.processors.JSONRenderer(sort_keys=False),
+            _redact_rendered,
+        ]
+    else:
+        renderer = [_redact_values, structlog.dev.ConsoleRenderer(colors=False)]
+    structlog.configure(
+        processors=[*shared, *renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger whose lines carry `logger=NAME` plus the bound context."""
+    return structlog.get_logger().bind(logger=name)
+
+
+@contextmanager
+def log_context(
+    *, correlation_id: str | None = None, tenant: str | None = None, **extra: Any
+) -> Iterator[None]:
+    """Bind `correlation-id`, `tenant` (and EXTRA) on every log line inside the block."""
+    values: MutableMapping[str, Any] = dict(extra)
+    if correlation_id is not None:
+        values["correlation-id"] = correlation_id
+    if tenant is not None:
+        values["tenant"] = tenant
+    tokens = structlog.contextvars.bind_contextvars(**values)
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
