@@ -1,0 +1,638 @@
+"""Duplicate check (FR2 search, FR3 park, FR4 forward, FR9 idempotent).
+
+A pure stage over a batch of `AuthorizationApproved` events and a `DedupIndex` port:
+
+    result = check_duplicates(events, index, config)   # reads the index, writes nothing
+    index.apply(result.effects)                         # inside the caller's transaction
+    publish(result.outputs)
+
+Per input event, exactly one of (docs/dedup.md has the full story):
+
+- an **original** (business key not seen in the window) → `AuthorizationAccepted` (FR4);
+- a **duplicate** (business key already seen) → `DuplicateParked`, reason "duplicate",
+  pointing at the original event id; goes no further (FR3);
+- a **conflict** (an event id already seen, with different content) → `DuplicateParked`,
+  reason "conflict"; never processed;
+- a **late** authorization (transmission time older than the window allows us to check)
+  → `DuplicateParked`, reason "late": it may be a duplicate of an original the index has
+  already forgotten, so it is parked for review rather than risk posting it twice;
+- a **redelivery** (an event id already seen, same content) → nothing at all (FR9);
+- an unreadable payload → `TransactionHeld` (stage "dedup"), never a traceback.
+
+The business key is blake2b-64 over (tenant, card token, amount minor, currency, merchant id,
+STAN, approval code, transmission time in UTC seconds): it names ONE authorization message, so
+"same key" is an equivalence and the set of accepted keys does not depend on arrival order or
+batching. The window (measured on transmission time, never wall clock) bounds how long the index
+remembers a key; see `DedupConfig`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import msgspec
+
+from paypost.events import (
+    AuthorizationAccepted,
+    AuthorizationApproved,
+    DuplicateParked,
+    Event,
+    TransactionHeld,
+    derive_event_id,
+    new_event,
+)
+
+STAGE = "dedup"
+SOURCE = "paypost.dedup"
+
+REASON_DUPLICATE = "duplicate"
+REASON_CONFLICT = "conflict"
+REASON_LATE = "late"
+PARK_REASONS = (REASON_DUPLICATE, REASON_CONFLICT, REASON_LATE)
+
+DEFAULT_WINDOW_SECONDS = 7 * 24 * 3600  # a week: retransmissions and re-sent files come in hours
+
+
+class DedupConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How the duplicate check behaves.
+
+    window_seconds: how far behind a tenant's newest transmission time (its high-water mark)
+    an authorization may be and still be checked. An authorization at exactly
+    `high_water - window_seconds` is inside the window (checked normally); one second earlier is
+    "late" and parked, because the index may have pruned the key of its original.
+    """
+
+    window_seconds: int = DEFAULT_WINDOW_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.window_seconds <= 0:
+            raise ValueError(
+                f"dedup window_seconds must be a positive number of seconds, "
+                f"got {self.window_seconds}"
+            )
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def _hash64(data: bytes) -> int:
+    """A signed 64-bit integer (SQLite's INTEGER) from blake2b-64 of DATA."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
+def key_hex(key: int) -> str:
+    """The business key as the 16 hex digits carried on events."""
+    return f"{key & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def key_from_hex(text: str) -> int:
+    value = int(text, 16)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def transmission_seconds(text: str) -> int:
+    """RFC 3339 transmission time → UTC epoch seconds (sub-seconds dropped; ISO 8583 DE7 has
+    second precision, and two renderings of the same instant must give the same key)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"transmission time {text!r} has no UTC offset (expected RFC 3339)")
+    return int(moment.timestamp())
+
+
+def business_key(tenant: str, auth: AuthorizationApproved) -> tuple[int, int]:
+    """(64-bit business key, transmission time in UTC seconds) of an authorization."""
+    req = auth.request
+    ts = transmission_seconds(req.transmission_time)
+    material = "\x1f".join(
+        (
+            tenant,
+            req.card_token,
+            str(req.amount.minor),
+            req.amount.currency,
+            req.merchant.id,
+            req.stan,
+            auth.response.approval_code or "",
+            str(ts),
+        )
+    )
+    return _hash64(material.encode()), ts
+
+
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def content_hash(event: Event) -> int:
+    """Hash of what an event says (tenant, detail-type, detail), not of its delivery metadata."""
+    return _hash64(_encoder.encode((event.tenant, event.detail_type, event.detail)))
+
+
+def id_key(event_id: str) -> int:
+    return _hash64(event_id.encode())
+
+
+# -- the port ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SeenEvent:
+    """An event id the stage has already processed, and the hash of its content then."""
+
+    event_id: str
+    content_hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeySighting:
+    """The original authorization that holds a business key."""
+
+    event_id: str
+    transmission_ts: int
+
+
+@dataclass(slots=True)
+class DedupEffects:
+    """What the stage wants recorded, applied by `DedupIndex.apply` in the caller's transaction."""
+
+    keys: list[tuple[int, str, int, str]] = field(default_factory=list)  # key, tenant, ts, id
+    events: list[tuple[int, str, int, int]] = field(default_factory=list)  # idk, id, hash, ts
+    high_water: dict[str, int] = field(default_factory=dict)  # tenant -> newest ts
+    parked: list[Event] = field(default_factory=list)
+
+
+class DedupIndex(Protocol):
+    """What the duplicate check needs to remember (batch lookups, one write per batch)."""
+
+    def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]: ...
+
+    def seen_keys(self, keys: Collection[int]) -> dict[int, KeySighting]: ...
+
+    def high_water(self, tenants: Collection[str]) -> dict[str, int]: ...
+
+    def apply(self, effects: DedupEffects) -> None: ...
+
+
+@dataclass(slots=True)
+class DedupCounts:
+    accepted: int = 0
+    duplicate: int = 0
+    conflict: int = 0
+    late: int = 0
+    redelivered: int = 0
+    held: int = 0
+
+
+@dataclass(slots=True)
+class DedupResult:
+    outputs: list[Event]
+    effects: DedupEffects
+    counts: DedupCounts
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Prepared:
+    event: Event
+    idk: int
+    chash: int
+    auth: AuthorizationApproved | None
+    key: int
+    ts: int
+    error: str | None
+
+
+def _prepare(event: Event) -> _Prepared:
+    idk, chash = id_key(event.id), content_hash(event)
+    try:
+        if event.detail_type != AuthorizationApproved.DETAIL_TYPE:
+            raise ValueError(f"expected AuthorizationApproved, got {event.detail_type}")
+        auth = msgspec.convert(event.detail, AuthorizationApproved)
+        key, ts = business_key(event.tenant, auth)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        return _Prepared(event, idk, chash, None, 0, 0, f"invalid payload: {exc}")
+    return _Prepared(event, idk, chash, auth, key, ts, None)
+
+
+def _emit(event: Event, detail: Any, *, index: int = 0, stage: str = STAGE) -> Event:
+    return new_event(
+        detail,
+        source=SOURCE,
+        tenant=event.tenant,
+        id=derive_event_id(event.id, stage, index),
+        correlation_id=event.correlation_id,
+        causation_id=event.id,
+        traceparent=event.traceparent,
+        time=event.time,  # deterministic: the output's time is the input's time
+    )
+
+
+def _parked(p: _Prepared, reason: str, original: str | None) -> Event:
+    assert p.auth is not None
+    detail = DuplicateParked(
+        reason=reason,
+        business_key=key_hex(p.key),
+        original_event_id=original,
+        request=p.auth.request,
+        response=p.auth.response,
+    )
+    if reason == REASON_CONFLICT:
+        # Not index 0: that id belongs to the output of the original content, and the bus
+        # would drop this as its copy. One id per distinct conflicting content.
+        return _emit(p.event, detail, index=p.chash & 0xFFFFFFFFFFFFFFFF, stage=f"{STAGE}-conflict")
+    return _emit(p.event, detail)
+
+
+def check_duplicates(
+    events: Sequence[Event], index: DedupIndex, config: DedupConfig | None = None
+) -> DedupResult:
+    """FR2–FR4, FR9: sort a batch into originals, parked duplicates/conflicts and redeliveries.
+
+    Reads INDEX with three batch lookups and writes nothing; the caller applies
+    `result.effects` in the same transaction that publishes `result.outputs`. Events are
+    decided in the order given, with in-batch memory, so a batch gives the same outcome as
+    the same events delivered one by one.
+    """
+    cfg = config or DedupConfig()
+    prepared = [_prepare(e) for e in events]
+    seen_ids = dict(index.seen_events({p.idk for p in prepared}))
+    seen_keys = dict(index.seen_keys({p.key for p in prepared if p.error is None}))
+    high_water = dict(index.high_water({p.event.tenant for p in prepared}))
+
+    outputs: list[Event] = []
+    effects = DedupEffects()
+    counts = DedupCounts()
+
+    for p in prepared:
+        ev = p.event
+        seen = seen_ids.get(p.idk)
+        if seen is not None and seen.event_id != ev.id:
+            seen = None  # a 64-bit collision between two different ids: treat as unseen
+            remember_id = False
+        else:
+            remember_id = True
+        if seen is not None:
+            if seen.content_hash == p.chash:
+                counts.redelivered += 1  # FR9: already processed, nothing to do
+                continue
+            if p.auth is None:
+                counts.held += 1
+                outputs.append(
+                    _emit(
+                        ev,
+                        TransactionHeld(
+                            reason=f"conflict: event id reused with different content; {p.error}",
+                            stage=STAGE,
+                        ),
+                        index=p.chash & 0xFFFFFFFFFFFFFFFF,
+                        stage=f"{STAGE}-conflict",
+                    )
+                )
+                continue
+            counts.conflict += 1
+            out = _parked(p, REASON_CONFLICT, ev.id)
+            outputs.append(out)
+            effects.parked.append(out)
+            continue
+
+        if remember_id:
+            seen_ids[p.idk] = SeenEvent(ev.id, p.chash)
+            effects.events.append((p.idk, ev.id, p.chash, p.ts))
+
+        if p.auth is None:
+            counts.held += 1
+            outputs.append(_emit(ev, TransactionHeld(reason=p.error or "invalid", stage=STAGE)))
+            continue
+
+        tenant = ev.tenant
+        hw = high_water.get(tenant)
+        if hw is not None and p.ts < hw - cfg.window_seconds:
+            counts.late += 1
+            out = _parked(p, REASON_LATE, None)
+            outputs.append(out)
+            effects.parked.append(out)
+            continue
+
+        sighting = seen_keys.get(p.key)
+        if sighting is not None:
+            counts.duplicate += 1
+            out = _parked(p, REASON_DUPLICATE, sighting.event_id)
+            outputs.append(out)
+            effects.parked.append(out)
+            continue
+
+        counts.accepted += 1
+        seen_keys[p.key] = KeySighting(ev.id, p.ts)
+        effects.keys.append((p.key, tenant, p.ts, ev.id))
+        if hw is None or p.ts > hw:
+            high_water[tenant] = p.ts
+            effects.high_water[tenant] = p.ts
+        outputs.append(
+            _emit(
+                ev,
+                AuthorizationAccepted(
+                    request=p.auth.request,
+                    response=p.auth.response,
+                    business_key=key_hex(p.key),
+                ),
+            )
+        )
+
+    assert (
+        counts.accepted
+        + counts.duplicate
+        + counts.conflict
+        + counts.late
+        + counts.held
+        + counts.redelivered
+        == len(events)
+    ), "every input event has exactly one outcome (nothing lost)"
+    return DedupResult(outputs, effects, counts)
+
+
+# -- in-memory fake ---------------------------------------------------------------------------
+
+
+class MemoryDedupIndex:
+    """The `DedupIndex` port in dicts (unit tests, and a reference for the SQLite one)."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, SeenEvent] = {}
+        self.keys: dict[int, KeySighting] = {}
+        self.watermarks: dict[str, int] = {}
+        self.parked: dict[str, Event] = {}
+
+    def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]:
+        return {k: self.events[k] for k in id_keys if k in self.events}
+
+    def seen_keys(self, keys: Collection[int]) -> dict[int, KeySighting]:
+        return {k: self.keys[k] for k in keys if k in self.keys}
+
+    def high_water(self, tenants: Collection[str]) -> dict[str, int]:
+        return {t: self.watermarks[t] for t in tenants if t in self.watermarks}
+
+    def apply(self, effects: DedupEffects) -> None:
+        for key, _tenant, ts, event_id in effects.keys:
+            assert key not in self.keys, "a business key is recorded once"
+            self.keys[key] = KeySighting(event_id, ts)
+        for idk, event_id, chash, _ts in effects.events:
+            self.events.setdefault(idk, SeenEvent(event_id, chash))
+        for tenant, ts in effects.high_water.items():
+            self.watermarks[tenant] = max(ts, self.watermarks.get(tenant, ts))
+        for ev in effects.parked:
+            self.parked.setdefault(ev.id, ev)
+
+
+# -- SQLite -----------------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS dedup_keys (
+    key INTEGER PRIMARY KEY,            -- blake2b-64 business key (the rowid: no extra index)
+    tenant TEXT NOT NULL,
+    ts INTEGER NOT NULL,                -- transmission time, UTC epoch seconds
+    event_id TEXT NOT NULL              -- the original authorization's event id
+);
+CREATE TABLE IF NOT EXISTS dedup_events (
+    id_key INTEGER PRIMARY KEY,         -- blake2b-64 of the event id
+    event_id TEXT NOT NULL,
+    content_hash INTEGER NOT NULL,
+    ts INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dedup_watermarks (
+    tenant TEXT PRIMARY KEY,
+    high_water INTEGER NOT NULL         -- newest transmission time accepted, UTC seconds
+);
+CREATE TABLE IF NOT EXISTS dedup_parked (
+    seq INTEGER PRIMARY KEY,            -- append-only
+    event_id TEXT NOT NULL UNIQUE,      -- the DuplicateParked event's id (redelivery-safe)
+    input_event_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    business_key TEXT NOT NULL,
+    original_event_id TEXT,
+    transmission_time TEXT NOT NULL,
+    parked_at TEXT NOT NULL,            -- the envelope time (= the input's time)
+    event TEXT NOT NULL                 -- the DuplicateParked event, JSON (masked PAN only)
+);
+CREATE INDEX IF NOT EXISTS dedup_parked_tenant_reason ON dedup_parked (tenant, reason);
+"""
+
+_CHUNK = 500  # bound the number of SQL variables per lookup
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the dedup_* tables if absent (no commit: DDL joins the caller's transaction)."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _chunks(values: Iterable[Any]) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for v in values:
+        batch.append(v)
+        if len(batch) == _CHUNK:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class SqliteDedupIndex:
+    """The `DedupIndex` port on a given SQLite connection. Never commits: `apply` joins the
+    caller's unit of work (one transaction per batch, DESIGN §5)."""
+
+    def __init__(self, conn: sqlite3.Connection, *, create: bool = True) -> None:
+        self.conn = conn
+        if create:
+            ensure_schema(conn)
+
+    def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]:
+        out: dict[int, SeenEvent] = {}
+        for chunk in _chunks(id_keys):
+            marks = ",".join("?" * len(chunk))
+            for idk, event_id, chash in self.conn.execute(
+                f"SELECT id_key, event_id, content_hash FROM dedup_events "
+                f"WHERE id_key IN ({marks})",
+                chunk,
+            ):
+                out[idk] = SeenEvent(event_id, chash)
+        return out
+
+    def seen_keys(self, keys: Collection[int]) -> dict[int, KeySighting]:
+        out: dict[int, KeySighting] = {}
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            for key, event_id, ts in self.conn.execute(
+                f"SELECT key, event_id, ts FROM dedup_keys WHERE key IN ({marks})", chunk
+            ):
+                out[key] = KeySighting(event_id, ts)
+        return out
+
+    def high_water(self, tenants: Collection[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for chunk in _chunks(tenants):
+            marks = ",".join("?" * len(chunk))
+            for tenant, hw in self.conn.execute(
+                f"SELECT tenant, high_water FROM dedup_watermarks WHERE tenant IN ({marks})",
+                chunk,
+            ):
+                out[tenant] = hw
+        return out
+
+    def apply(self, effects: DedupEffects) -> None:
+        c = self.conn
+        if effects.keys:
+            # Plain INSERT: a clash means another writer recorded the key meanwhile; the
+            # caller's transaction rolls back and the retry sees the event as a duplicate.
+            c.executemany(
+                "INSERT INTO dedup_keys (key, tenant, ts, event_id) VALUES (?, ?, ?, ?)",
+                effects.keys,
+            )
+        if effects.events:
+            c.executemany(
+                "INSERT OR IGNORE INTO dedup_events (id_key, event_id, content_hash, ts) "
+                "VALUES (?, ?, ?, ?)",
+                effects.events,
+            )
+        if effects.high_water:
+            c.executemany(
+                "INSERT INTO dedup_watermarks (tenant, high_water) VALUES (?, ?) "
+                "ON CONFLICT (tenant) DO UPDATE SET high_water = "
+                "max(high_water, excluded.high_water)",
+                list(effects.high_water.items()),
+            )
+        if effects.parked:
+            c.executemany(
+                "INSERT OR IGNORE INTO dedup_parked (event_id, input_event_id, tenant, reason, "
+                "business_key, original_event_id, transmission_time, parked_at, event) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_parked_row(ev) for ev in effects.parked],
+            )
+
+    def prune(self, tenant: str, window_seconds: int) -> int:
+        """Forget keys and ids of TENANT older than its high-water mark minus the window.
+
+        Safe: such authorizations are parked as "late" before any lookup. A maintenance
+        operation (a scan), run periodically, not per batch. Returns the rows deleted.
+        """
+        row = self.conn.execute(
+            "SELECT high_water FROM dedup_watermarks WHERE tenant = ?", (tenant,)
+        ).fetchone()
+        if row is None:
+            return 0
+        horizon = int(row[0]) - window_seconds
+        n = self.conn.execute(
+            "DELETE FROM dedup_keys WHERE tenant = ? AND ts < ?", (tenant, horizon)
+        ).rowcount
+        # dedup_events has no tenant column; ids older than every tenant's horizon go.
+        low = self.conn.execute("SELECT min(high_water) FROM dedup_watermarks").fetchone()[0]
+        n += self.conn.execute(
+            "DELETE FROM dedup_events WHERE ts < ?", (int(low) - window_seconds,)
+        ).rowcount
+        return n
+
+
+def _parked_row(ev: Event) -> tuple[Any, ...]:
+    d = ev.detail
+    return (
+        ev.id,
+        ev.causation_id,
+        ev.tenant,
+        d["reason"],
+        d["business_key"],
+        d.get("original_event_id"),
+        d["request"]["transmission_time"],
+        ev.time,
+        msgspec.json.encode(ev).decode(),
+    )
+
+
+# -- parked queries (the `paypost parked` CLI) ------------------------------------------------
+
+
+class ParkedRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One parked authorization as the CLI shows it (masked PAN only)."""
+
+    event_id: str
+    input_event_id: str
+    tenant: str
+    reason: str
+    business_key: str
+    original_event_id: str | None
+    transmission_time: str
+    parked_at: str
+    event: dict[str, Any]
+
+
+def _has_parked_table(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dedup_parked'"
+    ).fetchone()
+    return row is not None
+
+
+def list_parked(
+    conn: sqlite3.Connection,
+    *,
+    tenant: str | None = None,
+    reason: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[ParkedRecord]:
+    """Parked authorizations, oldest first, filtered by tenant and/or reason."""
+    if not _has_parked_table(conn):
+        return []
+    where, args = [], []
+    if tenant is not None:
+        where.append("tenant = ?")
+        args.append(tenant)
+    if reason is not None:
+        where.append("reason = ?")
+        args.append(reason)
+    sql = (
+        "SELECT event_id, input_event_id, tenant, reason, business_key, original_event_id, "
+        "transmission_time, parked_at, event FROM dedup_parked"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY seq LIMIT ? OFFSET ?"
+    )
+    return [_record(row) for row in conn.execute(sql, [*args, limit, offset])]
+
+
+def get_parked(conn: sqlite3.Connection, event_id: str) -> ParkedRecord | None:
+    """One parked authorization by the parked event's id or by the input event's id."""
+    if not _has_parked_table(conn):
+        return None
+    row = conn.execute(
+        "SELECT event_id, input_event_id, tenant, reason, business_key, original_event_id, "
+        "transmission_time, parked_at, event FROM dedup_parked "
+        "WHERE event_id = ? OR input_event_id = ? ORDER BY seq LIMIT 1",
+        (event_id, event_id),
+    ).fetchone()
+    return _record(row) if row is not None else None
+
+
+def count_parked(conn: sqlite3.Connection) -> dict[str, int]:
+    """Parked count per reason."""
+    if not _has_parked_table(conn):
+        return {}
+    return dict(conn.execute("SELECT reason, count(*) FROM dedup_parked GROUP BY reason"))
+
+
+def _record(row: tuple[Any, ...]) -> ParkedRecord:
+    return ParkedRecord(
+        event_id=row[0],
+        input_event_id=row[1],
+        tenant=row[2],
+        reason=row[3],
+        business_key=row[4],
+        original_event_id=row[5],
+        transmission_time=row[6],
+        parked_at=row[7],
+        event=msgspec.json.decode(row[8]),
+    )
