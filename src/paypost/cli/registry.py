@@ -9,3 +9,6 @@ def register(app: typer.Typer) -> None:
     from paypost.cli import schemas
 
     app.command("schemas")(schemas.schemas)
+    from paypost.cli import iso20022
+
+    app.add_typer(iso20022.app, name="iso20022")
