@@ -12,3 +12,6 @@ def register(app: typer.Typer) -> None:
     from paypost.cli import iso20022
 
     app.add_typer(iso20022.app, name="iso20022")
+    from paypost.cli import rules
+
+    app.add_typer(rules.app, name="rules")

@@ -1,0 +1,108 @@
+"""`paypost rules …`: work with routing rules, i.e. EventBridge event patterns (docs/patterns.md).
+
+`paypost rules test` answers "would this rule route this event?" exactly as the bus decides it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from paypost import patterns
+from paypost.cli.common import JsonOption, console, emit_json, fail
+
+app = typer.Typer(
+    help="Routing rules: EventBridge event patterns (validate, test against events).",
+    no_args_is_help=True,
+)
+
+EXIT_MATCH = 0
+EXIT_NO_MATCH = 1
+EXIT_INVALID = 2
+
+
+@app.callback()
+def _group() -> None:
+    """Routing rules: EventBridge event patterns (see docs/patterns.md)."""
+
+
+def _read_text(value: str, what: str) -> str:
+    """VALUE as inline JSON text, or the text of the file it names."""
+    if value.lstrip().startswith(("{", "[")):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what}: {value!r} is neither inline JSON nor an existing file. Pass a JSON "
+            'object, e.g. \'{"source": ["paypost.ingest"]}\', or the path of a .json file.'
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def _load_event(value: str) -> dict[str, Any]:
+    try:
+        text = _read_text(value, "--event")
+        event = json.loads(text)
+    except FileNotFoundError as exc:
+        fail(str(exc), EXIT_INVALID)
+    except json.JSONDecodeError as exc:
+        fail(
+            f"--event: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).",
+            EXIT_INVALID,
+        )
+    if not isinstance(event, dict):
+        fail("--event: an event must be a JSON object (e.g. an Event.to_dict()).", EXIT_INVALID)
+    return event
+
+
+@app.command("test")
+def test(
+    pattern: Annotated[
+        str,
+        typer.Option(
+            "--pattern",
+            "-p",
+            help="The event pattern: inline JSON or a .json file.",
+            show_default=False,
+        ),
+    ],
+    event: Annotated[
+        str,
+        typer.Option(
+            "--event",
+            "-e",
+            help="The event: inline JSON or a .json file (EventBridge-shaped, as on the bus).",
+            show_default=False,
+        ),
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Does the event match the pattern? Prints match (exit 0), no match (exit 1) or
+    invalid pattern: WHY (exit 2), with AWS EventBridge's semantics and messages.
+    """
+    try:
+        compiled = patterns.compile(_read_text(pattern, "--pattern"))
+    except (FileNotFoundError, patterns.InvalidPattern) as exc:
+        if isinstance(exc, patterns.InvalidPattern):
+            why, where = exc.reason, exc.path
+        else:
+            why, where = str(exc), None
+        if as_json:
+            emit_json({"result": "invalid pattern", "match": None, "reason": why, "path": where})
+        else:
+            location = f" (at {where})" if where else ""
+            console.print(
+                f"invalid pattern: {why}{location}", highlight=False, markup=False, soft_wrap=True
+            )
+        raise typer.Exit(EXIT_INVALID) from None
+    loaded = _load_event(event)
+    matched = compiled.matches(loaded)
+    result = "match" if matched else "no match"
+    if as_json:
+        emit_json({"result": result, "match": matched})
+    else:
+        console.print(result, highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_MATCH if matched else EXIT_NO_MATCH)
