@@ -135,6 +135,29 @@ class BusConformance(abc.ABC):
         with pytest.raises(BusError, match="nowhere"):
             bus.put_rule(Rule(name="x", pattern={"source": ["a"]}, target="nowhere"))
 
+    def test_content_filters_and_unindexed_rules(self, bus: Bus) -> None:
+        bus.put_target(TargetConfig(name="f"))
+        bus.put_rule(
+            Rule(
+                name="f",
+                pattern={
+                    "detail-type": ["TransactionHeld"],
+                    "detail": {"reason": [{"prefix": "fra"}]},
+                },
+                target="f",
+            )
+        )
+        bus.put_rule(Rule(name="g", pattern={"id": [{"suffix": "-3"}]}, target="f"))
+        bus.publish([held(1), held(2, reason="fraud"), rejected(3)])
+        assert self.ids(bus.receive("f")) == ["held-2", "rej-3"]
+
+    def test_invalid_pattern_is_refused_with_the_rule_name(self, bus: Bus) -> None:
+        with pytest.raises(BusError, match="rule 'bad'"):
+            bus.put_rule(
+                Rule(name="bad", pattern={"detail": {"reason": [{"prefix": 5}]}}, target="holds")
+            )
+        assert "bad" not in {r.name for r in bus.rules()}
+
     def test_rules_and_targets_are_listed(self, bus: Bus) -> None:
         assert {t.name for t in bus.targets()} == {"holds", "audit"}
         assert {r.name for r in bus.rules()} == {"holds", "audit"}

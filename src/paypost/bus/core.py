@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from paypost import patterns
 from paypost.config import UserError
 from paypost.events import Event
 
@@ -317,45 +318,10 @@ class Matcher(Protocol):
 
 def compile_pattern(pattern: dict[str, Any], what: str = "pattern") -> Matcher:
     """Compile an EventBridge pattern with paypost.patterns; errors name WHAT."""
-    # TEMPORARY indirection until paypost.patterns lands (being written in parallel).
-    import importlib
-
     try:
-        patterns: Any = importlib.import_module("paypost.patterns")
-    except ModuleNotFoundError:
-        return _ExactMatcher(pattern)
-    try:
-        matcher: Matcher = patterns.compile(pattern)
+        return patterns.compile(pattern)
     except patterns.InvalidPattern as exc:
         raise BusError(f"{what} is not a valid event pattern: {exc}") from exc
-    return matcher
-
-
-class _ExactMatcher:
-    """TEMPORARY: exact-value matching only, until paypost.patterns lands."""
-
-    def __init__(self, pattern: dict[str, Any]) -> None:
-        self.pattern = pattern
-
-    def matches(self, event: dict[str, Any]) -> bool:
-        return self._match(self.pattern, event)
-
-    def _match(self, pattern: dict[str, Any], value: Any) -> bool:
-        if not isinstance(value, dict):
-            return False
-        for key, want in pattern.items():
-            if key not in value:
-                return False
-            got = value[key]
-            if isinstance(want, dict):
-                if not self._match(want, got):
-                    return False
-            elif isinstance(got, list):
-                if not any(g in want for g in got):
-                    return False
-            elif got not in want:
-                return False
-        return True
 
 
 def _pinned_detail_types(pattern: dict[str, Any]) -> list[str] | None:
