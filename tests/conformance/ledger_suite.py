@@ -1,0 +1,440 @@
+"""The ledger conformance suite: every LedgerStore passes these same cases.
+
+A backend's test module subclasses `LedgerSuite` and provides the `store` fixture (a fresh,
+empty, isolated ledger). Written from what a user of the ledger notices: balances, results,
+refusal messages, what a query returns.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from paypost.ledger.model import (
+    Account,
+    AccountError,
+    JournalEntry,
+    LedgerStore,
+    Leg,
+    UnknownAccount,
+    UnknownEntry,
+    fx_legs,
+)
+from paypost.money import FxRate, Money, convert
+
+T = "bank-a"
+T2 = "bank-b"
+
+
+def customer(aid: str, currency: str = "EUR", tenant: str = T, **kw: object) -> Account:
+    return Account(id=aid, tenant=tenant, kind="customer", currency=currency, **kw)  # type: ignore[arg-type]
+
+
+def internal(aid: str, role: str, currency: str = "EUR", tenant: str = T) -> Account:
+    return Account(id=aid, tenant=tenant, kind="internal", role=role, currency=currency)
+
+
+def transfer(
+    eid: str,
+    debit: str,
+    credit: str,
+    minor: int,
+    currency: str = "EUR",
+    tenant: str = T,
+    booked_at: datetime | None = None,
+    **kw: object,
+) -> JournalEntry:
+    m = Money(minor, currency)
+    return JournalEntry(
+        id=eid,
+        tenant=tenant,
+        legs=(
+            Leg(account=debit, side="debit", amount=m),
+            Leg(account=credit, side="credit", amount=m),
+        ),
+        booked_at=booked_at,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def bal(store: LedgerStore, account: str, tenant: str = T) -> int:
+    return store.balance(tenant, account).balance.minor
+
+
+class LedgerSuite:
+    """Subclass and provide a `store` fixture yielding an empty LedgerStore."""
+
+    @pytest.fixture
+    def ledger(self, store: LedgerStore) -> LedgerStore:
+        store.create_accounts(
+            [
+                customer("alice", overdraft_limit=0),
+                customer("bob", overdraft_limit=5000),
+                customer("carol"),
+                internal("settle-eur", "settlement"),
+                internal("suspense-eur", "suspense"),
+            ]
+        )
+        return store
+
+    # -- accounts -------------------------------------------------------------------------
+
+    def test_accounts_are_created_once_and_read_back(self, ledger: LedgerStore) -> None:
+        acc = ledger.get_account(T, "alice")
+        assert acc == customer("alice", overdraft_limit=0)
+        ledger.create_accounts([customer("alice", overdraft_limit=0)])  # identical: no-op
+        with pytest.raises(AccountError, match="different definition"):
+            ledger.create_accounts([customer("alice", currency="GBP")])
+        assert ledger.get_account(T, "nobody") is None
+
+    def test_account_definitions_are_validated(self, store: LedgerStore) -> None:
+        with pytest.raises(AccountError, match="IBAN"):
+            store.create_accounts([customer("x", iban="GB00WEST12345698765432")])
+        with pytest.raises(AccountError, match="role"):
+            store.create_accounts([internal("y", "piggy-bank")])
+        with pytest.raises(AccountError, match="unknown currency"):
+            store.create_accounts([customer("z", currency="EUX")])
+        store.create_accounts(
+            [
+                customer(
+                    "uk",
+                    currency="GBP",
+                    iban="GB82WEST12345698765432",
+                    sort_code="123456",
+                    account_number="98765432",
+                    product_type="current",
+                )
+            ]
+        )
+        got = store.get_account(T, "uk")
+        assert got is not None and got.sort_code == "123456" and got.product_type == "current"
+
+    # -- posting --------------------------------------------------------------------------
+
+    def test_posting_moves_money_and_the_trial_balance_stays_zero(
+        self, ledger: LedgerStore
+    ) -> None:
+        [r] = ledger.post_batch([transfer("e1", "settle-eur", "alice", 10_000)])
+        assert r.status == "posted" and r.position is not None and r.posted_at is not None
+        assert bal(ledger, "alice") == 10_000
+        assert bal(ledger, "settle-eur") == -10_000
+        b = ledger.balance(T, "alice")
+        assert b.balance == Money(10_000, "EUR") and b.credits == 10_000 and b.debits == 0
+        tb = ledger.trial_balance(T)
+        assert tb.balanced
+        [line] = tb.lines
+        assert (line.currency, line.debits, line.credits, line.net) == ("EUR", 10_000, 10_000, 0)
+
+    def test_unbalanced_entry_is_refused_saying_by_how_much(self, ledger: LedgerStore) -> None:
+        entry = JournalEntry(
+            id="bad",
+            tenant=T,
+            legs=(
+                Leg(account="settle-eur", side="debit", amount=Money(1000, "EUR")),
+                Leg(account="carol", side="credit", amount=Money(900, "EUR")),
+            ),
+        )
+        [r] = ledger.post_batch([entry])
+        assert r.status == "refused"
+        assert r.reason is not None and "1.00 EUR" in r.reason and "debits exceed" in r.reason
+        assert bal(ledger, "carol") == 0
+        assert ledger.get_entry(T, "bad") is None
+
+    def test_one_bad_entry_does_not_sink_the_batch(self, ledger: LedgerStore) -> None:
+        results = ledger.post_batch(
+            [
+                transfer("a", "settle-eur", "carol", 100),
+                transfer("b", "settle-eur", "ghost", 100),
+                transfer("c", "settle-eur", "carol", 5, currency="USD"),
+                transfer("d", "settle-eur", "carol", 200),
+            ]
+        )
+        assert [r.status for r in results] == ["posted", "refused", "refused", "posted"]
+        assert results[1].reason is not None and "unknown account 'ghost'" in results[1].reason
+        assert results[2].reason is not None and "is in EUR" in results[2].reason
+        assert bal(ledger, "carol") == 300
+        assert ledger.trial_balance(T).balanced
+
+    def test_same_id_same_content_is_a_duplicate_with_the_original_result(
+        self, ledger: LedgerStore
+    ) -> None:
+        e = transfer("e1", "settle-eur", "carol", 700)
+        [first] = ledger.post_batch([e])
+        [again] = ledger.post_batch([e])
+        assert again.status == "duplicate"
+        assert again.position == first.position and again.posted_at == first.posted_at
+        assert bal(ledger, "carol") == 700
+
+    def test_same_id_other_content_is_a_conflict_and_posts_nothing(
+        self, ledger: LedgerStore
+    ) -> None:
+        ledger.post_batch([transfer("e1", "settle-eur", "carol", 700)])
+        [r] = ledger.post_batch([transfer("e1", "settle-eur", "carol", 701)])
+        assert r.status == "conflict" and r.reason is not None and "e1" in r.reason
+        assert bal(ledger, "carol") == 700
+
+    def test_duplicates_inside_one_batch(self, ledger: LedgerStore) -> None:
+        e = transfer("e1", "settle-eur", "carol", 10)
+        results = ledger.post_batch([e, e, transfer("e1", "settle-eur", "carol", 11)])
+        assert [r.status for r in results] == ["posted", "duplicate", "conflict"]
+        assert bal(ledger, "carol") == 10
+
+    def test_replaying_a_batch_changes_nothing(self, ledger: LedgerStore) -> None:
+        batch = [transfer(f"e{i}", "settle-eur", "carol", 100 + i) for i in range(50)]
+        first = ledger.post_batch(batch)
+        before = (bal(ledger, "carol"), ledger.trial_balance(T))
+        second = ledger.post_batch(batch)
+        assert all(r.status == "duplicate" for r in second)
+        assert [r.position for r in second] == [r.position for r in first]
+        assert (bal(ledger, "carol"), ledger.trial_balance(T)) == before
+
+    def test_replay_of_an_entry_now_beyond_the_overdraft_is_still_a_duplicate(
+        self, ledger: LedgerStore
+    ) -> None:
+        ledger.post_batch([transfer("fund", "settle-eur", "alice", 1000)])
+        spend = transfer("spend", "alice", "settle-eur", 1000)
+        assert ledger.post_batch([spend])[0].status == "posted"
+        # alice is at 0 with overdraft forbidden: re-posting must not say "refused".
+        [r] = ledger.post_batch([spend])
+        assert r.status == "duplicate"
+        [c] = ledger.post_batch([transfer("spend", "alice", "settle-eur", 999)])
+        assert c.status == "conflict"
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def test_overdraft_forbidden_and_limited(self, ledger: LedgerStore) -> None:
+        [r] = ledger.post_batch([transfer("x1", "alice", "settle-eur", 1)])
+        assert r.status == "refused" and r.reason is not None
+        assert "alice" in r.reason and "-0.01 EUR" in r.reason and "forbidden" in r.reason
+        ok, over = ledger.post_batch(
+            [
+                transfer("b1", "bob", "settle-eur", 5000),  # exactly the limit
+                transfer("b2", "bob", "settle-eur", 1),
+            ]
+        )
+        assert ok.status == "posted" and over.status == "refused"
+        assert over.reason is not None and "50.00 EUR" in over.reason
+        assert bal(ledger, "bob") == -5000
+        # Earlier entries of the same batch count: fund then spend in one batch.
+        a, b = ledger.post_batch(
+            [
+                transfer("f", "settle-eur", "alice", 300),
+                transfer("s", "alice", "settle-eur", 300),
+            ]
+        )
+        assert (a.status, b.status) == ("posted", "posted")
+        assert bal(ledger, "alice") == 0
+
+    def test_overdraft_counts_the_net_effect_of_an_entry(self, ledger: LedgerStore) -> None:
+        e = JournalEntry(
+            id="net",
+            tenant=T,
+            legs=(
+                Leg(account="alice", side="credit", amount=Money(500, "EUR")),
+                Leg(account="alice", side="debit", amount=Money(400, "EUR")),
+                Leg(account="settle-eur", side="debit", amount=Money(100, "EUR")),
+            ),
+        )
+        assert ledger.post_batch([e])[0].status == "posted"
+        assert bal(ledger, "alice") == 100
+
+    def test_closed_and_blocked_accounts(self, ledger: LedgerStore) -> None:
+        ledger.post_batch([transfer("f", "settle-eur", "carol", 1000)])
+        ledger.set_account_status(T, "carol", "blocked")
+        debit, credit = ledger.post_batch(
+            [
+                transfer("d", "carol", "settle-eur", 10),
+                transfer("c", "settle-eur", "carol", 10),
+            ]
+        )
+        assert debit.status == "refused" and debit.reason is not None
+        assert "blocked" in debit.reason
+        assert credit.status == "posted"
+        ledger.set_account_status(T, "carol", "closed")
+        [r] = ledger.post_batch([transfer("c2", "settle-eur", "carol", 10)])
+        assert r.status == "refused" and r.reason is not None and "closed" in r.reason
+        assert bal(ledger, "carol") == 1010
+        with pytest.raises(UnknownAccount):
+            ledger.set_account_status(T, "ghost", "closed")
+
+    # -- reversal -------------------------------------------------------------------------
+
+    def test_reversal_restores_balances_and_links_the_original(self, ledger: LedgerStore) -> None:
+        ledger.post_batch([transfer("e1", "settle-eur", "carol", 1234)])
+        r = ledger.reverse(T, "e1")
+        assert r.status == "posted"
+        assert bal(ledger, "carol") == 0 and bal(ledger, "settle-eur") == 0
+        rev = ledger.get_entry(T, r.entry_id)
+        assert rev is not None and rev.reversal_of == "e1"
+        assert [(lg.account, lg.side) for lg in rev.legs] == [
+            ("settle-eur", "credit"),
+            ("carol", "debit"),
+        ]
+        again = ledger.reverse(T, "e1")
+        assert again.status == "duplicate" and again.position == r.position
+        other = ledger.reverse(T, "e1", reversal_entry_id="manual-2")
+        assert other.status == "refused" and other.reason is not None
+        assert "already reversed" in other.reason
+        assert bal(ledger, "carol") == 0
+        with pytest.raises(UnknownEntry):
+            ledger.reverse(T, "nope")
+        [rr] = ledger.post_batch([rev_entry(ledger, r.entry_id)])
+        assert rr.status == "refused" and rr.reason is not None
+        assert "itself a reversal" in rr.reason
+
+    def test_reversal_must_mirror_and_may_share_the_batch(self, ledger: LedgerStore) -> None:
+        orig = transfer("o", "settle-eur", "carol", 50)
+        wrong = JournalEntry(
+            id="w",
+            tenant=T,
+            reversal_of="o",
+            legs=transfer("x", "carol", "settle-eur", 49).legs,
+        )
+        results = ledger.post_batch([orig, wrong, orig.reversal()])
+        assert [r.status for r in results] == ["posted", "refused", "posted"]
+        assert results[1].reason is not None and "mirror" in results[1].reason
+        assert bal(ledger, "carol") == 0
+        [missing] = ledger.post_batch([transfer("q", "carol", "settle-eur", 1).reversal()])
+        assert missing.status == "refused"
+
+    def test_reversal_respects_the_overdraft_rule(self, ledger: LedgerStore) -> None:
+        ledger.post_batch(
+            [
+                transfer("fund", "settle-eur", "alice", 100),
+                transfer("spend", "alice", "settle-eur", 100),
+            ]
+        )
+        r = ledger.reverse(T, "fund")
+        assert r.status == "refused" and r.reason is not None and "forbidden" in r.reason
+        assert bal(ledger, "alice") == 0
+
+    # -- queries --------------------------------------------------------------------------
+
+    def test_entries_for_an_account_by_time_range_and_page(self, ledger: LedgerStore) -> None:
+        t0 = datetime(2026, 1, 1, tzinfo=UTC)
+        batch = [
+            transfer(f"e{i}", "settle-eur", "carol", 10 + i, booked_at=t0 + timedelta(hours=i))
+            for i in range(10)
+        ]
+        batch.append(transfer("other", "settle-eur", "suspense-eur", 1, booked_at=t0))
+        ledger.post_batch(batch)
+        everything = ledger.entries(T, "carol")
+        assert [e.id for e in everything] == [f"e{i}" for i in range(10)]
+        assert everything[3].booked_at == t0 + timedelta(hours=3)
+        assert everything[3].legs[1].amount == Money(13, "EUR")
+        window = ledger.entries(
+            T, "carol", start=t0 + timedelta(hours=2), end=t0 + timedelta(hours=5)
+        )
+        assert [e.id for e in window] == ["e2", "e3", "e4"]
+        page = ledger.entries(T, "carol", limit=3, offset=6)
+        assert [e.id for e in page] == ["e6", "e7", "e8"]
+        with pytest.raises(UnknownAccount):
+            ledger.entries(T, "ghost")
+
+    def test_entry_references_and_metadata_are_kept(self, ledger: LedgerStore) -> None:
+        e = transfer(
+            "e1",
+            "settle-eur",
+            "carol",
+            5,
+            sequence_id="seq-1",
+            source_event_id="evt-9",
+            description="card purchase",
+            metadata={"merchant": "ACME", "mcc": "5411"},
+        )
+        ledger.post_batch([e])
+        got = ledger.get_entry(T, "e1")
+        assert got is not None
+        assert (got.sequence_id, got.source_event_id, got.description) == (
+            "seq-1",
+            "evt-9",
+            "card purchase",
+        )
+        assert got.metadata == {"merchant": "ACME", "mcc": "5411"}
+
+    # -- tenants --------------------------------------------------------------------------
+
+    def test_tenants_are_isolated(self, ledger: LedgerStore) -> None:
+        ledger.create_accounts(
+            [customer("carol", tenant=T2), internal("s", "settlement", tenant=T2)]
+        )
+        ledger.post_batch([transfer("e1", "settle-eur", "carol", 100)])
+        # Same entry id in another tenant is another entry; another tenant's account is unknown.
+        a, b = ledger.post_batch(
+            [
+                transfer("e1", "s", "carol", 7, tenant=T2),
+                transfer("e2", "s", "alice", 7, tenant=T2),
+            ]
+        )
+        assert a.status == "posted" and b.status == "refused"
+        assert b.reason is not None and "unknown account 'alice'" in b.reason
+        assert bal(ledger, "carol") == 100 and bal(ledger, "carol", T2) == 7
+        with pytest.raises(UnknownAccount):
+            ledger.balance(T2, "alice")
+        assert ledger.get_entry(T2, "e1") is not None
+        assert ledger.get_account(T2, "alice") is None
+        assert [e.id for e in ledger.entries(T2, "carol")] == ["e1"]
+        assert ledger.entries(T2, "carol")[0].legs[0].amount == Money(7, "EUR")
+        [line] = ledger.trial_balance(T2).lines
+        assert line.credits == 7
+        with pytest.raises(UnknownEntry):
+            ledger.reverse(T2, "e1-not-there")
+
+    # -- currencies and FX ----------------------------------------------------------------
+
+    def test_exponents_and_fx_through_position_accounts(self, store: LedgerStore) -> None:
+        store.create_accounts(
+            [
+                customer("jp", currency="JPY", overdraft_limit=0),
+                customer("bh", currency="BHD"),
+                internal("pos-jpy", "fx_position", "JPY"),
+                internal("pos-bhd", "fx_position", "BHD"),
+                internal("fees-bhd", "fees", "BHD"),
+                internal("round-bhd", "fx_rounding", "BHD"),
+                internal("settle-jpy", "settlement", "JPY"),
+            ]
+        )
+        store.post_batch([transfer("fund", "settle-jpy", "jp", 100_000, currency="JPY")])
+        rate = FxRate(
+            base="JPY",
+            quote="BHD",
+            rate="0.0025013",
+            source="ECB",
+            as_of=datetime(2026, 11, 21, 16, tzinfo=UTC),
+            markup="0.0175",
+        )
+        conv = convert(Money(12_345, "JPY"), rate)
+        legs = fx_legs(
+            conv,
+            payer="bh",
+            payee="jp",
+            position_source="pos-jpy",
+            position_target="pos-bhd",
+            fees="fees-bhd",
+            fx_rounding="round-bhd",
+        )
+        entry = JournalEntry(id="fx1", tenant=T, legs=legs, metadata=conv.provenance())
+        [r] = store.post_batch([entry])
+        assert r.status == "posted", r.reason
+        assert bal(store, "bh") == -conv.charged.minor
+        assert bal(store, "jp") == 100_000 + 12_345
+        assert bal(store, "fees-bhd") == conv.markup.minor > 0
+        tb = store.trial_balance(T)
+        assert tb.balanced and {line.currency for line in tb.lines} == {"JPY", "BHD"}
+        got = store.get_entry(T, "fx1")
+        assert got is not None and got.metadata["fx"]["rate"] == "0.0025013"
+        assert got.metadata["fx"]["source"] == "ECB"
+
+
+def rev_entry(store: LedgerStore, entry_id: str) -> JournalEntry:
+    """The reversal of an already-stored entry (used to try reversing a reversal)."""
+    p = store.get_entry(T, entry_id)
+    assert p is not None
+    return JournalEntry(
+        id=p.id,
+        tenant=p.tenant,
+        legs=tuple(Leg(account=lg.account, side=lg.side, amount=lg.amount) for lg in p.legs),
+        reversal_of=p.reversal_of,
+        description=p.description,
+    ).reversal(entry_id="rev-of-rev")
