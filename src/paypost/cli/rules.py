@@ -106,3 +106,68 @@ def test(
     else:
         console.print(result, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_MATCH if matched else EXIT_NO_MATCH)
+
+
+# --- `paypost rules check` (rules engine, issue 5) -------------------------------------------
+
+
+@app.command("check")
+def check(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="The YAML rules file to validate (see docs/rules.md).", show_default=False
+        ),
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Validate a rules file: every problem with its line, rule and key path (exit 0 valid, 2 not).
+
+    Checks YAML syntax, the file's keys, each rule's name (unique), action, reason and flag,
+    every ${variable} for the defaults and for each tenant, and compiles every event pattern
+    with the bus's EventBridge semantics.
+    """
+    from paypost.stages import rules as engine
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        if as_json:
+            emit_json({"file": str(file), "valid": False, "problems": [{"message": reason}]})
+            raise typer.Exit(EXIT_INVALID) from None
+        fail(f"rules file {str(file)!r} cannot be read: {reason}", EXIT_INVALID)
+    problems = engine.check_rules(text, source=str(file))
+    summary: dict[str, Any] = {"file": str(file), "valid": not problems}
+    if not problems:
+        book = engine.parse_rules(text, source=str(file))
+        counts: dict[str, int] = {}
+        for rule in book.rules:
+            counts[rule.action] = counts.get(rule.action, 0) + 1
+        summary |= {
+            "rules": len(book.rules),
+            "actions": counts,
+            "tenants": sorted(book.tenants),
+            "digest": book.digest,
+        }
+    if as_json:
+        import msgspec
+
+        summary["problems"] = msgspec.to_builtins(problems)
+        emit_json(summary)
+    elif problems:
+        console.print(
+            f"{file}: {len(problems)} problem(s)", highlight=False, markup=False, soft_wrap=True
+        )
+        for p in problems:
+            console.print(f"  {file}: {p}", highlight=False, markup=False, soft_wrap=True)
+    else:
+        tenants = ", ".join(summary["tenants"]) or "none (defaults only)"
+        console.print(
+            f"{file}: valid — {summary['rules']} rules "
+            f"({', '.join(f'{n} {a}' for a, n in sorted(counts.items()))}); tenants: {tenants}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    raise typer.Exit(EXIT_INVALID if problems else 0)
