@@ -334,6 +334,8 @@ class _FieldSpec:
     __slots__ = (
         "absent_ok",
         "bool_values",
+        "elements",
+        "inline",
         "ip_values",
         "null_ok",
         "num_preds",
@@ -356,6 +358,24 @@ class _FieldSpec:
         self.num_preds: list[ValueTest] = []
         # Predicates that apply to every JSON type (anything-but, exists: true).
         self.universal: list[ValueTest] = []
+        # The last operator element's inlinable form, used when it is the only element.
+        self.inline: tuple[str, Any] | None = None
+        self.elements = 0
+
+    def only_strings(self) -> frozenset[str] | None:
+        """The accepted strings, when the field accepts exactly a set of strings."""
+        if self.str_values and not (
+            self.ip_values
+            or self.num_values
+            or self.num_raw
+            or self.bool_values
+            or self.null_ok
+            or self.str_preds
+            or self.num_preds
+            or self.universal
+        ):
+            return frozenset(self.str_values)
+        return None
 
     def build_test(self) -> ValueTest:
         str_values = frozenset(self.str_values)
@@ -377,6 +397,24 @@ class _FieldSpec:
                 return type(v) is str and v in str_values
 
             return only_strings
+        if not (ip_values or num_values or num_raw or bool_values or null_ok or str_values):
+            if len(universal) == 1 and len(str_preds) == 1 and len(num_preds) == 1:
+                return universal[0]  # one anything-but or exists: true
+            if not universal and len(str_preds) == 1 and not num_preds:
+                one_str = str_preds[0]
+
+                def one_string_operator(v: Any) -> bool:
+                    return type(v) is str and one_str(v)
+
+                return one_string_operator
+            if not universal and len(num_preds) == 1 and not str_preds:
+                one_num = num_preds[0]
+
+                def one_numeric(v: Any) -> bool:
+                    t = type(v)
+                    return (t is int or t is float) and one_num(v)
+
+                return one_numeric
 
         def test(v: Any) -> bool:
             t = type(v)
@@ -549,6 +587,7 @@ class _Compiler:
 
     def write_rules(self, name: str, values: list[Any], jpath: str) -> None:
         spec = _FieldSpec()
+        spec.elements = len(values)
         for index, value in enumerate(values):
             vpath = f"{jpath}[{index}]"
             if isinstance(value, dict):
@@ -605,6 +644,7 @@ def _match_expression(spec: _FieldSpec, expr: dict[str, Any], jpath: str) -> Non
         _only_key(expr, jpath, one_key)
         if op == "prefix":
             spec.str_preds.append(_starts_with(operand))
+            spec.inline = ("prefix", operand)
         else:
             spec.str_preds.append(_ends_with(operand))
         return
@@ -612,18 +652,24 @@ def _match_expression(spec: _FieldSpec, expr: dict[str, Any], jpath: str) -> Non
     if op == "numeric":
         if not isinstance(operand, list):
             raise InvalidPattern("Value of numeric must be an array.", opath)
-        spec.num_preds.append(_numeric(operand, opath))
+        rng = _numeric(operand, opath)
+        spec.num_preds.append(_numeric_test(rng))
+        spec.inline = ("numeric", rng)
         _only_key(expr, jpath, "Too many elements in numeric expression")
         return
 
     if op == "anything-but":
-        spec.universal.append(_anything_but(operand, opath))
+        test, excluded = _anything_but(operand, opath)
+        spec.universal.append(test)
+        if excluded is not None:
+            spec.inline = ("anything-but-strings", excluded)
         _only_key(expr, jpath, "Too many elements in numeric expression")
         return
 
     if op == "exists":
         if operand is True:
             spec.universal.append(_always)
+            spec.inline = ("exists", None)
         elif operand is False:
             spec.absent_ok = True
         else:
@@ -691,8 +737,28 @@ def _prefix_suffix_ignore_case(
         spec.str_preds.append(_ends_with_folded(folded))
 
 
-def _numeric(operand: list[Any], jpath: str) -> ValueTest:
-    """A numeric comparison or range, validated with AWS's messages."""
+NumericRange = tuple[float, bool, float, bool]  # low, low is open, high, high is open
+
+_DOMAIN_LOW: Final = float(-_FIVE_BILLION)
+_DOMAIN_HIGH: Final = float(_FIVE_BILLION)
+
+
+def _numeric_test(rng: NumericRange) -> ValueTest:
+    low, open_low, high, open_high = rng
+
+    def in_range(v: Any) -> bool:
+        c = _comparable(v)
+        if c is None:
+            return False
+        if (c <= low) if open_low else (c < low):
+            return False
+        return (c < high) if open_high else (c <= high)
+
+    return in_range
+
+
+def _numeric(operand: list[Any], jpath: str) -> NumericRange:
+    """A numeric comparison or range as an interval, validated with AWS's messages."""
 
     def item(i: int) -> Any:
         return operand[i] if i < len(operand) else _END
@@ -720,19 +786,15 @@ def _numeric(operand: list[Any], jpath: str) -> ValueTest:
             raise InvalidPattern("Too many elements in numeric expression", f"{jpath}[2]")
         bound = numeric_value(1, first)
         if first == "=":
-            return lambda v: _comparable(v) == bound
-        if first == "<":
-            return lambda v: (c := _comparable(v)) is not None and c < bound
-        return lambda v: (c := _comparable(v)) is not None and c <= bound
+            return bound, False, bound, False
+        return _DOMAIN_LOW, False, bound, first == "<"
 
     if not _is_number(item(1)):
         numeric_value(1, first)
     low_raw = item(1)
     if len(operand) == 2:
         low = numeric_value(1, first)
-        if first == ">":
-            return lambda v: (c := _comparable(v)) is not None and c > low
-        return lambda v: (c := _comparable(v)) is not None and c >= low
+        return low, first == ">", _DOMAIN_HIGH, False
     second = item(2)
     if not isinstance(second, str):
         raise InvalidPattern(f"Bad value in numeric range: {_json_text(second)}", f"{jpath}[2]")
@@ -746,21 +808,13 @@ def _numeric(operand: list[Any], jpath: str) -> ValueTest:
     high = numeric_value(3, second)
     if _decimal_of(low_raw) >= _decimal_of(item(3)):
         raise InvalidPattern("Bottom must be less than top", jpath)
-    open_low = first == ">"
-    open_high = second == "<"
-    if open_low and open_high:
-        return lambda v: (c := _comparable(v)) is not None and low < c < high
-    if open_low:
-        return lambda v: (c := _comparable(v)) is not None and low < c <= high
-    if open_high:
-        return lambda v: (c := _comparable(v)) is not None and low <= c < high
-    return lambda v: (c := _comparable(v)) is not None and low <= c <= high
+    return low, first == ">", high, second == "<"
 
 
 _END: Final = object()
 
 
-def _anything_but(operand: Any, jpath: str) -> ValueTest:
+def _anything_but(operand: Any, jpath: str) -> tuple[ValueTest, frozenset[str] | None]:
     """anything-but: true for any value (of any JSON type) that the operand does not name."""
     kind = "values"
     vpath = jpath
@@ -777,8 +831,13 @@ def _anything_but(operand: Any, jpath: str) -> ValueTest:
             raise InvalidPattern(
                 "Too many elements in numeric expression", _key_path(jpath, extra[0])
             )
-        return test
-    return _anything_but_set(kind, operand, vpath)
+        return test, None
+    test = _anything_but_set(kind, operand, vpath)
+    if isinstance(operand, str) or (
+        isinstance(operand, list) and all(isinstance(v, str) for v in operand)
+    ):
+        return test, frozenset(operand if isinstance(operand, list) else [operand])
+    return test, None
 
 
 def _anything_but_set(kind: str, operand: Any, vpath: str) -> ValueTest:
@@ -875,8 +934,17 @@ class _MissingType:
 
 _MISSING: Final = _MissingType()
 
-# One compiled field: (path segments, dotted alternatives per level, value test, absent_ok).
-_Field = tuple[tuple[str, ...], tuple[tuple[str, ...], ...], ValueTest, bool]
+# One compiled field: (path segments, dotted alternatives per level, value test, absent_ok,
+# the set of accepted strings when that is all the field accepts (else None), and the
+# inlinable form of its one operator (else None)).
+_Field = tuple[
+    tuple[str, ...],
+    tuple[tuple[str, ...], ...],
+    ValueTest,
+    bool,
+    frozenset[str] | None,
+    tuple[str, Any] | None,
+]
 
 
 def _make_field(name: str, spec: _FieldSpec) -> _Field:
@@ -897,12 +965,13 @@ def _make_field(name: str, spec: _FieldSpec) -> _Field:
         or spec.universal
     ):
         test = _never  # only {"exists": false}: no value can satisfy it
-    return segs, alternatives, test, spec.absent_ok
+    inline = spec.inline if spec.elements == 1 and not spec.absent_ok else None
+    return segs, alternatives, test, spec.absent_ok, spec.only_strings(), inline
 
 
 def _has_dotted_alternative(event: Any, field: _Field) -> bool:
     """Does the event hold a key with a dot that spells part of FIELD's path?"""
-    segs, alternatives, _, _ = field
+    segs, alternatives = field[0], field[1]
     node = event
     for level, seg in enumerate(segs):
         if type(node) is not dict:
@@ -979,32 +1048,91 @@ def _match_exact(fields: tuple[_Field, ...], event: Any) -> bool:
 
 
 def _branch_matcher(fields: tuple[_Field, ...]) -> Callable[[Any], bool]:
-    def match(event: Any) -> bool:
-        for field in fields:
-            node = event
-            for seg in field[0]:
-                t = type(node)
-                if t is dict:
-                    node = node.get(seg, _MISSING)
-                elif t is list:
-                    return _match_exact(fields, event)
-                else:
-                    node = _MISSING
-                    break
-            t = type(node)
-            if t is list:
-                return _match_exact(fields, event)
-            if node is _MISSING or t is dict:
-                if len(field[0]) > 1 and _has_dotted_alternative(event, field):
-                    return _match_exact(fields, event)
-                if not field[3]:
-                    return False
-            elif not field[2](node):
-                if len(field[0]) > 1 and _has_dotted_alternative(event, field):
-                    return _match_exact(fields, event)
-                return False
-        return True
+    """Generate the branch's matcher: straight-line lookups and tests, one block per field.
 
+    Generated code (not a loop over the pattern) because this is the hot path of routing:
+    each field costs a few dict lookups and, for the common operators (exact strings, one
+    numeric range, one anything-but list, one prefix, exists), an inlined test. Any array on
+    the path, or a key spelling part of the path with a dot, hands the event to the exact
+    search. Pattern text never enters the code: values are bound as namespace names.
+    """
+    namespace: dict[str, Any] = {
+        "_M": _MISSING,
+        "_exact": lambda event: _match_exact(fields, event),
+        "dict": dict,
+        "list": list,
+        "str": str,
+        "int": int,
+        "float": float,
+        "type": type,
+        "round": round,
+    }
+    lines = ["def match(event):", "    if type(event) is not dict:", "        return False"]
+    for i, field in enumerate(fields):
+        segs, alternatives, test, absent_ok, strings, inline = field
+        namespace[f"T{i}"] = test
+        for j, seg in enumerate(segs):
+            namespace[f"K{i}_{j}"] = seg
+        lines.append(f"    n = event.get(K{i}_0, _M)")
+        for j in range(1, len(segs)):
+            lines += [
+                f"    p{j} = n",
+                "    t = type(n)",
+                "    if t is dict:",
+                f"        n = n.get(K{i}_{j}, _M)",
+                "    elif t is list:",
+                "        return _exact(event)",
+                "    else:",
+                "        n = _M",
+            ]
+        # Dotted alternatives, checked only when the plain path fails.
+        parts = []
+        for level in range(len(segs) - 1):
+            node = "event" if level == 0 else f"p{level}"
+            names = []
+            for k, key in enumerate(alternatives[level]):
+                namespace[f"A{i}_{level}_{k}"] = key
+                names.append(f"A{i}_{level}_{k} in {node}")
+            check = " or ".join(names)
+            parts.append(f"({check})" if level == 0 else f"(type({node}) is dict and ({check}))")
+        alt_lines = []
+        if parts:
+            alt_lines = [f"        if {' or '.join(parts)}:", "            return _exact(event)"]
+        lines += ["    t = type(n)", "    if t is list:", "        return _exact(event)"]
+        lines.append("    if n is _M or t is dict:")
+        lines += alt_lines
+        lines.append("        pass" if absent_ok else "        return False")
+        kind = inline[0] if inline is not None else None
+        if strings is not None:
+            namespace[f"S{i}"] = strings
+            lines.append(f"    elif not (t is str and n in S{i}):")
+        elif kind == "numeric":
+            assert inline is not None
+            low, open_low, high, open_high = inline[1]
+            namespace[f"L{i}"], namespace[f"H{i}"] = low, high
+            lo_op = "<" if open_low else "<="
+            hi_op = "<" if open_high else "<="
+            lines.append(
+                "    elif not ((t is int or (t is float and (n.is_integer() or "
+                f"round(n, {_MAX_DECIMALS}) == n))) and L{i} {lo_op} n {hi_op} H{i}):"
+            )
+        elif kind == "anything-but-strings":
+            assert inline is not None
+            namespace[f"X{i}"] = inline[1]
+            lines.append(f"    elif t is str and n in X{i}:")
+        elif kind == "prefix":
+            assert inline is not None
+            namespace[f"P{i}"] = inline[1]
+            lines.append(f"    elif not (t is str and n.startswith(P{i})):")
+        elif kind == "exists":
+            continue  # any leaf will do
+        else:
+            lines.append(f"    elif not T{i}(n):")
+        lines += alt_lines
+        lines.append("        return False")
+    lines.append("    return True")
+    exec("\n".join(lines), namespace)  # code built above from fixed templates
+    match: Callable[[Any], bool] = namespace["match"]
     return match
 
 
@@ -1020,15 +1148,10 @@ class Pattern:
         if len(matchers) == 1:
             only = matchers[0]
 
-            def match_one(event: dict[str, Any]) -> bool:
-                return type(event) is dict and only(event)
-
-            self.matches: Callable[[dict[str, Any]], bool] = match_one
+            self.matches: Callable[[dict[str, Any]], bool] = only
         else:
 
             def match_any(event: dict[str, Any]) -> bool:
-                if type(event) is not dict:
-                    return False
                 for matcher in matchers:  # noqa: SIM110
                     if matcher(event):
                         return True
