@@ -130,8 +130,9 @@ def _json_text(value: Any) -> str:
 
 
 def _is_number(value: Any) -> bool:
+    """A JSON number token (1e400 parses to inf and is still a number to AWS's parser)."""
     t = type(value)
-    return (t is int) or (t is float and math.isfinite(value))
+    return t is int or (t is float and not math.isnan(value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +147,8 @@ def _decimal_of(value: int | float) -> Decimal:
 
 def _pattern_number(value: int | float) -> float:
     """A pattern operand as a comparable float, or InvalidPattern's reason (ValueError)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("Value must be between -5.0E9 and 5.0E9, inclusive")
     number = _decimal_of(value).normalize()
     exponent = number.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > _MAX_DECIMALS:
