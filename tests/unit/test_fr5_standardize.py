@@ -209,6 +209,13 @@ def test_fr5_mapping_of_parties_ids_and_card_data() -> None:
     assert not is_credit_to_cardholder(doc)
 
 
+@pytest.mark.parametrize("masked", ["411111XXXXXX1111", "41111111****1111", "541333*******4242"])
+def test_fr5_masked_pan_forms_are_accepted_and_issuer_is_the_iin(masked: str) -> None:
+    doc = standardized_doc(only(standardize([accepted_event(accepted_detail(pan_masked=masked))])))
+    assert transaction_of(doc)["DbtrAgt"]["FinInstnId"]["Othr"]["Id"] == masked[:6]
+    assert card_data(doc)["MskdPAN"] == masked
+
+
 def test_fr5_hostile_merchant_text_is_escaped_and_still_validates() -> None:
     detail = accepted_detail()
     detail["request"]["merchant"]["name"] = 'A&B <Shop> "quoted" \x00\x07 ' + "x" * 200
@@ -301,6 +308,9 @@ def test_fr5_missing_mandatory_fields_are_all_named() -> None:
         (lambda d: d["request"].update(card_token="t" * 40), "request.card_token"),
         (lambda d: d["request"].update(processing_code="310000"), "request.processing_code"),
         (lambda d: d["request"]["merchant"].update(mcc="food"), "request.merchant.mcc"),
+        (lambda d: d["request"]["merchant"].update(mcc="５４６２"), "request.merchant.mcc"),
+        (lambda d: d["request"].update(pan_masked="411111*"), "request.pan_masked"),
+        (lambda d: d["request"].update(pan_masked="************1111"), "request.pan_masked"),
         (lambda d: d["request"]["merchant"].update(name="  \x01 "), "request.merchant.name"),
         (lambda d: d["response"].update(response_code="05"), "response.response_code"),
         (lambda d: d.pop("response"), "response"),

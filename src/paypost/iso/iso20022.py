@@ -57,20 +57,20 @@ _PURPOSE_BY_TXN_TYPE: Final = {
 APPROVED_RESPONSE_CODES: Final = frozenset({"00", "08", "11"})
 
 # RFC 3339 / xs:dateTime with an explicit zone (Z or ±hh:mm).
+# All digit patterns are ASCII-only (re.ASCII): a Unicode digit is not a card-number digit.
 _DATETIME_RE: Final = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})"
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})", re.ASCII
 )
-_PROCESSING_CODE_RE: Final = re.compile(r"\d{6}")
-# A masked PAN: at least the first 6 digits, a mask of '*' or 'X', the last digits.
-_MASKED_PAN_RE: Final = re.compile(r"(\d{6,8})[0-9*X]*[*X][0-9*X]*")
+_PROCESSING_CODE_RE: Final = re.compile(r"\d{6}", re.ASCII)
+_MCC_RE: Final = re.compile(r"\d{4}", re.ASCII)
+# A masked PAN, 13-19 characters: the first 6 (or 8) digits, a mask of '*' or 'X', the last 4.
+_MASKED_PAN_RE: Final = re.compile(r"(?=.{13,19}\Z)\d{6,8}[*X]+\d{4}", re.ASCII)
 _ALPHA2_RE: Final = re.compile(r"[A-Z]{2}")
 # Characters XML 1.0 cannot carry; free text from the outside world is stripped of them.
 _XML_INVALID_RE: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_DIGIT_RUN_RE: Final = re.compile(r"\d{13,19}")
+_DIGIT_RUN_RE: Final = re.compile(r"\d{13,19}", re.ASCII)
 
 MAX_MINOR: Final = 10**18 - 1  # the XSD's totalDigits 18
-
-# Field paths in problems and rejections use the detail's own names: request.merchant.name.
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -124,7 +124,9 @@ def minor_from_decimal(text: str, currency: str) -> int:
     frac = frac.rstrip("0")
     if len(frac) > exp:
         raise ValueError(f"{text!r} has more than {exp} decimals for {currency}")
-    if not whole.isdigit() or (frac and not frac.isdigit()):
+    if not (whole.isascii() and whole.isdigit()) or (
+        frac and not (frac.isascii() and frac.isdigit())
+    ):
         raise ValueError(f"{text!r} is not a non-negative decimal amount")
     return int(whole + frac.ljust(exp, "0"))
 
@@ -336,7 +338,7 @@ def semantic_problems(auth: AuthorizationAccepted, event_time: str) -> list[Prob
                 "transaction type is neither a debit (00-19) nor a credit (20-29)",
             )
         )
-    if not _MASKED_PAN_RE.fullmatch(req.pan_masked) or _DIGIT_RUN_RE.search(req.pan_masked):
+    if not _MASKED_PAN_RE.fullmatch(req.pan_masked):
         problems.append(
             Problem("request.pan_masked", "must be masked: first 6 digits, '*' or 'X', last 4")
         )
@@ -345,7 +347,7 @@ def semantic_problems(auth: AuthorizationAccepted, event_time: str) -> list[Prob
     if not _clean_text(mer.name, 140):
         problems.append(Problem("request.merchant.name", "empty"))
     _check_id(mer.id, "request.merchant.id", 35, problems)
-    if not (len(mer.mcc) == 4 and mer.mcc.isdigit()):
+    if not _MCC_RE.fullmatch(mer.mcc):
         problems.append(Problem("request.merchant.mcc", "must be 4 digits (ISO 18245)"))
     # NFR6 / DESIGN §3.4: never carry a clear card number onwards, whatever field it hides in.
     # One scan over all copied text; per-field only when some long digit run exists.
