@@ -197,7 +197,7 @@ def load_refdata_from_db(
             (version_id,),
         ).fetchone()
     if row is None:
-        what = f"version {version_id!r}" if version_id else "any reference data"
+        what = f"reference data version {version_id!r}" if version_id else "reference data"
         raise UserError(
             f"the database holds no {what}: load a reference data directory first "
             "(paypost refdata load examples/refdata)"
