@@ -4,6 +4,7 @@ per-tenant thresholds, deterministic output ids; and `paypost rules check` error
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from paypost.events import (
     detail_of,
     new_event,
 )
+from paypost.money import Money
 from paypost.stages import rules
 from paypost.stages.rules import RulesFileError, apply_rules, check_rules, parse_rules
 
@@ -31,6 +33,7 @@ def txn(**over: Any) -> dict[str, Any]:
         "billing_amount": {"minor": 1250, "currency": "GBP"},
         "mcc": "5411",
         "issuing_country": "GB",
+        "currency_conversion": False,
         "fx": None,
     }
     base.update(over)
@@ -50,7 +53,25 @@ def outcome(events: list[Any]) -> tuple[str, list[str]]:
     return events[0].detail_type, [e.detail_type for e in events[1:]]
 
 
-DEFAULT = rules.load_default_rules()
+@dataclass(frozen=True)
+class Tenant:
+    """What the reference data's TenantSettings offer to the rules (variables_from_tenants)."""
+
+    id: str
+    country: str
+    home_currency: str
+    high_value_threshold: Money
+    listed_mccs: tuple[str, ...]
+
+
+TENANTS = [
+    Tenant("bank-uk", "GB", "GBP", Money(500000, "GBP"), ("7995", "6051", "4829", "6540")),
+    Tenant("bank-eu", "IE", "EUR", Money(600000, "EUR"), ("7995",)),
+    Tenant("bank-jp", "JP", "JPY", Money(800000, "JPY"), ()),
+]
+DEFAULT = parse_rules(
+    rules.default_rules_text(), tenant_variables=rules.variables_from_tenants(TENANTS)
+)
 
 
 # -- the default rules reproduce the reference ------------------------------------------------
@@ -88,7 +109,14 @@ def test_absent_issuing_country_is_rejected_too() -> None:
 def test_foreign_currency_with_conversion_is_flagged_twice_and_approved() -> None:
     fx = {"rate": "0.85", "base": "EUR", "quote": "GBP", "source": "ECB", "markup": "0"}
     out = apply_rules(
-        [enriched(amount={"minor": 1000, "currency": "EUR"}, billing_amount=None, fx=fx)],
+        [
+            enriched(
+                amount={"minor": 1000, "currency": "EUR"},
+                billing_amount={"minor": 850, "currency": "GBP"},
+                currency_conversion=True,
+                fx=fx,
+            )
+        ],
         DEFAULT,
     )
     assert outcome(out) == (
@@ -102,6 +130,32 @@ def test_foreign_currency_with_conversion_is_flagged_twice_and_approved() -> Non
 def test_listed_merchant_categories_are_flagged(mcc: str) -> None:
     out = apply_rules([enriched(mcc=mcc)], DEFAULT)
     assert outcome(out) == ("TransactionApproved", ["UnusualMerchantTypeDetected"])
+
+
+def test_watch_list_is_per_tenant_from_reference_data() -> None:
+    def unusual(tenant: str, mcc: str) -> bool:
+        flags = outcome(apply_rules([enriched(tenant, mcc=mcc)], DEFAULT))[1]
+        return "UnusualMerchantTypeDetected" in flags
+
+    assert unusual("bank-uk", "6051") and unusual("bank-uk", "7995")
+    assert not unusual("bank-eu", "6051") and unusual("bank-eu", "7995")
+    assert not unusual("bank-jp", "7995")  # an empty watch list flags nothing
+    # A tenant the reference data does not describe gets the file's default list.
+    assert unusual("other", "5933") and not unusual("other", "5411")
+
+
+def test_a_tenants_section_in_the_file_overrides_reference_data() -> None:
+    text = rules.default_rules_text() + (
+        "\ntenants:\n  bank-uk: {variables: {high_value_threshold_minor: 100}}\n"
+    )
+    book = parse_rules(text, tenant_variables=rules.variables_from_tenants(TENANTS))
+    small = {"minor": 101, "currency": "GBP"}
+    assert outcome(apply_rules([enriched(amount=small, billing_amount=small)], book))[0] == (
+        "TransactionHeld"
+    )
+    assert outcome(apply_rules([enriched(amount=small, billing_amount=small)], DEFAULT))[0] == (
+        "TransactionApproved"
+    )
 
 
 def test_amount_over_the_tenant_threshold_is_held_with_a_high_value_flag() -> None:

@@ -37,10 +37,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import msgspec
 import yaml
@@ -58,6 +58,7 @@ from paypost.events import (
     derive_event_id,
     new_event,
 )
+from paypost.money import Money
 
 STAGE = "rules"
 SOURCE = "paypost.rules"
@@ -242,8 +243,14 @@ def load_default_rules() -> RuleBook:
     return parse_rules(default_rules_text(), source="<default rules>")
 
 
-def load_rules(path: Path | str) -> RuleBook:
-    """Load and compile a rules file; raises RulesFileError listing every problem."""
+def load_rules(
+    path: Path | str, tenant_variables: Mapping[str, Mapping[str, Any]] | None = None
+) -> RuleBook:
+    """Load and compile a rules file; raises RulesFileError listing every problem.
+
+    TENANT_VARIABLES (e.g. `variables_from_tenants(refdata tenants)`) gives per-tenant values
+    from the reference data; precedence: file `variables` < TENANT_VARIABLES < the file's
+    `tenants.<id>.variables`."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -254,23 +261,67 @@ def load_rules(path: Path | str) -> RuleBook:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"rules file {str(p)!r} cannot be read: {exc}") from None
-    return parse_rules(text, source=str(p))
+    return parse_rules(text, source=str(p), tenant_variables=tenant_variables)
 
 
-def parse_rules(text: str, source: str = "<string>") -> RuleBook:
-    book, problems = _build(text, source)
+def parse_rules(
+    text: str,
+    source: str = "<string>",
+    tenant_variables: Mapping[str, Mapping[str, Any]] | None = None,
+) -> RuleBook:
+    book, problems = _build(text, source, tenant_variables or {})
     if problems or book is None:
         raise RulesFileError(source, problems)
     return book
 
 
-def check_rules(text: str, source: str = "<string>") -> list[RuleProblem]:
+def check_rules(
+    text: str,
+    source: str = "<string>",
+    tenant_variables: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[RuleProblem]:
     """Every problem of a rules file (empty list: the file is valid). Never raises."""
-    _, problems = _build(text, source)
+    _, problems = _build(text, source, tenant_variables or {})
     return problems
 
 
-def _build(text: str, source: str) -> tuple[RuleBook | None, list[RuleProblem]]:
+class TenantLike(Protocol):
+    """What `variables_from_tenants` reads (paypost.refdata.model.TenantSettings has it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def country(self) -> str: ...
+    @property
+    def home_currency(self) -> str: ...
+    @property
+    def high_value_threshold(self) -> Money: ...
+    @property
+    def listed_mccs(self) -> tuple[str, ...]: ...
+
+
+# An MCC is 4 digits: this value never matches, so an empty watch list flags nothing.
+NO_MCC = "none"
+
+
+def variables_from_tenants(tenants: Iterable[TenantLike]) -> dict[str, dict[str, Any]]:
+    """Per-tenant rule variables from the reference data's tenant settings (one source of
+    truth for thresholds and watch lists): home_currency, home_country,
+    high_value_threshold_minor (minor units of the home currency) and listed_mccs."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in tenants:
+        out[t.id] = {
+            "home_currency": t.home_currency,
+            "home_country": t.country,
+            "high_value_threshold_minor": t.high_value_threshold.minor,
+            "listed_mccs": list(t.listed_mccs) or [NO_MCC],
+        }
+    return out
+
+
+def _build(
+    text: str, source: str, injected: Mapping[str, Mapping[str, Any]]
+) -> tuple[RuleBook | None, list[RuleProblem]]:
     problems: list[RuleProblem] = []
     try:
         root_node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -307,7 +358,7 @@ def _build(text: str, source: str) -> tuple[RuleBook | None, list[RuleProblem]]:
     if not isinstance(defaults, dict):
         add("`variables` must be a mapping of name: value", "variables")
         defaults = {}
-    tenant_vars: dict[str, dict[str, Any]] = {}
+    tenant_vars: dict[str, dict[str, Any]] = {t: {**defaults, **v} for t, v in injected.items()}
     tenants_raw = data.get("tenants") or {}
     if not isinstance(tenants_raw, dict):
         add("`tenants` must be a mapping of tenant id: {variables: {...}}", "tenants")
@@ -328,7 +379,7 @@ def _build(text: str, source: str) -> tuple[RuleBook | None, list[RuleProblem]]:
         if not isinstance(tv, dict):
             add("`variables` must be a mapping of name: value", f"{tpath}.variables")
             tv = {}
-        tenant_vars[str(tenant)] = {**defaults, **tv}
+        tenant_vars[str(tenant)] = {**defaults, **injected.get(str(tenant), {}), **tv}
 
     rules_raw = data.get("rules")
     if not isinstance(rules_raw, list):
