@@ -468,3 +468,49 @@ def test_fast_path_agrees_with_exact_search(event: dict[str, Any], fields: dict[
     pattern = compile(fields)
     (branch,) = list(pattern._branches)
     assert pattern.matches(event) == patterns._match_exact(branch, event)
+
+
+# ------------------------------------------------------------------------------ PatternIndex
+
+
+def test_pattern_index_gives_the_same_answers_as_testing_every_pattern() -> None:
+    rules: dict[str, Any] = {
+        "by-type": {"detail-type": ["AuthorizationApproved"]},
+        "by-source": {"source": ["paypost.ingest", "paypost.post"]},
+        "or-types": {
+            "$or": [
+                {"detail-type": ["A"], "x": [1]},
+                {"detail-type": ["AuthorizationApproved"], "tenant": [{"prefix": "acme"}]},
+            ]
+        },
+        "unfiled": {"tenant": [{"prefix": "acme"}]},
+        "type-or-absent": {"detail-type": ["A", {"exists": False}]},
+    }
+    index: patterns.PatternIndex[str] = patterns.PatternIndex()
+    for name, rule in rules.items():
+        index.add(name, rule)
+    events = [
+        approved_event(),
+        {"detail-type": "A", "x": 1, "source": "paypost.post"},
+        {"detail-type": ["A", "B"], "x": 1},
+        {"source": "other", "tenant": "acme-us"},
+        {},
+    ]
+    for event in events:
+        expected = [name for name, rule in rules.items() if matches(rule, event)]
+        assert index.matching(event) == expected
+    assert index.matching(approved_event()) == ["by-type", "by-source", "or-types", "unfiled"]
+
+
+def test_pattern_index_replace_and_remove() -> None:
+    index: patterns.PatternIndex[str] = patterns.PatternIndex()
+    index.add("r", {"detail-type": ["A"]})
+    index.add("r", {"detail-type": ["B"]})
+    assert index.matching({"detail-type": "A"}) == []
+    assert index.matching({"detail-type": "B"}) == ["r"]
+    index.remove("r")
+    assert len(index) == 0
+    assert index.matching({"detail-type": "B"}) == []
+    with pytest.raises(InvalidPattern):
+        index.add("bad", {"detail-type": []})
+    assert "bad" not in index
