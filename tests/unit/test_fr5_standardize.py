@@ -7,6 +7,7 @@ import json
 import re
 import uuid
 from typing import Any
+from xml.etree import ElementTree
 
 import msgspec
 import pytest
@@ -218,14 +219,22 @@ def test_fr5_masked_pan_forms_are_accepted_and_issuer_is_the_iin(masked: str) ->
 
 def test_fr5_hostile_merchant_text_is_escaped_and_still_validates() -> None:
     detail = accepted_detail()
-    detail["request"]["merchant"]["name"] = 'A&B <Shop> "quoted" \x00\x07 ' + "x" * 200
+    detail["request"]["merchant"]["name"] = 'A&B <Shop>\r\n\t"quoted" \x00\x07 ' + "x" * 200
     detail["request"]["merchant"]["city"] = "Saint-Rémy-de-Provence-sur-les-Alpilles-et-au-delà"
     doc = standardized_doc(only(standardize([accepted_event(detail)])))
     tx = transaction_of(doc)
     assert len(tx["Cdtr"]["Nm"]) == 140
     assert "\x00" not in tx["Cdtr"]["Nm"]
     assert len(tx["Cdtr"]["PstlAdr"]["TwnNm"]) <= 35
-    validate_xml(render_xml(doc))
+    xml = render_xml(doc)
+    validate_xml(xml)
+    # What a reader of the XML gets back is exactly what travels on the bus.
+    ns = {"p": "urn:iso:std:iso:20022:tech:xsd:pacs.008.001.08"}
+    root = ElementTree.fromstring(xml)
+    assert (
+        root.findtext("p:FIToFICstmrCdtTrf/p:CdtTrfTxInf/p:Cdtr/p:Nm", namespaces=ns)
+        == (tx["Cdtr"]["Nm"])
+    )
 
 
 def test_fr5_xsd_validation_is_not_vacuous() -> None:

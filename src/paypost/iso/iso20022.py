@@ -66,8 +66,9 @@ _MCC_RE: Final = re.compile(r"\d{4}", re.ASCII)
 # A masked PAN, 13-19 characters: the first 6 (or 8) digits, a mask of '*' or 'X', the last 4.
 _MASKED_PAN_RE: Final = re.compile(r"(?=.{13,19}\Z)\d{6,8}[*X]+\d{4}", re.ASCII)
 _ALPHA2_RE: Final = re.compile(r"[A-Z]{2}")
-# Characters XML 1.0 cannot carry; free text from the outside world is stripped of them.
-_XML_INVALID_RE: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Control characters (XML 1.0 cannot carry most of them; tab and line breaks would not survive
+# XML whitespace normalization): free text is cleaned of them, identifiers must not have them.
+_CONTROL_RE: Final = re.compile("[^\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]+")
 _DIGIT_RUN_RE: Final = re.compile(r"\d{13,19}", re.ASCII)
 
 MAX_MINOR: Final = 10**18 - 1  # the XSD's totalDigits 18
@@ -278,8 +279,8 @@ def _looks_like_pan(text: str) -> bool:
 
 
 def _clean_text(text: str, limit: int) -> str:
-    """Free text for a MaxNText element: XML-invalid characters dropped, trimmed, truncated."""
-    return _XML_INVALID_RE.sub("", text).strip()[:limit].strip()
+    """Free text for a MaxNText element: control characters become a space, trimmed, truncated."""
+    return _CONTROL_RE.sub(" ", text).strip()[:limit].strip()
 
 
 def _check_id(value: str | None, path: str, limit: int, problems: list[Problem]) -> None:
@@ -289,7 +290,7 @@ def _check_id(value: str | None, path: str, limit: int, problems: list[Problem])
         problems.append(Problem(path, "empty"))
     elif len(value) > limit:
         problems.append(Problem(path, f"longer than {limit} characters"))
-    elif _XML_INVALID_RE.search(value):
+    elif _CONTROL_RE.search(value):
         problems.append(Problem(path, "contains control characters"))
 
 
