@@ -9,7 +9,7 @@ memory with no per-entry round trip.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -109,11 +109,12 @@ def plan_batch(
     existing: dict[Key, ExistingEntry],
     accounts: dict[Key, AccountState],
     originals: dict[Key, OriginalEntry],
-    next_pk: int,
+    positions: Iterator[int],
     now: int,
 ) -> Plan:
     """Decide every entry of the batch, in order. ACCOUNTS' balances are updated in place
-    (running balances, so overdraft rules see earlier entries of the same batch)."""
+    (running balances, so overdraft rules see earlier entries of the same batch). POSITIONS
+    yields the ledger position (entry pk) of each posted entry, increasing."""
     plan = Plan()
     results = plan.results
     deltas = plan.deltas
@@ -194,8 +195,7 @@ def plan_batch(
             results.append(PostResult(entry_id=e.id, status="refused", reason=reason))
             continue
         # Posted: assign the next position, apply running balances, emit rows.
-        pk = next_pk
-        next_pk += 1
+        pk = next(positions)
         booked = now if e.booked_at is None else to_micros(e.booked_at)
         new_entries.append(NewEntry(pk, e, digest, booked))
         for acc, signed in resolved:

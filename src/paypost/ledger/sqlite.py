@@ -17,6 +17,7 @@ invisible (unknown), never an error that reveals it exists.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -391,7 +392,7 @@ def _plan(
         existing=existing,
         accounts=accounts,
         originals=originals,
-        next_pk=row[0] + 1,
+        positions=itertools.count(row[0] + 1),
         now=now,
     )
     check_plan(plan)
