@@ -15,8 +15,8 @@ no effects: the stage is a function of its input events alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Final
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
@@ -36,6 +36,9 @@ from paypost.iso.iso20022 import (
     message_id_for,
 )
 
+if TYPE_CHECKING:
+    from paypost.bus.core import Delivery, UnitOfWork
+
 STAGE: Final = "standardize"
 SOURCE: Final = "paypost.standardize"
 INPUT_DETAIL_TYPE: Final = AuthorizationAccepted.DETAIL_TYPE
@@ -54,6 +57,14 @@ def standardize(events: Iterable[Event]) -> list[Event]:
     Outputs are in input order and `causation-id` of each is its input's id.
     """
     return [standardize_one(event) for event in events]
+
+
+def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
+    """Bus consumer handler (`run_consumer(bus, target, handle)`): publish the batch's outputs.
+
+    Standardization has no effects of its own, so the unit of work only carries the outputs.
+    """
+    uow.publish(standardize(d.event for d in deliveries))
 
 
 def standardize_one(event: Event) -> Event:
