@@ -341,3 +341,17 @@ def test_prune_forgets_old_keys_and_late_ones_stay_safe() -> None:
     assert index.prune("uk-bank", 60) == 2  # key + id of stan 1
     out = run(index, [auth_event(stan="1", at="2026-11-21T10:00:00Z", source_ref="b")], cfg)
     assert out[0].detail["reason"] == "late"  # never accepted twice
+
+
+def test_fr9_sqlite_index_joins_an_explicit_unit_of_work(tmp_path: Path) -> None:
+    # The bus opens connections in autocommit mode and brackets a batch with BEGIN/COMMIT.
+    conn = sqlite3.connect(tmp_path / "paypost.db", isolation_level=None)
+    index = SqliteDedupIndex(conn)
+    ev = auth_event()
+    conn.execute("BEGIN")
+    run(index, [ev])
+    conn.execute("ROLLBACK")  # crash before commit: as if never processed
+    conn.execute("BEGIN")
+    assert [e.detail_type for e in run(index, [ev])] == ["AuthorizationAccepted"]
+    conn.execute("COMMIT")
+    assert run(index, [ev]) == []

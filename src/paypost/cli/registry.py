@@ -15,3 +15,6 @@ def register(app: typer.Typer) -> None:
     from paypost.cli import rules
 
     app.add_typer(rules.app, name="rules")
+    from paypost.cli import parked
+
+    app.add_typer(parked.app, name="parked")

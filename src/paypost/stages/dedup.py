@@ -617,6 +617,20 @@ def get_parked(conn: sqlite3.Connection, event_id: str) -> ParkedRecord | None:
     return _record(row) if row is not None else None
 
 
+def find_parked_by_prefix(conn: sqlite3.Connection, prefix: str) -> ParkedRecord | None:
+    """The parked record whose event id (or input event id) starts with PREFIX, if unique."""
+    if not _has_parked_table(conn):
+        return None
+    pattern = prefix.replace("%", "").replace("_", "") + "%"
+    rows = conn.execute(
+        "SELECT event_id, input_event_id, tenant, reason, business_key, original_event_id, "
+        "transmission_time, parked_at, event FROM dedup_parked "
+        "WHERE event_id LIKE ? OR input_event_id LIKE ? ORDER BY seq LIMIT 2",
+        (pattern, pattern),
+    ).fetchall()
+    return _record(rows[0]) if len(rows) == 1 else None
+
+
 def count_parked(conn: sqlite3.Connection) -> dict[str, int]:
     """Parked count per reason."""
     if not _has_parked_table(conn):
