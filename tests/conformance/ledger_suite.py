@@ -7,9 +7,13 @@ refusal messages, what a query returns.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from paypost.ledger.model import (
     Account,
@@ -438,3 +442,144 @@ def rev_entry(store: LedgerStore, entry_id: str) -> JournalEntry:
         reversal_of=p.reversal_of,
         description=p.description,
     ).reversal(entry_id="rev-of-rev")
+
+
+# -- property: random postings, conversions and reversals -------------------------------------
+
+_PROP_ACCOUNTS = [
+    ("eur-1", "EUR", "customer"),
+    ("eur-2", "EUR", "customer"),
+    ("eur-set", "EUR", "settlement"),
+    ("jpy-1", "JPY", "customer"),
+    ("jpy-set", "JPY", "settlement"),
+    ("bhd-1", "BHD", "customer"),
+]
+_FX = {
+    c: {
+        "pos": f"pos-{c.lower()}",
+        "fees": f"fees-{c.lower()}",
+        "round": f"round-{c.lower()}",
+    }
+    for c in ("EUR", "JPY", "BHD")
+}
+_BY_CUR: dict[str, list[str]] = {}
+for _aid, _cur, _ in _PROP_ACCOUNTS:
+    _BY_CUR.setdefault(_cur, []).append(_aid)
+
+_transfer_op = st.tuples(
+    st.just("transfer"),
+    st.sampled_from(sorted(_BY_CUR)),
+    st.integers(0, 5),
+    st.integers(0, 5),
+    st.integers(1, 10**9),
+)
+_fx_op = st.tuples(
+    st.just("fx"),
+    st.sampled_from([("EUR", "JPY"), ("JPY", "BHD"), ("BHD", "EUR"), ("EUR", "BHD")]),
+    st.integers(1, 10**7),  # rate numerator over 10**5
+    st.integers(0, 300),  # markup in basis points
+    st.integers(1, 10**8),
+)
+_reverse_op = st.tuples(st.just("reverse"), st.integers(0, 1000))
+_ops = st.lists(st.one_of(_transfer_op, _transfer_op, _fx_op, _reverse_op), min_size=1, max_size=25)
+
+
+def _prop_accounts(tenant: str) -> list[Account]:
+    accs = [
+        customer(a, c, tenant=tenant) if k == "customer" else internal(a, k, c, tenant=tenant)
+        for a, c, k in _PROP_ACCOUNTS
+    ]
+    for cur, names in _FX.items():
+        accs += [
+            internal(names["pos"], "fx_position", cur, tenant=tenant),
+            internal(names["fees"], "fees", cur, tenant=tenant),
+            internal(names["round"], "fx_rounding", cur, tenant=tenant),
+        ]
+    return accs
+
+
+def _build(tenant: str, ops: list[tuple[Any, ...]]) -> list[JournalEntry]:
+    entries: list[JournalEntry] = []
+    originals: list[JournalEntry] = []
+    for n, op in enumerate(ops):
+        if op[0] == "transfer":
+            _, cur, i, j, minor = op
+            names = _BY_CUR[cur]
+            d, c = names[i % len(names)], names[j % len(names)]
+            e = transfer(f"t{n}", d, c, minor, currency=cur, tenant=tenant)
+        elif op[0] == "fx":
+            _, (src, dst), num, bp, minor = op
+            conv = convert(
+                Money(minor, src),
+                FxRate(
+                    base=src,
+                    quote=dst,
+                    rate=f"{num}/100000",
+                    source="prop",
+                    as_of=datetime(2026, 1, 1, tzinfo=UTC),
+                    markup=f"{bp}/10000",
+                ),
+            )
+            legs = fx_legs(
+                conv,
+                payer=_BY_CUR[dst][0],
+                payee=_BY_CUR[src][-1],
+                position_source=_FX[src]["pos"],
+                position_target=_FX[dst]["pos"],
+                fees=_FX[dst]["fees"],
+                fx_rounding=_FX[dst]["round"],
+            )
+            if len(legs) < 2 or conv.charged.minor == 0:
+                continue
+            e = JournalEntry(id=f"fx{n}", tenant=tenant, legs=legs, metadata=conv.provenance())
+        else:
+            if not originals:
+                continue
+            e = originals[op[1] % len(originals)].reversal()
+        entries.append(e)
+        if e.reversal_of is None:
+            originals.append(e)
+    return entries
+
+
+class LedgerProperties:
+    """Hypothesis over a store: mix into a backend's test class next to LedgerSuite."""
+
+    @given(ops=_ops, cut=st.integers(0, 25))
+    @settings(
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.differing_executors,
+        ],
+        deadline=None,
+        max_examples=20,
+    )
+    def test_random_postings_conserve_money_and_replay_changes_nothing(
+        self, store: LedgerStore, ops: list[tuple[Any, ...]], cut: int
+    ) -> None:
+        tenant = f"p{uuid.uuid4().hex[:10]}"
+        store.create_accounts(_prop_accounts(tenant))
+        entries = _build(tenant, ops)
+        batches = [entries[:cut], entries[cut:]]
+        first = [r for b in batches for r in store.post_batch(b)]
+        # Nothing here breaks a rule except reversing twice (the derived id: a duplicate).
+        assert {r.status for r in first} <= {"posted", "duplicate"}, first
+        tb = store.trial_balance(tenant)
+        assert tb.balanced
+        names = [a.id for a in _prop_accounts(tenant)]
+        balances = {a: store.balance(tenant, a).balance for a in names}
+        for a in names:
+            legs_sum = 0
+            for e in store.entries(tenant, a, limit=10_000):
+                legs_sum += sum(
+                    lg.amount.minor if lg.side == "credit" else -lg.amount.minor
+                    for lg in e.legs
+                    if lg.account == a
+                )
+            assert balances[a].minor == legs_sum, a
+        # Re-applying the same batches: every entry is a duplicate, nothing moves.
+        again = [r for b in batches for r in store.post_batch(b)]
+        assert all(r.status == "duplicate" for r in again)
+        assert [r.position for r in again] == [r.position for r in first]
+        assert {a: store.balance(tenant, a).balance for a in names} == balances
+        assert store.trial_balance(tenant) == tb

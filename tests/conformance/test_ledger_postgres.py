@@ -6,14 +6,14 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from ledger_suite import LedgerSuite, T, customer, internal, transfer
+from ledger_suite import LedgerProperties, LedgerSuite, T, customer, internal, transfer
 
 from paypost.ledger.postgres import PostgresLedger, tenant_schema
 
 pytestmark = pytest.mark.postgres
 
 
-class TestPostgresLedger(LedgerSuite):
+class TestPostgresLedger(LedgerSuite, LedgerProperties):
     @pytest.fixture
     def store(self, postgres_url: str, pg_schema: str) -> Iterator[PostgresLedger]:
         s = PostgresLedger(postgres_url, prefix=pg_schema)

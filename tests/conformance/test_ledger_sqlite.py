@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ledger_suite import LedgerSuite, T, customer, internal, transfer
+from ledger_suite import LedgerProperties, LedgerSuite, T, customer, internal, transfer
 
 from paypost.ledger import sqlite as ledger_sqlite
 from paypost.ledger.model import LedgerMissing
 from paypost.ledger.sqlite import SqliteLedger
 
 
-class TestSqliteLedger(LedgerSuite):
+class TestSqliteLedger(LedgerSuite, LedgerProperties):
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[SqliteLedger]:
         s = SqliteLedger.open(tmp_path / "paypost.db")
