@@ -152,22 +152,10 @@ def _pattern_number(value: int | float) -> float:
     number = _decimal_of(value).normalize()
     exponent = number.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > _MAX_DECIMALS:
-        rounded = float(number.quantize(Decimal("0.000001")))
-        raise ValueError(
-            f"Only values upto 6 decimals are supported{_java_bigdecimal(number)} "
-            f"{_json_text(value)} {_java_hex(rounded)}"
-        )
+        raise ValueError("Only values upto 6 decimals are supported")
     if abs(number) > _FIVE_BILLION:
         raise ValueError("Value must be between -5.0E9 and 5.0E9, inclusive")
     return float(value)
-
-
-def _java_bigdecimal(number: Decimal) -> str:
-    return str(number).replace("e", "E").replace("E+", "E+")
-
-
-def _java_hex(value: float) -> str:
-    return value.hex().replace("p+", "p")
 
 
 def _comparable(value: Any) -> float | None:
