@@ -255,6 +255,19 @@ class PostingSequenceIncomplete(Detail, frozen=True, kw_only=True):
     missing_legs: list[int]
 
 
+class PostingLegConflict(Detail, frozen=True, kw_only=True):
+    DETAIL_TYPE: ClassVar[str] = "PostingLegConflict"
+    DESCRIPTION: ClassVar[str] = (
+        "Alert: a posting leg arrived again with different content (or the legs of a "
+        "sequence disagree); the conflicting legs go to the DLQ, never to the ledger."
+    )
+
+    sequence_id: str
+    leg_index: int  # -1 when the whole sequence is at fault (e.g. it does not balance)
+    reason: str
+    event_ids: list[str]
+
+
 class ReconciliationBreakDetected(Detail, frozen=True, kw_only=True):
     DETAIL_TYPE: ClassVar[str] = "ReconciliationBreakDetected"
     DESCRIPTION: ClassVar[str] = "FR10: a reconciliation break with its evidence."
@@ -291,6 +304,7 @@ CATALOG: dict[str, type[Detail]] = {
         PostingLegCreated,
         TransactionPosted,
         PostingSequenceIncomplete,
+        PostingLegConflict,
         ReconciliationBreakDetected,
         ReconciliationBreakPatched,
     )

@@ -1,0 +1,663 @@
+"""The posting assembler (FR8, FR9): legs in any order, with any duplicates → one journal entry.
+
+Input: `PostingLegCreated` events. A `LegStore` collects them by posting sequence id; when all
+n legs of a sequence are present, the assembler builds the balanced `JournalEntry` (entry id =
+sequence id, so the ledger posts it once whatever is retried), a `TransactionPosted` event and
+one posting-file record. The caller posts the entries to the ledger in the same transaction as
+the store's writes, then calls `settle` with the ledger's results (a refused entry is
+dead-lettered with the ledger's reason instead of being announced as posted).
+
+Order-insensitive (DESIGN §3.5): the outputs of a sequence depend only on its legs, never on
+the order they came in — the entry is built from the legs sorted by index, its entry-level
+data from leg 0, and the ids of the events it emits are derived from the sequence id.
+
+Duplicates (FR9): a leg seen again with identical content (same detail) is ignored, before or
+after its sequence completed. A leg seen again with DIFFERENT content, or legs of one sequence
+that disagree on the leg count, is a conflict: a `PostingLegConflict` alert is emitted and the
+legs are handed to the DLQ; a sequence in conflict is never posted (if it was already posted,
+only the conflicting copy is dead-lettered).
+
+Timeout: `expire` finds sequences still incomplete `timeout` after their first leg arrived
+(wall clock of arrival, not event time, so a replay of old events does not expire at once),
+emits `PostingSequenceIncomplete` naming the missing leg indexes and returns the sequence as a
+dead letter. If the missing legs arrive later (e.g. a DLQ redrive), the sequence still
+completes and is posted once.
+
+Sequence states: pending → complete | dead (timed out) | conflict; dead → complete; refused
+(the ledger refused the entry) → reassembled from scratch when its legs are redriven.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from paypost.events import (
+    Event,
+    PostingLegConflict,
+    PostingLegCreated,
+    PostingSequenceIncomplete,
+    TransactionPosted,
+    derive_event_id,
+    new_event,
+)
+from paypost.ledger.model import JournalEntry, Leg, PostResult
+from paypost.money import Money
+from paypost.stages.post import assert_balanced
+from paypost.stages.posting_file import PostingRecord, record_for
+
+STAGE = "assembler"
+SOURCE = "paypost.assembler"
+
+State = Literal["pending", "complete", "dead", "conflict", "refused"]
+OPEN_STATES = ("pending", "dead", "refused")
+
+_ENCODER = msgspec.json.Encoder(order="sorted")
+_EVENT_ENCODER = msgspec.json.Encoder()
+_EVENT_DECODER = msgspec.json.Decoder(Event)
+
+
+def leg_digest(detail: dict[str, Any]) -> bytes:
+    """16-byte digest of a leg's content (its detail): equal digests = identical duplicates."""
+    return hashlib.blake2b(_ENCODER.encode(detail), digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class StoredLeg:
+    """A leg the store holds while its sequence is incomplete (the whole event, to redrive)."""
+
+    leg_index: int
+    digest: bytes
+    event: Event
+
+
+@dataclass(slots=True)
+class SequenceRecord:
+    """What the store knows of one posting sequence."""
+
+    sequence_id: str
+    tenant: str
+    leg_count: int
+    state: State
+    first_seen_us: int
+    legs: dict[int, StoredLeg] = field(default_factory=dict)  # open states only
+    digests: list[bytes] = field(default_factory=list)  # complete: per leg index
+
+
+class LegStore(Protocol):
+    """The assembler's state: sequences and the legs of the incomplete ones.
+
+    Batch-oriented (one read and one write per batch). The SQLite implementation works on a
+    connection it is given and never commits: the caller's unit of work does.
+    """
+
+    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]: ...
+
+    def save(
+        self,
+        records: Sequence[SequenceRecord],
+        new_legs: Sequence[tuple[str, StoredLeg]],
+        closed: Sequence[str],
+    ) -> None:
+        """Upsert RECORDS (state, count, digests), add NEW_LEGS, drop the legs of CLOSED."""
+        ...
+
+    def pending_before(self, cutoff_us: int, limit: int) -> list[SequenceRecord]:
+        """Pending sequences whose first leg arrived before CUTOFF_US, with their legs."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+class CompletedSequence(msgspec.Struct, frozen=True, kw_only=True):
+    """A sequence whose legs are all here: the entry to post, its event, its file record."""
+
+    entry: JournalEntry
+    posted_event: Event
+    record: PostingRecord
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """Legs the wiring must dead-letter, with the reason (and the missing leg indexes)."""
+
+    sequence_id: str
+    tenant: str
+    reason: str
+    events: list[Event]
+    missing_legs: list[int] = []
+
+
+@dataclass(slots=True)
+class AssemblyResult:
+    completed: list[CompletedSequence] = field(default_factory=list)
+    alerts: list[Event] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    duplicates: int = 0
+    pending: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def assemble(events: Sequence[Event], store: LegStore, *, now_us: int) -> AssemblyResult:
+    """Consume a batch of PostingLegCreated events (FR8): complete sequences come out once.
+
+    NOW_US (wall clock, µs since the epoch) stamps the arrival of a sequence's first leg, for
+    `expire`. Everything else is a deterministic function of the legs.
+    """
+    result = AssemblyResult()
+    by_seq: dict[str, list[tuple[Event, dict[str, Any]]]] = {}
+    for event in events:
+        if event.detail_type != PostingLegCreated.DETAIL_TYPE:
+            raise ValueError(
+                f"event {event.id}: the assembler consumes PostingLegCreated events, "
+                f"not {event.detail_type!r}; check the bus rule that targets it"
+            )
+        d = event.detail
+        by_seq.setdefault(str(d.get("sequence_id")), []).append((event, d))
+    known = store.load(by_seq.keys())
+    to_save: list[SequenceRecord] = []
+    new_legs: list[tuple[str, StoredLeg]] = []
+    closed: list[str] = []
+    for seq_id, items in by_seq.items():
+        rec = known.get(seq_id)
+        if rec is not None and rec.state == "complete":
+            _after_completion(rec, items, result)
+            continue
+        if rec is not None and rec.state == "conflict":
+            result.dead_letters.append(
+                DeadLetter(
+                    sequence_id=seq_id,
+                    tenant=items[0][0].tenant,
+                    reason="posting sequence is in conflict (see its PostingLegConflict alert)",
+                    events=[e for e, _ in items],
+                )
+            )
+            continue
+        if rec is None or rec.state == "refused":
+            first = items[0]
+            stored_before = rec is not None
+            rec = SequenceRecord(
+                sequence_id=seq_id,
+                tenant=first[0].tenant,
+                leg_count=_int(first[1].get("leg_count")),
+                state="pending",
+                first_seen_us=now_us,
+            )
+            if stored_before:
+                closed.append(seq_id)  # a refused sequence is reassembled from scratch
+        conflict: str | None = None
+        conflict_index = -1
+        batch_new: list[StoredLeg] = []
+        for event, d in items:
+            index, count = _int(d.get("leg_index")), _int(d.get("leg_count"))
+            if count < 1 or not 0 <= index < count:
+                result.dead_letters.append(
+                    DeadLetter(
+                        sequence_id=seq_id,
+                        tenant=event.tenant,
+                        reason=f"malformed leg: index {d.get('leg_index')!r} of count "
+                        f"{d.get('leg_count')!r}",
+                        events=[event],
+                    )
+                )
+                continue
+            if count != rec.leg_count:
+                conflict = (
+                    f"leg {index} says the sequence has {count} legs, an earlier leg said "
+                    f"{rec.leg_count}"
+                )
+                conflict_index = index
+                break
+            digest = leg_digest(d)
+            existing = rec.legs.get(index)
+            if existing is not None:
+                if existing.digest == digest:
+                    result.duplicates += 1
+                    continue
+                conflict = (
+                    f"leg {index} arrived twice with different content (events "
+                    f"{existing.event.id} and {event.id})"
+                )
+                conflict_index = index
+                break
+            leg = StoredLeg(leg_index=index, digest=digest, event=event)
+            rec.legs[index] = leg
+            batch_new.append(leg)
+        if conflict is not None:
+            held = [lg.event for _, lg in sorted(rec.legs.items())]
+            ids = {e.id for e in held}
+            held += [e for e, _ in items if e.id not in ids]
+            result.alerts.append(_conflict_alert(rec, conflict_index, conflict, held))
+            result.dead_letters.append(
+                DeadLetter(
+                    sequence_id=seq_id,
+                    tenant=rec.tenant,
+                    reason=f"posting sequence conflict: {conflict}",
+                    events=held,
+                )
+            )
+            rec.state = "conflict"
+            rec.legs = {}
+            to_save.append(rec)
+            closed.append(seq_id)
+            continue
+        if len(rec.legs) == rec.leg_count:
+            legs = [rec.legs[i] for i in range(rec.leg_count)]
+            try:
+                completed = build_completed(seq_id, [lg.event for lg in legs])
+            except (ValueError, AssertionError) as exc:
+                # Legs that cannot form a balanced entry are a conflict, never a posting.
+                result.alerts.append(_conflict_alert(rec, -1, str(exc), [lg.event for lg in legs]))
+                result.dead_letters.append(
+                    DeadLetter(
+                        sequence_id=seq_id,
+                        tenant=rec.tenant,
+                        reason=f"posting sequence cannot be assembled: {exc}",
+                        events=[lg.event for lg in legs],
+                    )
+                )
+                rec.state = "conflict"
+            else:
+                result.completed.append(completed)
+                rec.state = "complete"
+                rec.digests = [lg.digest for lg in legs]
+            rec.legs = {}
+            to_save.append(rec)
+            if seq_id in known:
+                closed.append(seq_id)
+            continue
+        # Still incomplete: keep the new legs (a dead sequence stays dead until complete).
+        result.pending += 1
+        to_save.append(rec)
+        new_legs.extend((seq_id, lg) for lg in batch_new)
+    store.save(to_save, new_legs, closed)
+    return result
+
+
+def _after_completion(
+    rec: SequenceRecord, items: list[tuple[Event, dict[str, Any]]], result: AssemblyResult
+) -> None:
+    """Legs of a sequence already complete: identical copies are ignored, others alerted."""
+    for event, d in items:
+        index = _int(d.get("leg_index"))
+        if 0 <= index < len(rec.digests) and rec.digests[index] == leg_digest(d):
+            result.duplicates += 1
+            continue
+        reason = f"leg {d.get('leg_index')!r} differs from the leg already posted"
+        result.alerts.append(_conflict_alert(rec, index, reason, [event]))
+        result.dead_letters.append(
+            DeadLetter(
+                sequence_id=rec.sequence_id,
+                tenant=event.tenant,
+                reason=f"posting leg conflict after posting: {reason}",
+                events=[event],
+            )
+        )
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int else -1
+
+
+def _conflict_alert(rec: SequenceRecord, index: int, reason: str, events: list[Event]) -> Event:
+    base = events[0] if events else None
+    return new_event(
+        PostingLegConflict(
+            sequence_id=rec.sequence_id,
+            leg_index=index,
+            reason=reason,
+            event_ids=[e.id for e in events],
+        ),
+        source=SOURCE,
+        tenant=rec.tenant,
+        # One alert per sequence and conflicting leg copy: derived from the copy's id.
+        id=derive_event_id(
+            f"{rec.sequence_id}/{events[-1].id if events else ''}", "assembler-conflict", index
+        ),
+        correlation_id=base.correlation_id if base else rec.sequence_id,
+        causation_id=events[-1].id if events else None,
+        time=base.time if base else None,
+    )
+
+
+def build_completed(sequence_id: str, legs: Sequence[Event]) -> CompletedSequence:
+    """The journal entry, TransactionPosted event and file record of a complete sequence.
+
+    LEGS are the leg events sorted by index. Raises ValueError/AssertionError if they do not
+    form a balanced entry.
+    """
+    first = legs[0]
+    details = [e.detail for e in legs]
+    entry_meta = details[0].get("metadata", {}).get("entry") or {}
+    ledger_legs = tuple(
+        Leg(
+            account=d["account_id"],
+            side=d["side"],
+            amount=Money(d["amount"]["minor"], d["amount"]["currency"]),
+        )
+        for d in details
+    )
+    assert_balanced(ledger_legs, context=f"sequence {sequence_id}")
+    booked = entry_meta.get("booked_at") or first.time
+    metadata = {k: v for k, v in entry_meta.items() if k not in ("description", "booked_at")}
+    metadata["roles"] = [d.get("metadata", {}).get("role") for d in details]
+    entry = JournalEntry(
+        id=sequence_id,
+        tenant=first.tenant,
+        legs=ledger_legs,
+        sequence_id=sequence_id,
+        source_event_id=entry_meta.get("source_event_id"),
+        booked_at=_parse_time(booked),
+        description=entry_meta.get("description"),
+        metadata=metadata,
+    )
+    problem = entry.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    posted = new_event(
+        TransactionPosted(sequence_id=sequence_id, entry_id=entry.id, legs=len(legs)),
+        source=SOURCE,
+        tenant=first.tenant,
+        id=derive_event_id(sequence_id, STAGE, 0),
+        correlation_id=first.correlation_id,
+        causation_id=first.id,
+        traceparent=first.traceparent,
+        time=first.time,
+    )
+    return CompletedSequence(entry=entry, posted_event=posted, record=record_for(entry))
+
+
+def _parse_time(text: str) -> datetime:
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def settle(
+    result: AssemblyResult, post_results: Sequence[PostResult], store: LegStore
+) -> tuple[list[Event], list[PostingRecord], list[DeadLetter]]:
+    """After the ledger posted `result.completed` (in order), what to publish, write and
+    dead-letter: applied entries (posted now, or a duplicate of an earlier posting) get their
+    TransactionPosted event and file record; refused or conflicting ones are dead-lettered
+    with the ledger's reason and their sequence marked refused (reassembled on redrive)."""
+    if len(post_results) != len(result.completed):
+        raise ValueError(
+            f"settle: {len(post_results)} ledger results for {len(result.completed)} entries"
+        )
+    events: list[Event] = []
+    records: list[PostingRecord] = []
+    dead: list[DeadLetter] = []
+    refused: list[SequenceRecord] = []
+    for done, res in zip(result.completed, post_results, strict=True):
+        assert res.entry_id == done.entry.id, (res.entry_id, done.entry.id)
+        if res.status == "posted":
+            events.append(done.posted_event)
+            records.append(done.record)
+        elif res.status == "duplicate":
+            # Posted before (a replay): announce again with the same derived id (the bus drops
+            # the copy); the file record was written with the original posting.
+            events.append(done.posted_event)
+        else:
+            dead.append(
+                DeadLetter(
+                    sequence_id=done.entry.id,
+                    tenant=done.entry.tenant,
+                    reason=f"ledger {res.status}: {res.reason}",
+                    events=[],
+                )
+            )
+            refused.append(
+                SequenceRecord(
+                    sequence_id=done.entry.id,
+                    tenant=done.entry.tenant,
+                    leg_count=len(done.entry.legs),
+                    state="refused",
+                    first_seen_us=0,
+                )
+            )
+    if refused:
+        store.save(refused, [], [])
+    return events, records, dead
+
+
+def expire(store: LegStore, *, now_us: int, timeout_us: int, limit: int = 1000) -> AssemblyResult:
+    """Sequences incomplete `timeout_us` after their first leg: alert and dead-letter them."""
+    result = AssemblyResult()
+    stale = store.pending_before(now_us - timeout_us, limit)
+    now_text = (
+        datetime.fromtimestamp(now_us / 1_000_000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+    for rec in stale:
+        missing = [i for i in range(rec.leg_count) if i not in rec.legs]
+        legs = [lg.event for _, lg in sorted(rec.legs.items())]
+        base = legs[0] if legs else None
+        result.alerts.append(
+            new_event(
+                PostingSequenceIncomplete(sequence_id=rec.sequence_id, missing_legs=missing),
+                source=SOURCE,
+                tenant=rec.tenant,
+                id=derive_event_id(rec.sequence_id, "assembler-timeout", 0),
+                correlation_id=base.correlation_id if base else rec.sequence_id,
+                causation_id=base.id if base else None,
+                time=now_text,
+            )
+        )
+        result.dead_letters.append(
+            DeadLetter(
+                sequence_id=rec.sequence_id,
+                tenant=rec.tenant,
+                reason=(
+                    f"posting sequence incomplete after {timeout_us / 1_000_000:g}s: "
+                    f"{len(rec.legs)} of {rec.leg_count} legs, missing leg(s) "
+                    + ", ".join(str(i) for i in missing)
+                ),
+                events=legs,
+                missing_legs=missing,
+            )
+        )
+        rec.state = "dead"
+    # Dead sequences keep their legs: late legs can still complete them.
+    store.save(stale, [], [])
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Stores
+
+
+class MemoryLegStore:
+    """The in-memory LegStore (unit tests, and the reference for the SQLite one)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, SequenceRecord] = {}
+
+    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
+        out: dict[str, SequenceRecord] = {}
+        for s in sequence_ids:
+            rec = self.records.get(s)
+            if rec is not None:
+                out[s] = SequenceRecord(
+                    sequence_id=rec.sequence_id,
+                    tenant=rec.tenant,
+                    leg_count=rec.leg_count,
+                    state=rec.state,
+                    first_seen_us=rec.first_seen_us,
+                    legs=dict(rec.legs),
+                    digests=list(rec.digests),
+                )
+        return out
+
+    def save(
+        self,
+        records: Sequence[SequenceRecord],
+        new_legs: Sequence[tuple[str, StoredLeg]],
+        closed: Sequence[str],
+    ) -> None:
+        for s in closed:
+            if s in self.records:
+                self.records[s].legs = {}
+        for rec in records:
+            prior = self.records.get(rec.sequence_id)
+            legs = prior.legs if prior is not None and rec.sequence_id not in closed else {}
+            self.records[rec.sequence_id] = SequenceRecord(
+                sequence_id=rec.sequence_id,
+                tenant=rec.tenant,
+                leg_count=rec.leg_count,
+                state=rec.state,
+                first_seen_us=rec.first_seen_us,
+                legs=dict(legs),
+                digests=list(rec.digests),
+            )
+        for s, leg in new_legs:
+            self.records[s].legs[leg.leg_index] = leg
+
+    def pending_before(self, cutoff_us: int, limit: int) -> list[SequenceRecord]:
+        stale = [
+            r for r in self.records.values() if r.state == "pending" and r.first_seen_us < cutoff_us
+        ]
+        stale.sort(key=lambda r: (r.first_seen_us, r.sequence_id))
+        return list(self.load([r.sequence_id for r in stale[:limit]]).values())
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS assembly_sequences (
+    sequence_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    leg_count INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    first_seen_us INTEGER NOT NULL,
+    digests BLOB
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS assembly_sequences_pending
+    ON assembly_sequences (first_seen_us) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS assembly_legs (
+    id INTEGER PRIMARY KEY,
+    sequence_id TEXT NOT NULL,
+    leg_index INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    event BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS assembly_legs_sequence ON assembly_legs (sequence_id);
+"""
+
+_CHUNK = 500
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the assembler's tables (prefix `assembly_`) if they do not exist."""
+    conn.executescript(SCHEMA) if not conn.in_transaction else _create_in_tx(conn)
+
+
+def _create_in_tx(conn: sqlite3.Connection) -> None:
+    for stmt in SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
+class SqliteLegStore:
+    """LegStore on a SQLite connection it is given; never commits (the caller's unit of work).
+
+    Only incomplete sequences keep legs (`assembly_legs`, append-only integer keys); a
+    sequence whose legs all arrive in one batch costs one row in `assembly_sequences` (its
+    state and the digests of its legs, to recognise late duplicates).
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
+        ids = list(sequence_ids)
+        out: dict[str, SequenceRecord] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for sid, tenant, count, state, first, digests in self.conn.execute(
+                "SELECT sequence_id, tenant, leg_count, state, first_seen_us, digests "
+                f"FROM assembly_sequences WHERE sequence_id IN ({marks})",
+                chunk,
+            ):
+                raw = bytes(digests or b"")
+                out[sid] = SequenceRecord(
+                    sequence_id=sid,
+                    tenant=tenant,
+                    leg_count=count,
+                    state=state,
+                    first_seen_us=first,
+                    digests=[raw[i : i + 16] for i in range(0, len(raw), 16)],
+                )
+        open_ids = [s for s, r in out.items() if r.state in OPEN_STATES]
+        for start in range(0, len(open_ids), _CHUNK):
+            chunk = open_ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for sid, index, digest, blob in self.conn.execute(
+                "SELECT sequence_id, leg_index, digest, event FROM assembly_legs "
+                f"WHERE sequence_id IN ({marks})",
+                chunk,
+            ):
+                out[sid].legs[index] = StoredLeg(
+                    leg_index=index, digest=bytes(digest), event=_EVENT_DECODER.decode(blob)
+                )
+        return out
+
+    def save(
+        self,
+        records: Sequence[SequenceRecord],
+        new_legs: Sequence[tuple[str, StoredLeg]],
+        closed: Sequence[str],
+    ) -> None:
+        for start in range(0, len(closed), _CHUNK):
+            chunk = list(closed[start : start + _CHUNK])
+            marks = ",".join("?" * len(chunk))
+            self.conn.execute(f"DELETE FROM assembly_legs WHERE sequence_id IN ({marks})", chunk)
+        if records:
+            # A record carries its first_seen_us (loaded, or now for a new/reopened sequence).
+            self.conn.executemany(
+                "INSERT INTO assembly_sequences "
+                "(sequence_id, tenant, leg_count, state, first_seen_us, digests) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sequence_id) DO UPDATE SET "
+                "state = excluded.state, leg_count = excluded.leg_count, "
+                "digests = excluded.digests, first_seen_us = excluded.first_seen_us",
+                [
+                    (
+                        r.sequence_id,
+                        r.tenant,
+                        r.leg_count,
+                        r.state,
+                        r.first_seen_us,
+                        b"".join(r.digests) if r.digests else None,
+                    )
+                    for r in records
+                ],
+            )
+        if new_legs:
+            self.conn.executemany(
+                "INSERT INTO assembly_legs (sequence_id, leg_index, digest, event) "
+                "VALUES (?, ?, ?, ?)",
+                [
+                    (s, leg.leg_index, leg.digest, _EVENT_ENCODER.encode(leg.event))
+                    for s, leg in new_legs
+                ],
+            )
+
+    def pending_before(self, cutoff_us: int, limit: int) -> list[SequenceRecord]:
+        ids = [
+            row[0]
+            for row in self.conn.execute(
+                "SELECT sequence_id FROM assembly_sequences WHERE state = 'pending' "
+                "AND first_seen_us < ? ORDER BY first_seen_us, sequence_id LIMIT ?",
+                (cutoff_us, limit),
+            )
+        ]
+        loaded = self.load(ids)
+        return [loaded[s] for s in ids if s in loaded]

@@ -1,0 +1,412 @@
+"""The bank's posting input (FR8): a documented CSV posting file, written in batches.
+
+Format (docs/posting-file.md): UTF-8, RFC 4180 CSV, `\\n` line ends; every line starts with its
+record type. A batch is
+
+    H  header   : H,PAYPOST-POSTINGS,<format version>,<batch id>,<created at>
+    D  detail   : one per journal entry (the customer's movement, with every leg attached)
+    C  control  : one per currency: C,<batch id>,<currency>,<debit legs>,<debit total>,
+                  <credit legs>,<credit total>  (balanced entries: debit total = credit total)
+    T  trailer  : T,<batch id>,<detail record count>,<sha256 of the batch's D lines>
+
+`PostingFileWriter` appends a batch, flushes and fsyncs it once; on open it scans the file,
+learns every complete batch id and truncates an incomplete tail left by a crash, so writing
+the same batch twice is detected (`write_batch` returns False) and the file only ever holds
+whole batches. Card numbers never reach the file: records carry the masked PAN only, and
+every batch is scanned for Luhn-valid digit runs before it is written (DESIGN §3.4).
+
+Exactly once with the ledger: the assembler's records go into the `assembly_posting_outbox`
+table in the same SQLite transaction as the ledger posting; `export_outbox` later moves them
+to the file in batches named after their outbox id range, and the file's last trailer is the
+export position (a crash between the file write and anything else re-exports nothing twice).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from paypost.ledger.model import JournalEntry
+from paypost.security.tokens import contains_pan
+
+FORMAT_NAME = "PAYPOST-POSTINGS"
+FORMAT_VERSION = 1
+
+DETAIL_FIELDS = (
+    "record_type",
+    "seq",
+    "entry_id",
+    "tenant",
+    "booked_at",
+    "value_date",
+    "account_id",
+    "iban",
+    "sort_code",
+    "account_number",
+    "dr_cr",
+    "amount_minor",
+    "currency",
+    "fee_minor",
+    "txn_amount_minor",
+    "txn_currency",
+    "fx_rate",
+    "fx_markup",
+    "fx_source",
+    "merchant_id",
+    "merchant_name",
+    "mcc",
+    "pan_masked",
+    "reference",
+    "description",
+    "legs",
+)
+
+
+class PostingRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One posting-file detail record: a journal entry as the core banking system sees it."""
+
+    entry_id: str
+    tenant: str
+    booked_at: str
+    value_date: str
+    account_id: str
+    side: str  # "D" | "C": the customer's movement
+    amount_minor: int  # the purchase, in the account currency
+    currency: str
+    fee_minor: int = 0  # other customer legs (fees) in the same currency
+    iban: str | None = None
+    sort_code: str | None = None
+    account_number: str | None = None
+    txn_amount_minor: int | None = None
+    txn_currency: str | None = None
+    fx_rate: str | None = None
+    fx_markup: str | None = None
+    fx_source: str | None = None
+    merchant_id: str | None = None
+    merchant_name: str | None = None
+    mcc: str | None = None
+    pan_masked: str | None = None
+    reference: str | None = None
+    description: str | None = None
+    legs: tuple[tuple[str, str, int, str], ...] = ()  # (account, D|C, minor, currency)
+
+
+def record_for(entry: JournalEntry) -> PostingRecord:
+    """The posting-file record of a journal entry built by the assembler (pure)."""
+    meta: dict[str, Any] = entry.metadata
+    roles: list[Any] = list(meta.get("roles") or [])
+    customer_legs = [
+        leg for i, leg in enumerate(entry.legs) if i < len(roles) and roles[i] == "customer"
+    ]
+    main = customer_legs[0] if customer_legs else entry.legs[0]
+    fees = sum(
+        leg.amount.minor
+        for leg in customer_legs[1:]
+        if leg.amount.currency == main.amount.currency and leg.side == main.side
+    )
+    booked = entry.booked_at or datetime.now(UTC)
+    fx = meta.get("fx") or {}
+    amount = meta.get("amount") or {}
+    return PostingRecord(
+        entry_id=entry.id,
+        tenant=entry.tenant,
+        booked_at=booked.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        value_date=meta.get("value_date") or booked.astimezone(UTC).date().isoformat(),
+        account_id=main.account,
+        side="D" if main.side == "debit" else "C",
+        amount_minor=main.amount.minor,
+        currency=main.amount.currency,
+        fee_minor=fees,
+        iban=meta.get("iban"),
+        sort_code=meta.get("sort_code"),
+        account_number=meta.get("account_number"),
+        txn_amount_minor=amount.get("minor"),
+        txn_currency=amount.get("currency"),
+        fx_rate=fx.get("rate"),
+        fx_markup=fx.get("markup"),
+        fx_source=fx.get("source"),
+        merchant_id=meta.get("merchant_id"),
+        merchant_name=meta.get("merchant_name"),
+        mcc=meta.get("mcc"),
+        pan_masked=meta.get("pan_masked"),
+        reference=meta.get("transaction_ref"),
+        description=entry.description,
+        legs=tuple(
+            (
+                leg.account,
+                "D" if leg.side == "debit" else "C",
+                leg.amount.minor,
+                leg.amount.currency,
+            )
+            for leg in entry.legs
+        ),
+    )
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def detail_row(seq: int, r: PostingRecord) -> list[str]:
+    legs = "|".join(f"{a}:{s}:{m}:{c}" for a, s, m, c in r.legs)
+    return [
+        "D",
+        str(seq),
+        r.entry_id,
+        r.tenant,
+        r.booked_at,
+        r.value_date,
+        r.account_id,
+        _cell(r.iban),
+        _cell(r.sort_code),
+        _cell(r.account_number),
+        r.side,
+        str(r.amount_minor),
+        r.currency,
+        str(r.fee_minor),
+        _cell(r.txn_amount_minor),
+        _cell(r.txn_currency),
+        _cell(r.fx_rate),
+        _cell(r.fx_markup),
+        _cell(r.fx_source),
+        _cell(r.merchant_id),
+        _cell(r.merchant_name),
+        _cell(r.mcc),
+        _cell(r.pan_masked),
+        _cell(r.reference),
+        _cell(r.description),
+        legs,
+    ]
+
+
+def _csv_lines(rows: Sequence[Sequence[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class BatchTotals(msgspec.Struct, frozen=True, kw_only=True):
+    currency: str
+    debit_legs: int
+    debit_minor: int
+    credit_legs: int
+    credit_minor: int
+
+
+def batch_totals(records: Sequence[PostingRecord]) -> list[BatchTotals]:
+    """Per currency, the count and sum of debit and of credit legs over the batch."""
+    acc: dict[str, list[int]] = {}
+    for r in records:
+        for _, side, minor, cur in r.legs:
+            t = acc.setdefault(cur, [0, 0, 0, 0])
+            if side == "D":
+                t[0] += 1
+                t[1] += minor
+            else:
+                t[2] += 1
+                t[3] += minor
+    return [
+        BatchTotals(
+            currency=c, debit_legs=t[0], debit_minor=t[1], credit_legs=t[2], credit_minor=t[3]
+        )
+        for c, t in sorted(acc.items())
+    ]
+
+
+def render_batch(batch_id: str, records: Sequence[PostingRecord], created_at: str) -> str:
+    """The text of one batch: header, details, per-currency controls, trailer."""
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", batch_id):
+        raise ValueError(f"batch id {batch_id!r}: use 1-100 letters, digits, '_', '.', ':', '-'")
+    details = _csv_lines([detail_row(i + 1, r) for i, r in enumerate(records)])
+    digest = hashlib.sha256(details.encode("utf-8")).hexdigest()
+    head = _csv_lines([["H", FORMAT_NAME, str(FORMAT_VERSION), batch_id, created_at]])
+    controls = _csv_lines(
+        [
+            [
+                "C",
+                batch_id,
+                t.currency,
+                str(t.debit_legs),
+                str(t.debit_minor),
+                str(t.credit_legs),
+                str(t.credit_minor),
+            ]
+            for t in batch_totals(records)
+        ]
+    )
+    trailer = _csv_lines([["T", batch_id, str(len(records)), digest]])
+    return head + details + controls + trailer
+
+
+class PostingFileError(Exception):
+    """The posting file cannot be written safely (the message says why and what to do)."""
+
+
+class PostingFileWriter:
+    """Appends whole batches to one posting file, idempotent by batch id, fsync per batch."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.batch_ids: list[str] = []
+        self._known: set[str] = set()
+        self.truncated_bytes = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Learn the complete batches; cut an incomplete tail (a crash mid-batch)."""
+        if not self.path.exists():
+            return
+        good_end = 0
+        open_batch: str | None = None
+        offset = 0
+        with self.path.open("rb") as f:
+            for raw in f:
+                end = offset + len(raw)
+                offset = end
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line
+                kind = raw[:2]
+                if kind == b"H,":
+                    open_batch = next(csv.reader([raw.decode("utf-8")]))[3]
+                elif kind == b"T," and open_batch is not None:
+                    row = next(csv.reader([raw.decode("utf-8")]))
+                    if row[1] == open_batch:
+                        self.batch_ids.append(open_batch)
+                        self._known.add(open_batch)
+                        good_end = end
+                    open_batch = None
+        size = self.path.stat().st_size
+        if size > good_end:
+            self.truncated_bytes = size - good_end
+            with self.path.open("r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def has_batch(self, batch_id: str) -> bool:
+        return batch_id in self._known
+
+    def write_batch(
+        self, batch_id: str, records: Sequence[PostingRecord], created_at: str | None = None
+    ) -> bool:
+        """Append one batch and fsync it. False if this batch id is already in the file."""
+        if batch_id in self._known:
+            return False
+        created = created_at or datetime.now(UTC).isoformat(timespec="seconds").replace(
+            "+00:00", "Z"
+        )
+        text = render_batch(batch_id, records, created)
+        if contains_pan(text):
+            # Invariant 4: never write a card number. Nothing is written; the caller's
+            # transaction fails and the batch is retried / dead-lettered by the wiring.
+            raise PostingFileError(
+                f"posting batch {batch_id}: a record contains a Luhn-valid card number; "
+                "nothing was written. Check the enrichment data for a clear PAN."
+            )
+        data = text.encode("utf-8")
+        with self.path.open("ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.batch_ids.append(batch_id)
+        self._known.add(batch_id)
+        return True
+
+
+def read_batches(path: Path | str) -> list[dict[str, Any]]:
+    """Parse a posting file into batches (header, details, controls, trailer): for checks."""
+    batches: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    with Path(path).open(encoding="utf-8", newline="") as f:
+        for row in csv.reader(f):
+            kind = row[0]
+            if kind == "H":
+                current = {"batch_id": row[3], "header": row, "details": [], "controls": []}
+            elif current is None:
+                raise PostingFileError(f"{path}: record {kind!r} outside a batch")
+            elif kind == "D":
+                current["details"].append(dict(zip(DETAIL_FIELDS, row, strict=True)))
+            elif kind == "C":
+                current["controls"].append(row)
+            elif kind == "T":
+                current["trailer"] = row
+                batches.append(current)
+                current = None
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# The outbox: records committed with the ledger posting, exported to the file in batches.
+
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS assembly_posting_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused after a delete: ids are positions
+    record BLOB NOT NULL
+)
+"""
+
+_RECORD_ENCODER = msgspec.json.Encoder()
+_RECORD_DECODER = msgspec.json.Decoder(PostingRecord)
+_OUTBOX_BATCH = re.compile(r"outbox-(\d+)-(\d+)")
+
+
+def ensure_outbox_schema(conn: sqlite3.Connection) -> None:
+    conn.execute(OUTBOX_SCHEMA)
+
+
+def add_to_outbox(conn: sqlite3.Connection, records: Sequence[PostingRecord]) -> None:
+    """Queue records for the posting file, in the caller's transaction (no commit)."""
+    if records:
+        conn.executemany(
+            "INSERT INTO assembly_posting_outbox (record) VALUES (?)",
+            [(_RECORD_ENCODER.encode(r),) for r in records],
+        )
+
+
+def exported_position(writer: PostingFileWriter) -> int:
+    """The last outbox id already in the file (0 if none), read from its batch ids."""
+    last = 0
+    for batch_id in writer.batch_ids:
+        m = _OUTBOX_BATCH.fullmatch(batch_id)
+        if m:
+            last = max(last, int(m.group(2)))
+    return last
+
+
+def export_outbox(
+    conn: sqlite3.Connection, writer: PostingFileWriter, *, batch_size: int = 10_000
+) -> int:
+    """Write every committed outbox record not yet in the file, in batches; returns how many.
+
+    Batch ids are `outbox-<first id>-<last id>`, so the file itself says how far the export
+    got: a crash anywhere re-exports from that point and never writes a record twice. Rows
+    already exported are deleted (by the caller's commit; harmless if that is lost).
+    """
+    written = 0
+    position = exported_position(writer)
+    while True:
+        rows = conn.execute(
+            "SELECT id, record FROM assembly_posting_outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (position, batch_size),
+        ).fetchall()
+        if not rows:
+            break
+        first, last = rows[0][0], rows[-1][0]
+        records = [_RECORD_DECODER.decode(blob) for _, blob in rows]
+        writer.write_batch(f"outbox-{first:012d}-{last:012d}", records)
+        written += len(records)
+        position = last
+    conn.execute("DELETE FROM assembly_posting_outbox WHERE id <= ?", (position,))
+    return written

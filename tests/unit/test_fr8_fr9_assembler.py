@@ -1,0 +1,248 @@
+"""FR8 and FR9: the assembler builds one balanced entry per posting sequence from legs in any
+order with any duplicates (order-insensitive, DESIGN §3.5); incomplete sequences time out with
+their missing legs named; conflicting duplicates are alerted and never posted."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paypost.events import Event, TransactionApproved, new_event
+from paypost.ledger import sqlite as ledger_sqlite
+from paypost.ledger.model import Account, PostResult
+from paypost.stages import assembler as asm
+from paypost.stages.assembler import (
+    AssemblyResult,
+    LegStore,
+    MemoryLegStore,
+    SqliteLegStore,
+    assemble,
+    expire,
+    settle,
+)
+from paypost.stages.post import create_legs, internal_accounts
+
+NOW = 1_800_000_000_000_000  # µs
+SECOND = 1_000_000
+
+
+def approved(n: int, *, fx: bool = False) -> Event:
+    txn: dict[str, Any] = {
+        "transaction_id": f"TX-{n:04d}",
+        "account_id": "UK-BANK-00000001",
+        "account_currency": "GBP",
+        "description": f"purchase {n}",
+        "amount": {"minor": 1000 + n, "currency": "GBP"},
+        "billing_amount": {"minor": 1000 + n, "currency": "GBP"},
+        "pan_masked": "476173******0119",
+        "merchant_name": "SHOP",
+        "booking_date": "2026-11-21",
+    }
+    if fx:
+        txn["amount"] = {"minor": 5000 + n, "currency": "JPY"}
+        txn["billing_amount"] = {"minor": 2600 + n, "currency": "GBP"}
+    return new_event(
+        TransactionApproved(transaction=txn, flags=[]),
+        source="paypost.rules",
+        tenant="uk-bank",
+        time="2026-11-21T10:00:00.000Z",
+        correlation_id=f"corr-{n}",
+    )
+
+
+def legs_for(n: int, *, fx: bool = False) -> list[Event]:
+    return create_legs([approved(n, fx=fx)])
+
+
+def memory() -> Iterator[LegStore]:
+    yield MemoryLegStore()
+
+
+def sqlite_store() -> Iterator[LegStore]:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    asm.ensure_schema(conn)
+    conn.execute("BEGIN")
+    yield SqliteLegStore(conn)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+STORES: dict[str, Callable[[], Iterator[LegStore]]] = {"memory": memory, "sqlite": sqlite_store}
+
+
+@pytest.fixture(params=list(STORES))
+def store(request: pytest.FixtureRequest) -> Iterator[LegStore]:
+    yield from STORES[request.param]()
+
+
+def test_fr8_complete_sequence_in_one_batch_becomes_one_entry(store: LegStore) -> None:
+    legs = legs_for(1)
+    result = assemble(legs, store, now_us=NOW)
+    (done,) = result.completed
+    seq = legs[0].detail["sequence_id"]
+    assert done.entry.id == seq and done.entry.sequence_id == seq
+    assert done.entry.problem() is None  # balanced, valid
+    assert [(lg.account, lg.side, lg.amount.minor) for lg in done.entry.legs] == [
+        ("UK-BANK-00000001", "debit", 1001),
+        ("settlement-GBP", "credit", 1001),
+    ]
+    assert done.entry.description == "purchase 1"
+    assert done.posted_event.detail == {"sequence_id": seq, "entry_id": seq, "legs": 2}
+    assert done.posted_event.correlation_id == "corr-1"
+    assert done.record.account_id == "UK-BANK-00000001" and done.record.amount_minor == 1001
+    assert result.alerts == [] and result.dead_letters == []
+
+
+def test_fr8_legs_across_batches_in_reverse_order(store: LegStore) -> None:
+    legs = legs_for(2, fx=True)
+    assert len(legs) == 4
+    outputs: list[AssemblyResult] = []
+    for leg in reversed(legs):
+        outputs.append(assemble([leg], store, now_us=NOW))
+    assert [len(o.completed) for o in outputs] == [0, 0, 0, 1]
+    assert outputs[-1].completed[0].entry.problem() is None
+    assert {lg.amount.currency for lg in outputs[-1].completed[0].entry.legs} == {"GBP", "JPY"}
+
+
+def test_fr9_duplicates_after_completion_are_ignored(store: LegStore) -> None:
+    legs = legs_for(3)
+    assert len(assemble(legs, store, now_us=NOW).completed) == 1
+    again = assemble(legs + legs, store, now_us=NOW + SECOND)
+    assert again.completed == [] and again.alerts == [] and again.dead_letters == []
+    assert again.duplicates == 4
+
+
+def test_fr9_conflicting_duplicate_is_alerted_and_not_posted(store: LegStore) -> None:
+    legs = legs_for(4)
+    assemble([legs[0]], store, now_us=NOW)
+    forged = Event.from_dict(
+        {**legs[0].to_dict(), "id": "forged", "detail": {**legs[0].detail, "account_id": "X"}}
+    )
+    result = assemble([forged, legs[1]], store, now_us=NOW)
+    assert result.completed == []
+    (alert,) = result.alerts
+    assert alert.detail_type == "PostingLegConflict"
+    assert alert.detail["leg_index"] == 0 and "different content" in alert.detail["reason"]
+    (dead,) = result.dead_letters
+    assert {e.id for e in dead.events} == {legs[0].id, "forged", legs[1].id}
+    # The sequence stays out of the ledger whatever arrives later.
+    later = assemble(legs, store, now_us=NOW)
+    assert later.completed == [] and len(later.dead_letters) == 1
+
+
+def test_fr9_conflict_after_posting_dead_letters_only_the_copy(store: LegStore) -> None:
+    legs = legs_for(5)
+    assemble(legs, store, now_us=NOW)
+    forged = Event.from_dict(
+        {**legs[1].to_dict(), "id": "forged", "detail": {**legs[1].detail, "side": "debit"}}
+    )
+    result = assemble([forged], store, now_us=NOW)
+    assert [a.detail_type for a in result.alerts] == ["PostingLegConflict"]
+    assert [[e.id for e in d.events] for d in result.dead_letters] == [["forged"]]
+
+
+def test_timeout_alert_names_the_missing_legs(store: LegStore) -> None:
+    legs = legs_for(6, fx=True)  # 4 legs
+    assemble([legs[0], legs[2]], store, now_us=NOW)
+    assert expire(store, now_us=NOW + 29 * SECOND, timeout_us=30 * SECOND).alerts == []
+    result = expire(store, now_us=NOW + 31 * SECOND, timeout_us=30 * SECOND)
+    (alert,) = result.alerts
+    assert alert.detail_type == "PostingSequenceIncomplete"
+    assert alert.detail["missing_legs"] == [1, 3]
+    (dead,) = result.dead_letters
+    assert dead.missing_legs == [1, 3] and "missing leg(s) 1, 3" in dead.reason
+    assert [e.id for e in dead.events] == [legs[0].id, legs[2].id]
+    # Alerted once: a second sweep finds nothing.
+    assert expire(store, now_us=NOW + 60 * SECOND, timeout_us=30 * SECOND).alerts == []
+    # The missing legs arrive late (e.g. a redrive): the sequence completes and posts once.
+    late = assemble([legs[3], legs[1], legs[0]], store, now_us=NOW + 61 * SECOND)
+    assert len(late.completed) == 1 and late.duplicates == 1
+
+
+def test_refused_entry_is_dead_lettered_and_reassembled_on_redrive(store: LegStore) -> None:
+    legs = legs_for(7)
+    result = assemble(legs, store, now_us=NOW)
+    refused = PostResult(entry_id=legs[0].detail["sequence_id"], status="refused", reason="closed")
+    events, records, dead = settle(result, [refused], store)
+    assert events == [] and records == []
+    assert dead[0].reason == "ledger refused: closed"
+    again = assemble(legs, store, now_us=NOW + SECOND)
+    assert len(again.completed) == 1
+
+
+# -- property: any order, any duplicates → exactly one identical entry per sequence ----------
+
+SEQUENCES = [legs_for(n, fx=n % 2 == 0) for n in range(10, 14)]
+ALL_LEGS = [leg for seq in SEQUENCES for leg in seq]
+REFERENCE = {c.entry.id: c for c in assemble(ALL_LEGS, MemoryLegStore(), now_us=NOW).completed}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    order=st.permutations(range(len(ALL_LEGS))),
+    dups=st.lists(st.integers(0, len(ALL_LEGS) - 1), max_size=12),
+    cuts=st.lists(st.integers(1, len(ALL_LEGS) + 12), max_size=6),
+    backend=st.sampled_from(list(STORES)),
+)
+def test_fr9_any_order_any_duplicates_any_batching_posts_each_sequence_once(
+    order: list[int], dups: list[int], cuts: list[int], backend: str
+) -> None:
+    stream = [ALL_LEGS[i] for i in order] + [ALL_LEGS[i] for i in dups]
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    completed = []
+    for store in STORES[backend]():
+        for a, b in itertools.pairwise(bounds):
+            out = assemble(stream[a:b], store, now_us=NOW)
+            assert out.alerts == [] and out.dead_letters == []
+            completed += out.completed
+    assert sorted(c.entry.id for c in completed) == sorted(REFERENCE)
+    for c in completed:
+        ref = REFERENCE[c.entry.id]
+        assert c.entry == ref.entry  # identical, whatever the order
+        assert c.posted_event.to_dict() == ref.posted_event.to_dict()
+        assert c.record == ref.record
+
+
+# -- with the real ledger, in one SQLite transaction --------------------------------------------
+
+
+def test_fr8_posts_to_the_ledger_in_the_callers_transaction(tmp_path: Any) -> None:
+    conn = ledger_sqlite.connect(tmp_path / "paypost.db")
+    ledger_sqlite.ensure_schema(conn)
+    asm.ensure_schema(conn)
+    conn.execute("BEGIN IMMEDIATE")
+    ledger_sqlite.create_accounts_in(
+        conn,
+        [
+            Account(id="UK-BANK-00000001", tenant="uk-bank", kind="customer", currency="GBP"),
+            *internal_accounts("uk-bank", ["GBP", "JPY"]),
+        ],
+    )
+    conn.execute("COMMIT")
+    store = SqliteLegStore(conn)
+    legs = [leg for n in range(20, 26) for leg in legs_for(n, fx=n % 2 == 0)]
+    posted_total = 0
+    for attempt in range(2):  # the second pass is a full redelivery: nothing new
+        conn.execute("BEGIN IMMEDIATE")
+        result = assemble(list(reversed(legs)), store, now_us=NOW)
+        results = ledger_sqlite.post_batch_in(conn, [c.entry for c in result.completed])
+        _events, records, dead = settle(result, results, store)
+        conn.execute("COMMIT")
+        assert dead == []
+        posted_total += len(records)
+        if attempt == 1:
+            assert result.completed == [] and result.duplicates == len(legs)
+    assert posted_total == 6
+    balance = ledger_sqlite.balance_in(conn, "uk-bank", "UK-BANK-00000001")
+    expected = sum(1000 + n for n in range(20, 26) if n % 2) + sum(
+        2600 + n for n in range(20, 26) if n % 2 == 0
+    )
+    assert balance.balance.minor == -expected
+    assert ledger_sqlite.trial_balance_in(conn, "uk-bank").balanced
+    conn.close()

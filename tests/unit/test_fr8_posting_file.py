@@ -1,0 +1,156 @@
+"""FR8: the bank's posting input — batches with header, one record per entry, per-currency
+control totals and a trailer; idempotent by batch id, restart-safe, never a card number."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from paypost.events import TransactionApproved, new_event
+from paypost.stages import assembler as asm
+from paypost.stages.assembler import MemoryLegStore, assemble
+from paypost.stages.post import create_legs
+from paypost.stages.posting_file import (
+    PostingFileError,
+    PostingFileWriter,
+    PostingRecord,
+    add_to_outbox,
+    ensure_outbox_schema,
+    export_outbox,
+    read_batches,
+)
+
+
+def records(n: int, *, fx: bool = False, start: int = 0) -> list[PostingRecord]:
+    events = []
+    for i in range(start, start + n):
+        txn: dict[str, Any] = {
+            "transaction_id": f"TX-{i}",
+            "account_id": "UK-BANK-00000001",
+            "iban": "GB74TMBK87100256180564",
+            "sort_code": "871002",
+            "account_number": "56180564",
+            "description": f"Card purchase, SHOP {i}, LONDON",
+            "amount": {"minor": 1000 + i, "currency": "GBP"},
+            "billing_amount": {"minor": 1000 + i, "currency": "GBP"},
+            "pan_masked": "476173******0119",
+            "merchant_name": 'SHOP "QUOTED", LTD',
+            "booking_date": "2026-11-21",
+        }
+        if fx and i % 2:
+            txn["amount"] = {"minor": 5000 + i, "currency": "JPY"}
+            txn["billing_amount"] = {"minor": 2600 + i, "currency": "GBP"}
+        events.append(
+            new_event(
+                TransactionApproved(transaction=txn),
+                source="t",
+                tenant="uk-bank",
+                time="2026-11-21T10:00:00.000Z",
+            )
+        )
+    out = assemble(create_legs(events), MemoryLegStore(), now_us=0)
+    return [c.record for c in out.completed]
+
+
+def test_fr8_batch_has_header_one_record_per_entry_controls_and_trailer(tmp_path: Path) -> None:
+    path = tmp_path / "postings.csv"
+    recs = records(5, fx=True)
+    assert PostingFileWriter(path).write_batch("B-1", recs, created_at="2026-11-21T10:00:00Z")
+    (batch,) = read_batches(path)
+    assert batch["header"] == ["H", "PAYPOST-POSTINGS", "1", "B-1", "2026-11-21T10:00:00Z"]
+    details = batch["details"]
+    assert len(details) == 5 and [d["seq"] for d in details] == ["1", "2", "3", "4", "5"]
+    first = details[0]
+    assert first["account_id"] == "UK-BANK-00000001" and first["dr_cr"] == "D"
+    assert first["amount_minor"] == "1000" and first["currency"] == "GBP"
+    assert first["merchant_name"] == 'SHOP "QUOTED", LTD'  # CSV quoting round-trips
+    assert first["value_date"] == "2026-11-21" and first["pan_masked"] == "476173******0119"
+    # Control totals per currency: debits == credits (balanced entries), counts of legs.
+    controls = {c[2]: c for c in batch["controls"]}
+    assert set(controls) == {"GBP", "JPY"}
+    gbp = controls["GBP"]
+    assert gbp[4] == gbp[6]  # debit total == credit total
+    expected_gbp = sum(r.amount_minor for r in recs)
+    assert int(gbp[4]) == expected_gbp
+    jpy = controls["JPY"]
+    assert (
+        int(jpy[4])
+        == int(jpy[6])
+        == sum(r.txn_amount_minor or 0 for r in recs if r.txn_currency == "JPY")
+    )
+    # Trailer: batch id, record count, sha256 of the detail lines.
+    text = path.read_text()
+    detail_lines = "".join(line for line in text.splitlines(keepends=True) if line.startswith("D,"))
+    assert batch["trailer"] == [
+        "T",
+        "B-1",
+        "5",
+        hashlib.sha256(detail_lines.encode()).hexdigest(),
+    ]
+
+
+def test_fr9_same_batch_twice_is_written_once(tmp_path: Path) -> None:
+    path = tmp_path / "postings.csv"
+    recs = records(3)
+    assert PostingFileWriter(path).write_batch("B-1", recs)
+    # A restarted process (new writer) learns the batch ids from the file.
+    again = PostingFileWriter(path)
+    assert again.has_batch("B-1")
+    assert again.write_batch("B-1", recs) is False
+    assert [b["batch_id"] for b in read_batches(path)] == ["B-1"]
+
+
+def test_torn_batch_from_a_crash_is_cut_on_restart(tmp_path: Path) -> None:
+    path = tmp_path / "postings.csv"
+    PostingFileWriter(path).write_batch("B-1", records(2))
+    good = path.read_bytes()
+    with path.open("ab") as f:  # a crash mid-batch: header and half a record, no trailer
+        f.write(b"H,PAYPOST-POSTINGS,1,B-2,2026-11-21T10:00:00Z\nD,1,abc,uk-ba")
+    writer = PostingFileWriter(path)
+    assert writer.truncated_bytes > 0 and path.read_bytes() == good
+    assert not writer.has_batch("B-2")
+    assert writer.write_batch("B-2", records(1))
+    assert [b["batch_id"] for b in read_batches(path)] == ["B-1", "B-2"]
+
+
+def test_no_card_number_ever_reaches_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "postings.csv"
+    (rec,) = records(1)
+    leaky = PostingRecord(**{**_fields(rec), "description": "refund card 4111111111111111"})
+    with pytest.raises(PostingFileError, match="Luhn-valid"):
+        PostingFileWriter(path).write_batch("B-1", [leaky])
+    assert not path.exists() or path.read_text() == ""
+
+
+def _fields(rec: PostingRecord) -> dict[str, Any]:
+    return {f: getattr(rec, f) for f in rec.__struct_fields__}
+
+
+def test_outbox_export_is_exactly_once_across_restarts(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    ensure_outbox_schema(conn)
+    asm.ensure_schema(conn)
+    path = tmp_path / "postings.csv"
+    conn.execute("BEGIN")
+    add_to_outbox(conn, records(4))
+    conn.execute("COMMIT")
+    assert export_outbox(conn, PostingFileWriter(path), batch_size=3) == 4
+    # More records arrive; the export runs again after a "restart" (a new writer).
+    conn.execute("BEGIN")
+    add_to_outbox(conn, records(2, start=10))
+    conn.execute("COMMIT")
+    assert export_outbox(conn, PostingFileWriter(path), batch_size=3) == 2
+    assert export_outbox(conn, PostingFileWriter(path)) == 0
+    batches = read_batches(path)
+    assert [b["batch_id"] for b in batches] == [
+        "outbox-000000000001-000000000003",
+        "outbox-000000000004-000000000004",
+        "outbox-000000000005-000000000006",
+    ]
+    refs = [d["reference"] for b in batches for d in b["details"]]
+    assert refs == ["TX-0", "TX-1", "TX-2", "TX-3", "TX-10", "TX-11"]
+    conn.close()
