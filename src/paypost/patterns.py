@@ -1162,6 +1162,10 @@ class Pattern:
     def __repr__(self) -> str:
         return f"Pattern({json.dumps(self.source, sort_keys=True)})"
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Generated matchers do not pickle; a pattern travels as its source and recompiles.
+        return compile, (self.source,)
+
     def __iter__(self) -> Iterator[tuple[_Field, ...]]:  # pragma: no cover - debugging aid
         return iter(self._branches)
 

@@ -70,6 +70,15 @@ def test_json_text_and_dict_compile_to_the_same_pattern() -> None:
     assert compile(text).source == json.loads(text)
 
 
+def test_compiled_pattern_pickles_as_its_source() -> None:
+    import pickle
+
+    pattern = compile({"detail": {"state": ["terminated"]}})
+    copy = pickle.loads(pickle.dumps(pattern))
+    assert copy.source == pattern.source
+    assert copy.matches(EC2_EVENT)
+
+
 def test_event_that_is_not_an_object_never_matches() -> None:
     pattern = compile({"source": ["x"]})
     assert not pattern.matches([{"source": "x"}])  # type: ignore[arg-type]
