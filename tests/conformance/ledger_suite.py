@@ -384,6 +384,7 @@ class LedgerSuite:
         assert line.credits == 7
         with pytest.raises(UnknownEntry):
             ledger.reverse(T2, "e1-not-there")
+        assert ledger.tenants() == [T, T2]
 
     # -- currencies and FX ----------------------------------------------------------------
 

@@ -26,9 +26,7 @@ def test_each_tenant_gets_its_own_schema(postgres_url: str, pg_schema: str) -> N
     store.create_accounts([customer("a"), customer("a", tenant="Other.Bank!")])
     assert tenant_schema(pg_schema, T) != tenant_schema(pg_schema, "Other.Bank!")
     assert tenant_schema(pg_schema, "Other.Bank!") != tenant_schema(pg_schema, "other_bank_")
-    assert sorted(store.tenants()) == sorted(
-        [tenant_schema(pg_schema, T), tenant_schema(pg_schema, "Other.Bank!")]
-    )
+    assert store.tenants() == sorted([T, "Other.Bank!"])
     store.close()
 
 

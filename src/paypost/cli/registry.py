@@ -18,3 +18,6 @@ def register(app: typer.Typer) -> None:
     from paypost.cli import parked
 
     app.add_typer(parked.app, name="parked")
+    from paypost.cli import ledger
+
+    app.add_typer(ledger.app, name="ledger")

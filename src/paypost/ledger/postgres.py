@@ -112,7 +112,10 @@ CREATE TABLE IF NOT EXISTS {s}.ledger_legs (
     PRIMARY KEY (entry_pk, idx)
 );
 CREATE INDEX IF NOT EXISTS ledger_legs_account
-    ON {s}.ledger_legs (account_pk, booked_at, entry_pk)
+    ON {s}.ledger_legs (account_pk, booked_at, entry_pk);
+CREATE TABLE IF NOT EXISTS {s}.ledger_tenant (
+    tenant TEXT PRIMARY KEY
+)
 """
 
 _ACCOUNT_COLS = (
@@ -161,6 +164,12 @@ class PostgresLedger:
             for stmt in _TABLES.split(";"):
                 if stmt.strip():
                     conn.execute(sql.SQL(stmt).format(s=ident))
+            conn.execute(
+                sql.SQL("INSERT INTO {}.ledger_tenant VALUES (%s) ON CONFLICT DO NOTHING").format(
+                    ident
+                ),
+                (tenant,),
+            )
             self._known.add(name)
         return ident
 
@@ -178,14 +187,27 @@ class PostgresLedger:
         return row is not None
 
     def tenants(self) -> list[str]:
-        """Schemas of this prefix that hold a ledger (their names, not the tenant ids)."""
-        rows = self.conn.execute(
-            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relname = 'ledger_entries' AND n.nspname LIKE %s ORDER BY 1",
-            (self.prefix + "\\_%",),
-        ).fetchall()
-        self.conn.rollback()
-        return [r[0] for r in rows]
+        """The tenant ids that have a ledger under this prefix, sorted."""
+        with self._read() as conn:
+            schemas = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT n.nspname FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relname = 'ledger_tenant' AND n.nspname LIKE %s",
+                    (self.prefix.replace("_", "\\_") + "\\_%",),
+                )
+            ]
+            out: list[str] = []
+            for name in schemas:
+                out += [
+                    r[0]
+                    for r in conn.execute(
+                        sql.SQL("SELECT tenant FROM {}.ledger_tenant").format(sql.Identifier(name))
+                    )
+                    if self.schema(r[0]) == name
+                ]
+            return sorted(out)
 
     # -- transactions ---------------------------------------------------------------------
 

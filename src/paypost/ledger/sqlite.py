@@ -724,6 +724,13 @@ class SqliteLedger:
     def trial_balance(self, tenant: str) -> TrialBalance:
         return trial_balance_in(self.conn, tenant)
 
+    def tenants(self) -> list[str]:
+        """The tenant ids that have accounts, sorted."""
+        return [
+            r[0]
+            for r in self.conn.execute("SELECT DISTINCT tenant FROM ledger_accounts ORDER BY 1")
+        ]
+
     def close(self) -> None:
         if self._owns:
             self.conn.close()
