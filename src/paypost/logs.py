@@ -88,9 +88,26 @@ def configure_logging(
     )
 
 
+class _NamedLogger:
+    """A logger named NAME that follows the configuration in force at each call.
+
+    Module-level loggers are created at import, before `configure_logging` runs; binding
+    lazily keeps them on the current configuration.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def bind(self, **values: Any) -> Any:
+        return structlog.get_logger().bind(logger=self._name, **values)
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(structlog.get_logger().bind(logger=self._name), method)
+
+
 def get_logger(name: str) -> Any:
     """A structlog logger whose lines carry `logger=NAME` plus the bound context."""
-    return structlog.get_logger().bind(logger=name)
+    return _NamedLogger(name)
 
 
 @contextmanager

@@ -43,6 +43,7 @@ VAULT_KEY_FILE_ENV = "PAYPOST_VAULT_KEY_FILE"
 DEMO_KEY_FILENAME = "vault.key"
 TOKEN_PREFIX = "tok_"
 
+TOKEN_CACHE_SIZE = 100_000
 PAN_MIN_DIGITS = 13
 PAN_MAX_DIGITS = 19
 
@@ -52,11 +53,13 @@ PAN_MAX_DIGITS = 19
 # Luhn: digit value when doubled (2*d, minus 9 when above 9).
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 # A maximal run of digit groups joined by single spaces or dashes.
-_RUN = re.compile(r"\d+(?:[ -]\d+)*")
-# Cheap pre-filter: 13 digits with at most single separators between them. Every PAN window
-# matches it, so a text it does not match holds no PAN.
-_MAYBE_PAN = re.compile(r"\d(?:[ -]?\d){12}")
-_LONG_DIGIT_RUN = re.compile(r"\d{13,}")
+# ASCII digits only ([0-9]): card numbers are ASCII, and it is 3x faster than Unicode \d.
+_RUN = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+_GROUP = re.compile(r"[0-9]+")
+# Cheap pre-filter: with spaces and dashes removed, a PAN is 13+ consecutive digits. A text
+# with no such run after the removal holds no PAN.
+_THIRTEEN_DIGITS = re.compile(r"[0-9]{13}")
+_LONG_DIGIT_RUN = re.compile(r"[0-9]{13,}")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -77,7 +80,7 @@ def mask_pan(pan: str) -> str:
 
     Separators are dropped. A number too short to show 10 digits keeps only its last 4.
     """
-    digits = "".join(ch for ch in pan if ch.isdigit())
+    digits = pan if pan.isdigit() else "".join(ch for ch in pan if ch.isdigit())
     n = len(digits)
     if n >= 13:
         return digits[:6] + "*" * (n - 10) + digits[-4:]
@@ -92,7 +95,7 @@ def _group_windows(text: str, start: int, end: int) -> Iterator[tuple[int, int]]
     Windows align to the groups (a card number is not split mid-group); a single group longer
     than 19 digits is searched digit by digit, so a PAN buried in a longer number is found.
     """
-    groups = [(m.start() + start, m.end() + start) for m in re.finditer(r"\d+", text[start:end])]
+    groups = [(m.start(), m.end()) for m in _GROUP.finditer(text, start, end)]
     for i in range(len(groups)):
         count = 0
         for j in range(i, len(groups)):
@@ -114,7 +117,7 @@ def find_pans(text: str) -> list[tuple[int, int]]:
     Digits may be grouped by single spaces or dashes. Overlapping hits are merged, so the
     spans are disjoint and sorted; replacing each span removes every detected number.
     """
-    if _MAYBE_PAN.search(text) is None:
+    if not maybe_pan(text):
         return []
     hits: list[tuple[int, int]] = []
     for run in _RUN.finditer(text):
@@ -136,6 +139,11 @@ def find_pans(text: str) -> list[tuple[int, int]]:
         else:
             merged.append((s, e))
     return merged
+
+
+def maybe_pan(text: str) -> bool:
+    """Cheap pre-filter: False means TEXT surely holds no PAN (13 digits, single separators)."""
+    return _THIRTEEN_DIGITS.search(text.replace(" ", "").replace("-", "")) is not None
 
 
 def contains_pan(text: str) -> bool:
@@ -287,6 +295,9 @@ class Tokenizer:
             raise ValueError("the tokenization key must be at least 16 bytes")
         self._key = key
         self._tenant_keys: dict[str, bytes] = {}
+        # Cards repeat: a bounded cache of recent (tenant, PAN) → token saves the MAC and the
+        # base32. It lives in the ingress process's memory only and is cleared when full.
+        self._cache: dict[tuple[str, str], CardToken] = {}
 
     def _tenant_key(self, tenant: str) -> bytes:
         tk = self._tenant_keys.get(tenant)
@@ -309,9 +320,16 @@ class Tokenizer:
 
     def tokenize(self, pan: str, tenant: str) -> CardToken:
         """Token + masked form of PAN for TENANT. Raises `InvalidPan` for a malformed PAN."""
+        card = self._cache.get((tenant, pan))
+        if card is not None:
+            return card
         if not (8 <= len(pan) <= PAN_MAX_DIGITS and pan.isascii() and pan.isdigit()):
             raise InvalidPan(f"PAN must be 8–19 digits, got {len(pan)} characters")
-        return CardToken(self.token_for(pan, tenant), mask_pan(pan))
+        card = CardToken(self.token_for(pan, tenant), mask_pan(pan))
+        if len(self._cache) >= TOKEN_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[(tenant, pan)] = card
+        return card
 
 
 # ------------------------------------------------------------------------------------------
