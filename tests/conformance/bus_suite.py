@@ -385,6 +385,12 @@ class BusConformance(abc.ABC):
         assert got[0].tracking_key != got[1].tracking_key
         assert bus.stats().id_conflicts == 1
 
+    def test_publish_without_dedup_archives_and_delivers_every_copy(self, bus: Bus) -> None:
+        assert bus.publish([held(1)], dedup=False).published == 1
+        assert bus.publish([held(1)], dedup=False).published == 1
+        assert bus.archive_count() == 2
+        assert self.ids(bus.receive("holds")) == ["held-1", "held-1"]
+
     def test_dedup_window_expires(self, clock: FakeClock) -> None:
         bus = self.make_bus(clock, BusConfig(archive_retention_s=None, dedup_window_s=60))
         bus.put_target(TargetConfig(name="holds"))

@@ -475,7 +475,11 @@ class UnitOfWork(abc.ABC):
     conn: Any
 
     @abc.abstractmethod
-    def publish(self, events: Iterable[Event]) -> PublishResult: ...
+    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
+        """Archive and route EVENTS. With `dedup=False` the events are neither checked
+        against nor recorded in the dedup window: for outputs of a consumer that commits a
+        tracking record in this same unit of work (its outputs are produced once already),
+        which saves one random-key index insert per event (DESIGN §5)."""
 
     @abc.abstractmethod
     def ack(self, deliveries: Iterable[Delivery]) -> int:
@@ -535,10 +539,10 @@ class Bus(abc.ABC):
     def unit_of_work(self) -> AbstractContextManager[UnitOfWork]: ...
 
     # -- publish / consume (each its own transaction; use a unit of work to combine) -------
-    def publish(self, events: Iterable[Event]) -> PublishResult:
+    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
         """Archive and route EVENTS (dedup by id inside the window; see module docs)."""
         with self.unit_of_work() as uow:
-            return uow.publish(events)
+            return uow.publish(events, dedup=dedup)
 
     @abc.abstractmethod
     def receive(self, target: str, max_events: int | None = None) -> list[Delivery]:
@@ -606,7 +610,8 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     def purge_archive(self, now: float | None = None) -> int:
         """Drop archived events older than the retention, except those still queued or
-        dead-lettered (nothing lost). Returns how many were dropped."""
+        dead-lettered (nothing lost), and dedup entries older than the dedup window.
+        Returns how many archived events were dropped."""
 
     @abc.abstractmethod
     def stats(self) -> BusStats: ...

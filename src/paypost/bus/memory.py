@@ -29,6 +29,7 @@ from paypost.bus.core import (
     DeadLetterNotFound,
     Delivery,
     DeliveryHandle,
+    PreparedEvent,
     PublishResult,
     Rand,
     ReplayResult,
@@ -393,10 +394,12 @@ class _MemoryUnitOfWork(UnitOfWork):
         self.undo.append(undo)
 
     # -- UnitOfWork ----------------------------------------------------------------------
-    def publish(self, events: Iterable[Event]) -> PublishResult:
+    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
         b = self.bus
         now = b.clock()
         batch = prepare(events)
+        if not dedup:
+            return self._archive_and_route(batch, now, PublishResult(published=len(batch)), False)
         window_start = now - b.config.effective_dedup_window_s
         seen: dict[int, set[int]] = {}
         for p in batch:
@@ -409,11 +412,25 @@ class _MemoryUnitOfWork(UnitOfWork):
                     del seen[p.id_key]
         keep, dups, conflicts = dedup_decide(batch, seen)
         result = PublishResult(published=len(keep), duplicates_dropped=dups, id_conflicts=conflicts)
+        self.bump("duplicates_dropped", dups, b._counters)
+        self.bump("id_conflicts", conflicts, b._counters)
+        return self._archive_and_route(keep, now, result, True)
+
+    def _archive_and_route(
+        self, keep: list[PreparedEvent], now: float, result: PublishResult, dedup: bool
+    ) -> PublishResult:
+        b = self.bus
         router = b.router()
         for p in keep:
             pos = b._next_position
             b._next_position += 1
             b._archive[pos] = _Archived(pos, now, p.id_key, p.content_hash, p.event)
+            if not dedup:
+                self.undo.append(functools.partial(b._archive.pop, pos, None))
+                for t in router.route(p.event):
+                    self.enqueue(t, pos, now)
+                    result.routed[t] = result.routed.get(t, 0) + 1
+                continue
             hashes = b._by_id.setdefault(p.id_key, {})
             old = hashes.get(p.content_hash)
             hashes[p.content_hash] = pos
@@ -434,8 +451,6 @@ class _MemoryUnitOfWork(UnitOfWork):
             for t in router.route(p.event):
                 self.enqueue(t, pos, now)
                 result.routed[t] = result.routed.get(t, 0) + 1
-        self.bump("duplicates_dropped", dups, b._counters)
-        self.bump("id_conflicts", conflicts, b._counters)
         for t, n in result.routed.items():
             self.bump(t, n, b._routed_total)
         return result

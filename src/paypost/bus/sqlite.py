@@ -5,9 +5,12 @@ so a consumer's batch (tracking record + effects + outputs + archive + acks) is 
 transaction. Tables are prefixed `bus_`:
 
 - `bus_archive(position INTEGER PRIMARY KEY, archived_at, id_key, content_hash, body)`:
-  every published event's JSON, stored once, append-only. Indexes: `archived_at` (replay
-  by time; appended at the right edge) and `(id_key, content_hash)` — the one random-key
-  index, needed by publish dedup, on 8-byte integers.
+  every published event's JSON, stored once, append-only; one index, on `archived_at`
+  (replay by time; appended at its right edge, so cheap).
+- `bus_dedup(id_key, content_hash, seen_at)`: the dedup window, the one random-key B-tree
+  (8-byte integer keys), written only by publishes with `dedup=True`: a tracked consumer's
+  outputs skip it (its tracking record already makes them once), since every random-key
+  insert dirties a page that the WAL writes again (DESIGN §5).
 - `bus_queue`: one small row per (event, target) referencing the archive by position — no
   payload copies. `visible_at` is both the retry time and the lease expiry (SQS-style
   visibility): a leased row is invisible until acked (deleted), nacked (rescheduled) or its
@@ -45,6 +48,7 @@ from paypost.bus.core import (
     DeadLetterNotFound,
     Delivery,
     DeliveryHandle,
+    PreparedEvent,
     PublishResult,
     Rand,
     ReplayResult,
@@ -79,7 +83,9 @@ CREATE TABLE IF NOT EXISTS bus_archive (
     position INTEGER PRIMARY KEY, archived_at REAL NOT NULL, id_key INTEGER NOT NULL,
     content_hash INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS bus_archive_time ON bus_archive(archived_at);
-CREATE INDEX IF NOT EXISTS bus_archive_id ON bus_archive(id_key, content_hash);
+CREATE TABLE IF NOT EXISTS bus_dedup (
+    id_key INTEGER NOT NULL, content_hash INTEGER NOT NULL, seen_at REAL NOT NULL,
+    PRIMARY KEY (id_key, content_hash)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bus_queue (
     id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL, position INTEGER NOT NULL,
     visible_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, first_at REAL,
@@ -110,6 +116,51 @@ def connect(path: Path | str) -> sqlite3.Connection:
     conn.execute("PRAGMA cache_size=-65536")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
+
+
+class WalCheckpointer:
+    """Runs WAL checkpoints on a background thread with its own connection.
+
+    With `wal_autocheckpoint` on, the commit that crosses the threshold copies the WAL back
+    into the database and fsyncs it, stalling the writer (DESIGN §5). The bus turns the
+    automatic checkpoint off and this thread runs PASSIVE checkpoints (never blocking the
+    writer) every `interval_s`. A busy writer keeps appending, so a PASSIVE checkpoint never
+    catches up and the WAL only grows; once it exceeds `max_wal_bytes` the thread runs a
+    TRUNCATE checkpoint, which briefly waits for the writer and resets the WAL to zero.
+    """
+
+    def __init__(
+        self, path: Path | str, interval_s: float = 0.5, max_wal_bytes: int = 64 << 20
+    ) -> None:
+        self.path = str(path)
+        self.wal = Path(f"{path}-wal")
+        self.interval_s = interval_s
+        self.max_wal_bytes = max_wal_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wal-checkpointer", daemon=True)
+
+    def start(self) -> WalCheckpointer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    size = self.wal.stat().st_size if self.wal.exists() else 0
+                    mode = "TRUNCATE" if size > self.max_wal_bytes else "PASSIVE"
+                    conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+                except sqlite3.OperationalError:
+                    pass  # busy: try again next tick
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -157,6 +208,7 @@ class SqliteBus(Bus):
         self._rules: dict[str, Rule] = {}
         self._router: Router | None = None
         self._consumers: dict[str, int] = {}
+        self._checkpointer: WalCheckpointer | None = None
         with self._lock:
             ensure_schema(conn)
 
@@ -168,12 +220,25 @@ class SqliteBus(Bus):
         *,
         clock: Clock = time.time,
         rand: Rand = random.random,
+        background_checkpoints: bool = False,
     ) -> SqliteBus:
-        """Open (creating if needed) `<data_dir>/paypost.db`."""
+        """Open (creating if needed) `<data_dir>/paypost.db`.
+
+        `background_checkpoints=True` (long-running, write-heavy processes: the pipeline)
+        moves WAL checkpoints off the commit path onto a `WalCheckpointer` thread.
+        """
         ensure_data_dir(data_dir)
-        return cls(connect(data_dir / DB_FILENAME), config, clock=clock, rand=rand)
+        path = data_dir / DB_FILENAME
+        bus = cls(connect(path), config, clock=clock, rand=rand)
+        if background_checkpoints:
+            bus.conn.execute("PRAGMA wal_autocheckpoint=0")
+            bus._checkpointer = WalCheckpointer(path).start()
+        return bus
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         with self._lock:
             self.conn.close()
 
@@ -472,15 +537,19 @@ class SqliteBus(Bus):
         return result
 
     def purge_archive(self, now: float | None = None) -> int:
-        if self.config.archive_retention_s is None:
-            return 0
-        cutoff = (self.clock() if now is None else now) - self.config.archive_retention_s
+        at = self.clock() if now is None else now
         with self.unit_of_work():
+            self.conn.execute(
+                "DELETE FROM bus_dedup WHERE seen_at < ?",
+                (at - self.config.effective_dedup_window_s,),
+            )
+            if self.config.archive_retention_s is None:
+                return 0
             cur = self.conn.execute(
                 "DELETE FROM bus_archive WHERE archived_at < ? "
                 "AND position NOT IN (SELECT position FROM bus_queue) "
                 "AND position NOT IN (SELECT position FROM bus_dlq)",
-                (cutoff,),
+                (at - self.config.archive_retention_s,),
             )
             return cur.rowcount
 
@@ -533,28 +602,42 @@ class _SqliteUnitOfWork(UnitOfWork):
         self.conn: sqlite3.Connection = bus.conn
         self.after_commit: list[Callable[[], None]] = []
 
-    def publish(self, events: Iterable[Event]) -> PublishResult:
+    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
         b, conn = self.bus, self.conn
         batch = prepare(events)
         if not batch:
             return PublishResult()
         now = b.clock()
         seen: dict[int, set[int]] = {}
-        first = conn.execute(
-            "SELECT position FROM bus_archive WHERE archived_at >= ? ORDER BY archived_at LIMIT 1",
-            (now - b.config.effective_dedup_window_s,),
-        ).fetchone()
-        if first is not None:
-            keys = list({p.id_key for p in batch})
-            for part in _chunks(keys):
-                for key, chash in conn.execute(
-                    "SELECT id_key, content_hash FROM bus_archive "
-                    f"WHERE id_key IN ({_marks(len(part))}) AND position >= ?",
-                    (*part, first[0]),
-                ):
-                    seen.setdefault(key, set()).add(chash)
+        if not dedup:
+            return self._archive_and_route(batch, now, PublishResult(published=len(batch)))
+        keys = list({p.id_key for p in batch})
+        window_start = now - b.config.effective_dedup_window_s
+        for part in _chunks(keys):
+            for key, chash in conn.execute(
+                "SELECT id_key, content_hash FROM bus_dedup "
+                f"WHERE id_key IN ({_marks(len(part))}) AND seen_at >= ?",
+                (*part, window_start),
+            ):
+                seen.setdefault(key, set()).add(chash)
         keep, dups, conflicts = dedup_decide(batch, seen)
         result = PublishResult(published=len(keep), duplicates_dropped=dups, id_conflicts=conflicts)
+        if keep:
+            conn.executemany(
+                "INSERT OR REPLACE INTO bus_dedup VALUES (?, ?, ?)",
+                [(p.id_key, p.content_hash, now) for p in keep],
+            )
+        if dups or conflicts:
+            conn.executemany(
+                "UPDATE bus_meta SET value = value + ? WHERE key = ?",
+                [(dups, "duplicates_dropped"), (conflicts, "id_conflicts")],
+            )
+        return self._archive_and_route(keep, now, result)
+
+    def _archive_and_route(
+        self, keep: list[PreparedEvent], now: float, result: PublishResult
+    ) -> PublishResult:
+        b, conn = self.bus, self.conn
         if keep:
             (next_pos,) = conn.execute(
                 "SELECT value FROM bus_meta WHERE key='archive_next'"
@@ -582,11 +665,6 @@ class _SqliteUnitOfWork(UnitOfWork):
             conn.executemany(
                 "UPDATE bus_targets SET routed_total = routed_total + ? WHERE id = ?",
                 [(n, targets[t][0]) for t, n in routed.items()],
-            )
-        if dups or conflicts:
-            conn.executemany(
-                "UPDATE bus_meta SET value = value + ? WHERE key = ?",
-                [(dups, "duplicates_dropped"), (conflicts, "id_conflicts")],
             )
         return result
 

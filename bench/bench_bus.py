@@ -1,0 +1,184 @@
+"""Bus benchmark (script, not a test): the SQLite backend's publish and consume rates.
+
+    .venv/bin/python bench/bench_bus.py [--events 200000] [--batch 1000] [--data-dir DIR]
+
+Measures, on one fresh `paypost.db` (WAL, synchronous=FULL):
+1. publish: encode + dedup lookup + route (8 rules, by detail-type) + archive + enqueue,
+   one transaction per batch;
+2. consume: receive + ack, each its own transaction (two commits per batch);
+3. consume exactly-once: receive, then ONE unit of work with the tracking check, a tracking
+   record, an effect row per event and the ack (what a pipeline stage does);
+4. the pipeline shape: per batch ONE unit of work that acks N inputs, tracks them and
+   publishes N outputs (the stage's output events, archived and routed).
+Prints a table and a markdown block for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from paypost.bus import Rule, TargetConfig
+from paypost.bus.sqlite import SqliteBus
+from paypost.events import Event, SchemaRef
+
+TYPES = [
+    "AuthorizationApproved",
+    "AuthorizationAccepted",
+    "TransactionStandardized",
+    "TransactionEnriched",
+    "TransactionApproved",
+    "PostingLegCreated",
+]
+
+
+def make_event(i: int, dtype: str) -> Event:
+    return Event(
+        id=f"{i:08d}-0000-4000-8000-{hash((i, dtype)) & 0xFFFFFFFFFFFF:012x}",
+        source="paypost.bench",
+        detail_type=dtype,
+        time="2026-11-21T22:00:00.000Z",
+        tenant="bank-a",
+        correlation_id=f"corr-{i}",
+        schema=SchemaRef(name=dtype, version=1),
+        detail={
+            "amount": {"minor": 1000 + i % 50000, "currency": "EUR"},
+            "card_token": f"tok_{i:016x}",
+            "pan_masked": "411111******1111",
+            "merchant": {"id": f"m{i % 1000}", "name": "Coffee Corner", "mcc": "5814"},
+            "account_id": f"acc-{i % 100000:06d}",
+            "stan": f"{i % 1000000:06d}",
+            "rrn": f"{i:012d}",
+        },
+    )
+
+
+def setup(bus: SqliteBus) -> None:
+    for dtype in TYPES:
+        bus.put_target(TargetConfig(name=dtype.lower(), batch_size=1000))
+        bus.put_rule(Rule(name=dtype, pattern={"detail-type": [dtype]}, target=dtype.lower()))
+    bus.put_target(TargetConfig(name="high-value", batch_size=1000))
+    bus.put_rule(
+        Rule(
+            name="high-value",
+            pattern={
+                "detail-type": ["TransactionApproved"],
+                "detail": {"amount": {"minor": [{"numeric": [">=", 50000]}]}},
+            },
+            target="high-value",
+        )
+    )
+    bus.put_target(TargetConfig(name="sink", batch_size=1000))
+    bus.put_rule(Rule(name="sink", pattern={"source": ["paypost.sink"]}, target="sink"))
+
+
+def rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:,.0f}/s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument(
+        "--inline-checkpoints",
+        action="store_true",
+        help="leave WAL checkpoints on the commit path (SQLite's default) for comparison",
+    )
+    args = ap.parse_args()
+    root = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-bus-"))
+    shutil.rmtree(root / "paypost.db", ignore_errors=True)
+    for suffix in ("", "-wal", "-shm"):
+        (root / f"paypost.db{suffix}").unlink(missing_ok=True)
+    bus = SqliteBus.open(root, background_checkpoints=not args.inline_checkpoints)
+    setup(bus)
+    n, b = args.events, args.batch
+    events = [make_event(i, TYPES[i % len(TYPES)]) for i in range(n)]
+    results: list[tuple[str, int, float]] = []
+
+    t = time.perf_counter()
+    for i in range(0, n, b):
+        bus.publish(events[i : i + b])
+    results.append(("publish (dedup + route + archive + enqueue)", n, time.perf_counter() - t))
+
+    t = time.perf_counter()
+    dups = bus.publish(events[:b])
+    results.append(("publish of already-seen events (dedup drop)", b, time.perf_counter() - t))
+    assert dups.duplicates_dropped == b
+
+    # 2. receive + ack in separate transactions, on two of the six targets
+    t = time.perf_counter()
+    done = 0
+    for target in ("authorizationapproved", "authorizationaccepted"):
+        while batch := bus.receive(target, b):
+            bus.ack(batch)
+            done += len(batch)
+    results.append(("receive + ack (2 commits per batch)", done, time.perf_counter() - t))
+
+    # 3. exactly-once consume: receive, then tracking + effect + ack in one unit of work
+    bus.conn.execute("CREATE TABLE IF NOT EXISTS bench_effects (event_id TEXT NOT NULL)")
+    t = time.perf_counter()
+    done = 0
+    for target in ("transactionstandardized", "transactionenriched"):
+        while batch := bus.receive(target, b):
+            with bus.unit_of_work() as uow:
+                seen = uow.processed(target, batch)
+                fresh = [d for d in batch if d.tracking_key not in seen]
+                uow.conn.executemany(
+                    "INSERT INTO bench_effects VALUES (?)", [(d.event.id,) for d in fresh]
+                )
+                uow.track(target, fresh)
+                uow.ack(batch)
+            done += len(batch)
+    results.append(
+        ("receive + (tracking + effect + ack) in one unit of work", done, time.perf_counter() - t)
+    )
+
+    # 4. pipeline stage shape: consume N, publish N outputs, one unit of work per batch
+    t = time.perf_counter()
+    done = 0
+    target = "transactionapproved"
+    while batch := bus.receive(target, b):
+        with bus.unit_of_work() as uow:
+            seen = uow.processed(target, batch)
+            fresh = [d for d in batch if d.tracking_key not in seen]
+            outputs = [
+                Event(
+                    id=f"out-{d.event.id}",
+                    source="paypost.sink",
+                    detail_type="TransactionPosted",
+                    time=d.event.time,
+                    tenant=d.event.tenant,
+                    correlation_id=d.event.correlation_id,
+                    schema=SchemaRef(name="TransactionPosted", version=1),
+                    detail={"sequence_id": d.event.id, "entry_id": d.event.id, "legs": 2},
+                )
+                for d in fresh
+            ]
+            uow.track(target, fresh)
+            uow.publish(outputs, dedup=False)  # tracked: outputs are once already
+            uow.ack(batch)
+        done += len(batch)
+    results.append(
+        ("stage shape: receive + (track + publish N outputs + ack)", done, time.perf_counter() - t)
+    )
+
+    size = sum(p.stat().st_size for p in root.glob("paypost.db*"))
+    print(f"{'operation':60} {'events':>9} {'seconds':>8} {'rate':>12}")
+    for name, count, secs in results:
+        print(f"{name:60} {count:>9,} {secs:>8.2f} {rate(count, secs):>12}")
+    print(f"database size: {size / 1e6:.1f} MB for {n:,} archived events (+ outputs)")
+    print("\n| operation | events | seconds | events/s |\n|---|---:|---:|---:|")
+    for name, count, secs in results:
+        print(f"| {name} | {count:,} | {secs:.2f} | {count / secs:,.0f} |")
+    bus.close()
+    if args.data_dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
