@@ -355,3 +355,12 @@ def test_fr9_sqlite_index_joins_an_explicit_unit_of_work(tmp_path: Path) -> None
     assert [e.detail_type for e in run(index, [ev])] == ["AuthorizationAccepted"]
     conn.execute("COMMIT")
     assert run(index, [ev]) == []
+
+
+@pytest.mark.parametrize("make", INDEXES)
+def test_fr9_redelivery_with_reordered_json_keys_is_still_a_redelivery(make: Factory) -> None:
+    index = make()
+    ev = auth_event()
+    run(index, [ev])
+    reordered = Event.from_dict({**ev.to_dict(), "detail": dict(reversed(list(ev.detail.items())))})
+    assert run(index, [reordered]) == []

@@ -124,10 +124,13 @@ def business_key(tenant: str, auth: AuthorizationApproved) -> tuple[int, int]:
 
 
 _encoder = msgspec.json.Encoder(order="sorted")
+_struct_encoder = msgspec.json.Encoder()
 
 
 def content_hash(event: Event) -> int:
-    """Hash of what an event says (tenant, detail-type, detail), not of its delivery metadata."""
+    """Hash of what an event says (tenant, detail-type, detail), not of its delivery metadata.
+
+    Used for payloads that do not decode; decodable ones hash their decoded struct."""
     return _hash64(_encoder.encode((event.tenant, event.detail_type, event.detail)))
 
 
@@ -208,14 +211,17 @@ class _Prepared:
 
 
 def _prepare(event: Event) -> _Prepared:
-    idk, chash = id_key(event.id), content_hash(event)
+    idk = id_key(event.id)
     try:
         if event.detail_type != AuthorizationApproved.DETAIL_TYPE:
             raise ValueError(f"expected AuthorizationApproved, got {event.detail_type}")
         auth = msgspec.convert(event.detail, AuthorizationApproved)
         key, ts = business_key(event.tenant, auth)
     except (msgspec.ValidationError, ValueError, TypeError) as exc:
-        return _Prepared(event, idk, chash, None, 0, 0, f"invalid payload: {exc}")
+        return _Prepared(event, idk, content_hash(event), None, 0, 0, f"invalid payload: {exc}")
+    # The decoded struct's encoding: fixed field order, defaults filled in, so the same
+    # content hashes the same whatever the key order of the JSON it came from.
+    chash = _hash64(_struct_encoder.encode((event.tenant, auth)))
     return _Prepared(event, idk, chash, auth, key, ts, None)
 
 
