@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -250,12 +250,14 @@ def generate_refdata(
     tokenizer: TokenizerLike | None = None,
     *,
     declared: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> GeneratedRefData:
     """N_ACCOUNTS accounts spread over TENANTS (default: `EXAMPLE_TENANTS`), 1–2 cards each.
 
     TOKENIZER turns each card's PAN into its token (it must use the key the pipeline
     tokenizes with, or enrichment will not find the accounts). Tenants must be in GB, IE or DE
-    (the countries with a national account-number profile here).
+    (the countries with a national account-number profile here). ON_PROGRESS, if given, is
+    called with the number of accounts made so far (every 1,000 and at the end).
     """
     if n_accounts < 0:
         raise ValueError("n_accounts must not be negative")
@@ -332,6 +334,10 @@ def generate_refdata(
                 card_tokens=tuple(tokens),
             )
         )
+        if on_progress is not None and (i + 1) % 1000 == 0:
+            on_progress(i + 1)
+    if on_progress is not None:
+        on_progress(n_accounts)
     refdata = RefData.build(
         declared or f"generated-seed{seed}-n{n_accounts}",
         tenants=tenant_list,

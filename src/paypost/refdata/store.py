@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from cryptography.exceptions import InvalidTag
@@ -169,11 +170,17 @@ def save_refdata(conn: sqlite3.Connection, refdata: RefData, cipher: HolderCiphe
     return True
 
 
-def stored_versions(conn: sqlite3.Connection) -> list[dict[str, str]]:
+def stored_versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every stored version, oldest first."""
     ensure_schema(conn)
     return [
-        {"version_id": v, "declared": d, "content_hash": h, "loaded_at": at, "counts": c}
+        {
+            "version_id": v,
+            "declared": d,
+            "content_hash": h,
+            "loaded_at": at,
+            "counts": msgspec.json.decode(c),
+        }
         for v, d, h, at, c in conn.execute(
             "SELECT version_id, declared, content_hash, loaded_at, counts "
             "FROM refdata_versions ORDER BY seq"
