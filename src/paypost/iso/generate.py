@@ -7,7 +7,7 @@ twice: same card, amount, currency, merchant, STAN, approval code, transmission 
 for logs, a few requests that never get a response. Deterministic for a given seed.
 
 Renderers: `iso8583_log_lines` (requests and responses interleaved in receive-time order, as
-a switch logs them), `jsonl_lines`, `csv_lines`. `test_cards` makes Luhn-valid card numbers.
+a switch logs them), `jsonl_lines`, `csv_lines`. `card_numbers` makes Luhn-valid card numbers.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class GeneratedAuthorization:
     duplicate_of: int | None = None  # index of the original this re-logs
 
 
-def test_cards(count: int, seed: int = 0) -> list[str]:
+def card_numbers(count: int, seed: int = 0) -> list[str]:
     """COUNT distinct Luhn-valid 16-digit card numbers on test-like BINs (deterministic)."""
     rng = random.Random(f"cards/{seed}")
     bins = ("400000", "411111", "424242", "555555", "222300", "510510")

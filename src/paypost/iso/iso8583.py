@@ -216,6 +216,42 @@ def _decode_fast(raw: bytes) -> dict[str, str] | None:
     return doc
 
 
+def decode_partial(raw: bytes) -> tuple[dict[str, str], bytes]:
+    """As many leading fields of RAW as decode by the spec, and the bytes left over.
+
+    For showing a malformed message field by field (quarantine); never raises.
+    """
+    s = raw.decode("latin-1")
+    doc: dict[str, str] = {}
+    if len(s) < 4:
+        return doc, raw
+    doc["t"] = s[0:4]
+    if len(s) < 20 or not _HEX.issuperset(s[4:20]):
+        return doc, raw[4:]
+    doc["p"] = s[4:20]
+    bitmap, pos = s[4:20], 20
+    if s[4] in _SECONDARY_FIRST:
+        if len(s) < 36 or not _HEX.issuperset(s[20:36]):
+            return doc, raw[20:]
+        doc["1"] = s[20:36]
+        bitmap, pos = s[4:36], 36
+    for name, len_type, max_len in _layout(bitmap):
+        start = pos
+        if len_type:
+            prefix = s[pos : pos + len_type]
+            if len(prefix) != len_type or not prefix.isdigit() or int(prefix) > max_len:
+                return doc, raw[start:]
+            pos += len_type
+            end = pos + int(prefix)
+        else:
+            end = pos + max_len
+        if end > len(s):
+            return doc, raw[start:]
+        doc[name] = s[pos:end]
+        pos = end
+    return doc, raw[pos:]
+
+
 def decode_message(raw: bytes) -> dict[str, str]:
     """Decode RAW with paypost's spec into {field: value}; raises Iso8583FormatError."""
     doc = _decode_fast(raw)

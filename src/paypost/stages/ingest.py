@@ -792,13 +792,25 @@ class Iso8583LogReader(_FileReader):
             self._expire(batch, 0.0, everything=True)
 
     def _malformed_text(self, line_text: str) -> str:
+        """A malformed log line for the quarantine: decoded field by field where possible
+        (field 2 masked), anything else as printable text; every PAN-like run masked."""
         parts = []
         for token in line_text.split():
             hex_part = token[: len(token) - len(token) % 2]
             try:
-                parts.append(printable(bytes.fromhex(hex_part)) if len(hex_part) > 8 else token)
+                raw = bytes.fromhex(hex_part) if len(hex_part) > 8 else None
             except ValueError:
+                raw = None
+            if raw is None:
                 parts.append(token)
+                continue
+            fields, rest = iso.decode_partial(raw)
+            if "2" in fields:
+                fields["2"] = mask_pan(fields["2"])
+            rendered = [f"{k}={v!r}" for k, v in fields.items()]
+            if rest:
+                rendered.append(f"undecoded={printable(rest)!r}")
+            parts.append(" ".join(rendered))
         return mask_all(" ".join(parts))
 
     def _handle(self, batch: IngestBatch, line: int, offset: int, raw: bytes) -> None:
