@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
     from paypost.cli import ledger
 
     app.add_typer(ledger.app, name="ledger")
+    from paypost.cli import bus
+
+    bus.register(app)
     from paypost.cli import refdata
 
     app.add_typer(refdata.app, name="refdata")
