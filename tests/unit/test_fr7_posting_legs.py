@@ -240,3 +240,18 @@ def test_fr7_internal_accounts_cover_every_leg_account() -> None:
     ids = {a.id for a in accounts}
     legs = legs_of(create_legs([approved(**fx_transaction())]))
     assert {lg.account_id for lg in legs} - ids == {"UK-BANK-00000001"}
+
+
+def test_fr7_leg_events_have_the_catalog_shape() -> None:
+    event = approved()
+    for leg in create_legs([event]):
+        reference = new_event(
+            detail_of(leg, PostingLegCreated),
+            source="paypost.account-interface",
+            tenant=event.tenant,
+            id=leg.id,
+            correlation_id=event.correlation_id,
+            causation_id=event.id,
+            time=event.time,
+        )
+        assert leg.to_dict() == reference.to_dict()

@@ -385,3 +385,24 @@ def test_rules_check_cli_exit_codes_and_json(tmp_path: Path) -> None:
     assert report["problems"][0]["rule_name"] == "r" and report["problems"][0]["line"] == 2
     missing = runner.invoke(app, ["check", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2
+
+
+def test_fast_paths_have_the_catalog_shape() -> None:
+    from paypost.events import Event, TransactionApproved
+
+    event = enriched(mcc="7995")
+    assert rules.match_view(event) == event.to_dict()
+    approved = apply_rules([event], DEFAULT)[0]
+    reference = new_event(
+        TransactionApproved(
+            transaction=event.detail["transaction"], flags=["UnusualMerchantTypeDetected"]
+        ),
+        source="paypost.rules",
+        tenant=event.tenant,
+        id=approved.id,
+        correlation_id=event.correlation_id,
+        causation_id=event.id,
+        time=event.time,
+    )
+    assert approved.to_dict() == reference.to_dict()
+    assert Event.from_dict(approved.to_dict()) == approved

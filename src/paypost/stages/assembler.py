@@ -43,13 +43,13 @@ from paypost.events import (
     PostingLegConflict,
     PostingLegCreated,
     PostingSequenceIncomplete,
+    SchemaRef,
     TransactionPosted,
     derive_event_id,
     new_event,
 )
 from paypost.ledger.model import JournalEntry, Leg, PostResult
 from paypost.money import Money
-from paypost.stages.post import assert_balanced
 from paypost.stages.posting_file import PostingRecord, record_for
 
 STAGE = "assembler"
@@ -163,7 +163,18 @@ def assemble(events: Sequence[Event], store: LegStore, *, now_us: int) -> Assemb
                 f"not {event.detail_type!r}; check the bus rule that targets it"
             )
         d = event.detail
-        by_seq.setdefault(str(d.get("sequence_id")), []).append((event, d))
+        problem = _leg_problem(d)
+        if problem is not None:
+            result.dead_letters.append(
+                DeadLetter(
+                    sequence_id=str(d.get("sequence_id")),
+                    tenant=event.tenant,
+                    reason=f"malformed posting leg: {problem}",
+                    events=[event],
+                )
+            )
+            continue
+        by_seq.setdefault(d["sequence_id"], []).append((event, d))
     known = store.load(by_seq.keys())
     to_save: list[SequenceRecord] = []
     new_legs: list[tuple[str, StoredLeg]] = []
@@ -199,18 +210,7 @@ def assemble(events: Sequence[Event], store: LegStore, *, now_us: int) -> Assemb
         conflict_index = -1
         batch_new: list[StoredLeg] = []
         for event, d in items:
-            index, count = _int(d.get("leg_index")), _int(d.get("leg_count"))
-            if count < 1 or not 0 <= index < count:
-                result.dead_letters.append(
-                    DeadLetter(
-                        sequence_id=seq_id,
-                        tenant=event.tenant,
-                        reason=f"malformed leg: index {d.get('leg_index')!r} of count "
-                        f"{d.get('leg_count')!r}",
-                        events=[event],
-                    )
-                )
-                continue
+            index, count = d["leg_index"], d["leg_count"]
             if count != rec.leg_count:
                 conflict = (
                     f"leg {index} says the sequence has {count} legs, an earlier leg said "
@@ -305,6 +305,23 @@ def _after_completion(
         )
 
 
+def _leg_problem(d: dict[str, Any]) -> str | None:
+    """Why a leg's detail cannot be assembled (None if it is well formed)."""
+    try:
+        leg = msgspec.convert(d, PostingLegCreated)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        return str(exc)
+    if leg.leg_count < 1 or not 0 <= leg.leg_index < leg.leg_count:
+        return f"leg index {leg.leg_index} is not within a count of {leg.leg_count}"
+    if leg.side not in ("debit", "credit"):
+        return f"side {leg.side!r} must be 'debit' or 'credit'"
+    if leg.amount.minor <= 0:
+        return f"amount {leg.amount} must be positive"
+    if not leg.sequence_id:
+        return "the sequence id is empty"
+    return None
+
+
 def _int(value: Any) -> int:
     return value if type(value) is int else -1
 
@@ -347,9 +364,10 @@ def build_completed(sequence_id: str, legs: Sequence[Event]) -> CompletedSequenc
         )
         for d in details
     )
-    assert_balanced(ledger_legs, context=f"sequence {sequence_id}")
     booked = entry_meta.get("booked_at") or first.time
-    metadata = {k: v for k, v in entry_meta.items() if k not in ("description", "booked_at")}
+    # The ledger keeps what a statement and an audit need (FX provenance, DESIGN §3.2); the
+    # account identifiers and the rest of the transaction go to the posting-file record.
+    metadata = {k: entry_meta[k] for k in LEDGER_METADATA if entry_meta.get(k) is not None}
     metadata["roles"] = [d.get("metadata", {}).get("role") for d in details]
     entry = JournalEntry(
         id=sequence_id,
@@ -361,20 +379,40 @@ def build_completed(sequence_id: str, legs: Sequence[Event]) -> CompletedSequenc
         description=entry_meta.get("description"),
         metadata=metadata,
     )
+    # Money is conserved (DESIGN §3.2): an entry that does not balance per currency (or is
+    # otherwise malformed) never leaves the assembler.
     problem = entry.problem()
     if problem is not None:
         raise ValueError(problem)
-    posted = new_event(
-        TransactionPosted(sequence_id=sequence_id, entry_id=entry.id, legs=len(legs)),
-        source=SOURCE,
-        tenant=first.tenant,
+    posted = Event(
         id=derive_event_id(sequence_id, STAGE, 0),
+        source=SOURCE,
+        detail_type=TransactionPosted.DETAIL_TYPE,
+        time=first.time,
+        tenant=first.tenant,
         correlation_id=first.correlation_id,
+        schema=_POSTED_SCHEMA,
+        detail={"sequence_id": sequence_id, "entry_id": entry.id, "legs": len(legs)},
         causation_id=first.id,
         traceparent=first.traceparent,
-        time=first.time,
     )
-    return CompletedSequence(entry=entry, posted_event=posted, record=record_for(entry))
+    return CompletedSequence(
+        entry=entry, posted_event=posted, record=record_for(entry, {**entry_meta, **metadata})
+    )
+
+
+LEDGER_METADATA = (
+    "transaction_ref",
+    "value_date",
+    "direction",
+    "merchant_id",
+    "merchant_name",
+    "mcc",
+    "pan_masked",
+    "flags",
+    "fx",
+)
+_POSTED_SCHEMA = SchemaRef(name=TransactionPosted.DETAIL_TYPE, version=TransactionPosted.VERSION)
 
 
 def _parse_time(text: str) -> datetime:

@@ -39,6 +39,7 @@ import msgspec
 from paypost.events import (
     Event,
     PostingLegCreated,
+    SchemaRef,
     TransactionApproved,
     TransactionHeld,
     derive_event_id,
@@ -422,21 +423,34 @@ def legs_for(event: Event, config: TenantPosting) -> list[Event]:
         metadata: dict[str, Any] = {"role": p.role}
         if k == 0:
             metadata["entry"] = entry_meta  # entry-level data travels once, on leg 0
+        # Built directly (the shape of new_event(PostingLegCreated(...)), checked by the
+        # tests): no struct → builtins round trip on the hot path.
         out.append(
-            envelope(
-                PostingLegCreated(
-                    sequence_id=sequence_id,
-                    leg_index=k,
-                    leg_count=n,
-                    account_id=p.leg.account,
-                    side=p.leg.side,
-                    amount=p.leg.amount,
-                    metadata=metadata,
-                ),
-                k,
+            Event(
+                id=derive_event_id(event.id, STAGE, k),
+                source=SOURCE,
+                detail_type=PostingLegCreated.DETAIL_TYPE,
+                time=event.time,
+                tenant=event.tenant,
+                correlation_id=event.correlation_id,
+                schema=_LEG_SCHEMA,
+                detail={
+                    "sequence_id": sequence_id,
+                    "leg_index": k,
+                    "leg_count": n,
+                    "account_id": p.leg.account,
+                    "side": p.leg.side,
+                    "amount": {"minor": p.leg.amount.minor, "currency": p.leg.amount.currency},
+                    "metadata": metadata,
+                },
+                causation_id=event.id,
+                traceparent=event.traceparent,
             )
         )
     return out
+
+
+_LEG_SCHEMA = SchemaRef(name=PostingLegCreated.DETAIL_TYPE, version=PostingLegCreated.VERSION)
 
 
 def leg_events_balance(events: Sequence[Event]) -> dict[str, dict[str, int]]:

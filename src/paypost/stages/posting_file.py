@@ -29,7 +29,7 @@ import io
 import os
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,9 +101,11 @@ class PostingRecord(msgspec.Struct, frozen=True, kw_only=True):
     legs: tuple[tuple[str, str, int, str], ...] = ()  # (account, D|C, minor, currency)
 
 
-def record_for(entry: JournalEntry) -> PostingRecord:
-    """The posting-file record of a journal entry built by the assembler (pure)."""
-    meta: dict[str, Any] = entry.metadata
+def record_for(entry: JournalEntry, meta: Mapping[str, Any] | None = None) -> PostingRecord:
+    """The posting-file record of a journal entry built by the assembler (pure). META is the
+    entry-level data of the posting sequence (default: the entry's metadata)."""
+    if meta is None:
+        meta = entry.metadata
     roles: list[Any] = list(meta.get("roles") or [])
     customer_legs = [
         leg for i, leg in enumerate(entry.legs) if i < len(roles) and roles[i] == "customer"

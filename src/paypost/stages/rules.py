@@ -50,6 +50,7 @@ from paypost.config import UserError
 from paypost.events import (
     FLAG_DETAIL_TYPES,
     Event,
+    SchemaRef,
     TransactionApproved,
     TransactionEnriched,
     TransactionFlagged,
@@ -225,7 +226,25 @@ class RuleBook:
         return self.tenants.get(tenant, self.default)
 
     def decide(self, event: Event) -> Decision:
-        return self.for_tenant(event.tenant).decide(event.to_dict())
+        return self.for_tenant(event.tenant).decide(match_view(event))
+
+
+def match_view(event: Event) -> dict[str, Any]:
+    """The event as patterns see it (`Event.to_dict()`), without copying the detail: the
+    detail is already plain data, and patterns only read it (~1 µs instead of ~10 µs)."""
+    view: dict[str, Any] = {
+        "id": event.id,
+        "source": event.source,
+        "detail-type": event.detail_type,
+        "time": event.time,
+        "tenant": event.tenant,
+        "correlation-id": event.correlation_id,
+        "schema": {"name": event.schema.name, "version": event.schema.version},
+        "detail": event.detail,
+        "causation-id": event.causation_id,
+        "traceparent": event.traceparent,
+    }
+    return view
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,6 +664,11 @@ _PATH_TOKEN = re.compile(r'\["(?:[^"\\]|\\.)*"\]|\[\d+\]|[^.\[\]]+')
 # The stage
 
 
+_APPROVED_SCHEMA = SchemaRef(
+    name=TransactionApproved.DETAIL_TYPE, version=TransactionApproved.VERSION
+)
+
+
 class UnexpectedEvent(ValueError):
     """The rules stage was given an event that is not a TransactionEnriched."""
 
@@ -697,9 +721,25 @@ def decision_events(event: Event, decision: Decision) -> list[Event]:
     terminal: Any
     if decision.action == "approve":
         transaction = event.detail.get("transaction")
-        terminal = TransactionApproved(
-            transaction=transaction if isinstance(transaction, dict) else {}, flags=flags
-        )
+        # Built directly (same shape as new_event(TransactionApproved(...))): the transaction
+        # dict is shared with the input instead of copied, the hot path of the stage.
+        out = [
+            Event(
+                id=derive_event_id(event.id, STAGE, 0),
+                source=SOURCE,
+                detail_type=TransactionApproved.DETAIL_TYPE,
+                time=event.time,
+                tenant=event.tenant,
+                correlation_id=event.correlation_id,
+                schema=_APPROVED_SCHEMA,
+                detail={
+                    "transaction": transaction if isinstance(transaction, dict) else {},
+                    "flags": flags,
+                },
+                causation_id=event.id,
+                traceparent=event.traceparent,
+            )
+        ]
     elif decision.action == "hold":
         terminal = TransactionHeld(
             reason=decision.reason or "held by rule", stage=STAGE, rule=decision.rule
@@ -708,7 +748,8 @@ def decision_events(event: Event, decision: Decision) -> list[Event]:
         terminal = TransactionRejected(
             reason=decision.reason or "rejected by rule", rule=decision.rule
         )
-    out = [envelope(terminal, 0)]
+    if decision.action != "approve":
+        out = [envelope(terminal, 0)]
     ref = transaction_ref(event)
     for i, (flag, rule) in enumerate(decision.flags, start=1):
         out.append(envelope(TransactionFlagged(flag=flag, rule=rule, transaction_id=ref), i, flag))
