@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -231,11 +232,11 @@ def test_fr8_posts_to_the_ledger_in_the_callers_transaction(tmp_path: Any) -> No
     for attempt in range(2):  # the second pass is a full redelivery: nothing new
         conn.execute("BEGIN IMMEDIATE")
         result = assemble(list(reversed(legs)), store, now_us=NOW)
-        results = ledger_sqlite.post_batch_in(conn, [c.entry for c in result.completed])
-        _events, records, dead = settle(result, results, store)
+        done = asm.finish(result, store, partial(ledger_sqlite.post_batch_in, conn))
         conn.execute("COMMIT")
-        assert dead == []
-        posted_total += len(records)
+        assert done.dead_letters == []
+        assert len(done.events) == done.posted == len(done.records)
+        posted_total += len(done.records)
         if attempt == 1:
             assert result.completed == [] and result.duplicates == len(legs)
     assert posted_total == 6

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -465,6 +465,36 @@ def settle(
     if refused:
         store.save(refused, [], [])
     return events, records, dead
+
+
+@dataclass(slots=True)
+class FinishedBatch:
+    """Everything the wiring does with one assembled batch, after the ledger posting."""
+
+    events: list[Event]  # TransactionPosted + alerts: publish
+    records: list[PostingRecord]  # posting-file records: add_to_outbox in the same transaction
+    dead_letters: list[DeadLetter]  # dead-letter, with the reason
+    posted: int = 0
+    ledger_duplicates: int = 0
+
+
+def finish(
+    result: AssemblyResult,
+    store: LegStore,
+    post_batch: Callable[[Sequence[JournalEntry]], list[PostResult]],
+) -> FinishedBatch:
+    """Post `result.completed` with POST_BATCH (e.g. `functools.partial(ledger.sqlite.
+    post_batch_in, conn)`, inside the caller's transaction) and settle: the one call the
+    wiring makes after `assemble`."""
+    results = post_batch([c.entry for c in result.completed]) if result.completed else []
+    events, records, dead = settle(result, results, store)
+    return FinishedBatch(
+        events=events + result.alerts,
+        records=records,
+        dead_letters=result.dead_letters + dead,
+        posted=sum(1 for r in results if r.status == "posted"),
+        ledger_duplicates=sum(1 for r in results if r.status == "duplicate"),
+    )
 
 
 def expire(store: LegStore, *, now_us: int, timeout_us: int, limit: int = 1000) -> AssemblyResult:

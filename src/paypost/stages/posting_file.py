@@ -160,6 +160,12 @@ def _cell(value: Any) -> str:
 
 
 def detail_row(seq: int, r: PostingRecord) -> list[str]:
+    for account, *_ in r.legs:
+        if "|" in account:
+            raise ValueError(
+                f"entry {r.entry_id}: account id {account!r} contains '|', the legs separator "
+                "of the posting file; rename the account"
+            )
     legs = "|".join(f"{a}:{s}:{m}:{c}" for a, s, m, c in r.legs)
     return [
         "D",
