@@ -681,25 +681,38 @@ class _SqliteUnitOfWork(UnitOfWork):
             want = min(want, cfg.max_in_flight - leased)
         if want <= 0:
             return []
+        # One statement fetches the batch with its archived bodies (no payload copies in
+        # the queue; the archive is read by its integer primary key).
         rows = conn.execute(
-            "SELECT id, position, visible_at, attempts, first_at, last_at, last_error "
-            "FROM bus_queue WHERE target_id=? AND visible_at<=? ORDER BY id LIMIT ?",
+            "SELECT q.id, q.position, q.visible_at, q.attempts, q.first_at, q.last_at, "
+            "q.last_error, a.id_key, a.content_hash, a.body "
+            "FROM bus_queue q JOIN bus_archive a ON a.position = q.position "
+            "WHERE q.target_id=? AND q.visible_at<=? ORDER BY q.id LIMIT ?",
             (tid, now, want),
         ).fetchall()
         if not rows:
             return []
-        poison = [r for r in rows if r[3] >= cfg.retry.max_attempts]
+        max_attempts = cfg.retry.max_attempts
+        poison = [r for r in rows if r[3] >= max_attempts]
         if poison:
             conn.executemany(
                 "INSERT INTO bus_dlq(target_id, position, error, attempts, first_at, last_at, "
                 "dead_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (tid, pos, _lease_expired_error(att, err, cfg), att, fa or now, la or now, now)
-                    for _, pos, _, att, fa, la, err in poison
+                    (
+                        tid,
+                        r[1],
+                        _lease_expired_error(r[3], r[6], cfg),
+                        r[3],
+                        r[4] or now,
+                        r[5] or now,
+                        now,
+                    )
+                    for r in poison
                 ],
             )
             conn.executemany("DELETE FROM bus_queue WHERE id=?", [(r[0],) for r in poison])
-            rows = [r for r in rows if r[3] < cfg.retry.max_attempts]
+            rows = [r for r in rows if r[3] < max_attempts]
             if not rows:
                 return []
         if len(rows) < want and cfg.linger_ms:
@@ -707,44 +720,41 @@ class _SqliteUnitOfWork(UnitOfWork):
             if now < oldest + cfg.linger_ms / 1000.0:
                 return []
         lease = random.getrandbits(62) + 1
-        conn.executemany(
-            "UPDATE bus_queue SET visible_at=?, attempts=attempts+1, "
-            "first_at=coalesce(first_at, ?), last_at=?, lease=? WHERE id=?",
-            [(now + cfg.lease_s, now, now, lease, r[0]) for r in rows],
-        )
-        bodies: dict[int, tuple[int, int, bytes]] = {}
-        positions = list({r[1] for r in rows})
-        for part in _chunks(positions):
-            for pos, key, chash, body in conn.execute(
-                "SELECT position, id_key, content_hash, body FROM bus_archive "
-                f"WHERE position IN ({_marks(len(part))})",
-                part,
-            ):
-                bodies[pos] = (key, chash, body)
-        out = []
-        for qid, pos, _, attempts, first_at, _, _ in rows:
-            key, chash, body = bodies[pos]
-            out.append(
-                Delivery(
-                    event=decode_event(body),
-                    target=target,
-                    attempt=attempts + 1,
-                    first_attempt_at=now if first_at is None else first_at,
-                    last_attempt_at=now,
-                    handle=DeliveryHandle(qid, lease),
-                    position=pos,
-                    id_key=key,
-                    content_hash=chash,
-                )
+        ids = [r[0] for r in rows]
+        for part in _chunks(ids):
+            conn.execute(
+                "UPDATE bus_queue SET visible_at=?, attempts=attempts+1, "
+                "first_at=coalesce(first_at, ?), last_at=?, lease=? "
+                f"WHERE id IN ({_marks(len(part))})",
+                (now + cfg.lease_s, now, now, lease, *part),
             )
-        return out
+        decode = decode_event
+        return [
+            Delivery(
+                event=decode(body),
+                target=target,
+                attempt=attempts + 1,
+                first_attempt_at=now if first_at is None else first_at,
+                last_attempt_at=now,
+                handle=DeliveryHandle(qid, lease),
+                position=pos,
+                id_key=key,
+                content_hash=chash,
+            )
+            for qid, pos, _, attempts, first_at, _, _, key, chash, body in rows
+        ]
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
+        by_lease: dict[int, list[int]] = {}
+        for d in deliveries:
+            by_lease.setdefault(d.handle.lease, []).append(d.handle.queue_id)
         before = self.conn.total_changes
-        self.conn.executemany(
-            "DELETE FROM bus_queue WHERE id=? AND lease=?",
-            [(d.handle.queue_id, d.handle.lease) for d in deliveries],
-        )
+        for lease, ids in by_lease.items():
+            for part in _chunks(ids):
+                self.conn.execute(
+                    f"DELETE FROM bus_queue WHERE lease=? AND id IN ({_marks(len(part))})",
+                    (lease, *part),
+                )
         return self.conn.total_changes - before
 
     def nack(self, deliveries: Iterable[Delivery], error: str) -> int:
