@@ -461,6 +461,17 @@ class BusConformance(abc.ABC):
         assert stats.skipped == 4 and stats.processed == 0
         assert self.effect_counts(bus) == Counter({f"held-{i}": 1 for i in range(4)})
 
+    def test_same_event_twice_in_one_batch_has_one_effect(self, bus: Bus, clock: FakeClock) -> None:
+        bus.publish([held(1), held(1), held(2)], dedup=False)
+
+        def handler(ds: Sequence[Delivery], uow: UnitOfWork) -> None:
+            for d in ds:
+                self.apply_effect(uow, d.event)
+
+        stats = Consumer(bus, "holds", handler, sleep=clock.advance).run(until_idle=True)
+        assert self.effect_counts(bus) == Counter({"held-1": 1, "held-2": 1})
+        assert (stats.processed, stats.skipped) == (2, 1)
+
     def test_poison_event_does_not_dead_letter_its_neighbours(
         self, bus: Bus, clock: FakeClock
     ) -> None:

@@ -117,9 +117,16 @@ class Consumer:
     def _apply(self, uow: UnitOfWork, deliveries: Sequence[Delivery]) -> tuple[int, int]:
         fresh: Sequence[Delivery] = deliveries
         if self.track:
+            # Skip what the tracking record has, and repeats of one key inside the batch
+            # (the same event delivered twice, e.g. published with dedup=False or replayed
+            # while still queued).
             done = uow.processed(self.name, deliveries)
-            if done:
-                fresh = [d for d in deliveries if d.tracking_key not in done]
+            if done or len({d.tracking_key for d in deliveries}) < len(deliveries):
+                fresh = []
+                for d in deliveries:
+                    if d.tracking_key not in done:
+                        done.add(d.tracking_key)
+                        fresh.append(d)
         if fresh:
             self.handler(fresh, uow)
             if self.track:
