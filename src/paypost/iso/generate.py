@@ -107,6 +107,7 @@ class GeneratedAuthorization:
     response_code: str
     approval_code: str | None
     responded: datetime
+    logged: datetime | None = None  # when the request reached the log (ms precision)
     answered: bool = True  # False: the log never gets a response for it
     duplicate_of: int | None = None  # index of the original this re-logs
 
@@ -183,6 +184,7 @@ def generate_authorizations(
         stans[acquirer] = stans[acquirer] % 999_999 + 1
         declined = rng.random() < decline_rate
         responded = t + timedelta(milliseconds=rng.randrange(40, 900))
+        responded = responded.replace(microsecond=responded.microsecond // 1000 * 1000)
         auth = GeneratedAuthorization(
             tenant=tenant,
             pan=pan,
@@ -206,6 +208,7 @@ def generate_authorizations(
             if declined
             else "".join(rng.choice(_APPROVAL_ALPHABET) for _ in range(6)),
             responded=responded,
+            logged=t.replace(microsecond=t.microsecond // 1000 * 1000),
             answered=rng.random() >= unanswered_rate,
         )
         yield auth
@@ -214,7 +217,8 @@ def generate_authorizations(
             later = t + timedelta(seconds=rng.uniform(2.0, 30.0))
             dup = dataclasses.replace(
                 auth,
-                responded=later + (auth.responded - auth.transmitted),
+                logged=later.replace(microsecond=later.microsecond // 1000 * 1000),
+                responded=later + (auth.responded - t),
                 duplicate_of=index,
             )
             heapq.heappush(delayed, (later, index, dup))
@@ -287,9 +291,7 @@ def iso8583_log_lines(auths: Iterable[GeneratedAuthorization]) -> Iterator[str]:
     heap: list[tuple[datetime, int, str]] = []
     seq = 0
     for a in auths:
-        received = (
-            a.transmitted if a.duplicate_of is None else a.responded - timedelta(milliseconds=30)
-        )
+        received = a.logged or a.transmitted
         while heap and heap[0][0] <= received:
             yield heapq.heappop(heap)[2]
         yield iso.format_log_line(iso.format_utc(received), iso8583_request(a))

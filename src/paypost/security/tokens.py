@@ -90,25 +90,37 @@ def mask_pan(pan: str) -> str:
 
 
 def _group_windows(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Spans inside one digit run that may be a PAN: contiguous groups with 13–19 digits.
+    """Spans inside one digit run that may be a PAN.
 
-    Windows align to the groups (a card number is not split mid-group); a single group longer
-    than 19 digits is searched digit by digit, so a PAN buried in a longer number is found.
+    - one group of 13–19 digits (letters may touch it: "ref4111111111111111" is caught);
+      a group longer than 19 digits is searched digit by digit (a PAN buried in a number);
+    - consecutive groups of 3–6 digits joined by single spaces or dashes, 13–19 digits in
+      all, not glued to a letter or digit at either end: how card numbers are written
+      ("4111 1111 1111 1111", "3782 822463 10005"). Groups of 1–2 digits (dates, times) and
+      hex fragments of UUIDs ("cd13-4077-5820-8663") are not read as card numbers.
     """
     groups = [(m.start(), m.end()) for m in _GROUP.finditer(text, start, end)]
-    for i in range(len(groups)):
-        count = 0
-        for j in range(i, len(groups)):
-            count += groups[j][1] - groups[j][0]
-            if count > PAN_MAX_DIGITS:
-                break
-            if count >= PAN_MIN_DIGITS:
-                yield groups[i][0], groups[j][1]
-        g0, g1 = groups[i]
-        if g1 - g0 > PAN_MAX_DIGITS:
+    n = len(text)
+    for i, (g0, g1) in enumerate(groups):
+        size = g1 - g0
+        if PAN_MIN_DIGITS <= size <= PAN_MAX_DIGITS:
+            yield g0, g1
+        elif size > PAN_MAX_DIGITS:
             for s in range(g0, g1 - PAN_MIN_DIGITS + 1):
                 for length in range(PAN_MIN_DIGITS, min(PAN_MAX_DIGITS, g1 - s) + 1):
                     yield s, s + length
+        if not 3 <= size <= 6 or (g0 > 0 and text[g0 - 1].isalnum()):
+            continue
+        count = size
+        for j in range(i + 1, len(groups)):
+            h0, h1 = groups[j]
+            if not 3 <= h1 - h0 <= 6:
+                break
+            count += h1 - h0
+            if count > PAN_MAX_DIGITS:
+                break
+            if count >= PAN_MIN_DIGITS and not (h1 < n and text[h1].isalnum()):
+                yield g0, h1
 
 
 def find_pans(text: str) -> list[tuple[int, int]]:
@@ -407,7 +419,10 @@ CREATE TABLE IF NOT EXISTS vault_audit (
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the vault tables (vault_pans, vault_audit) if they are missing."""
-    conn.executescript(VAULT_SCHEMA)
+    # Statement by statement: executescript would COMMIT the caller's unit of work.
+    for stmt in VAULT_SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
 
 
 class Vault:

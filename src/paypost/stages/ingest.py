@@ -1152,7 +1152,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS ingest_quarantine_where
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the ingest tables (and the vault's) if missing."""
-    conn.executescript(INGEST_SCHEMA + TABLE_SCHEMA)
+    # Statement by statement: executescript would COMMIT the caller's unit of work.
+    for stmt in (INGEST_SCHEMA + TABLE_SCHEMA).split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
     ensure_vault_schema(conn)
 
 
@@ -1314,6 +1317,11 @@ def run_ingest(
         report.checkpoint = batch.checkpoint
         if on_batch is not None:
             on_batch(batch)
+    if isinstance(reader, TableFeedReader) and report.batches and reader.config.scrub_table_pans:
+        # The landing rows were written in clear by another system; the scrubbed pages are in
+        # the database now, but older WAL frames still hold the clear rows until the WAL is
+        # checkpointed and truncated (best effort: a reader still open keeps it busy).
+        reader.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return report
 
 
