@@ -1,0 +1,102 @@
+"""Bus value types and helpers: validation messages, time parsing, token bucket, routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from paypost.bus import RetryPolicy, Rule, TargetConfig, TokenBucket
+from paypost.bus.core import BusError, Router, content_hash, id_key, parse_time
+from paypost.events import Event, TransactionHeld, new_event
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"concurrency": 0}, "concurrency must be >= 1"),
+        ({"rate_limit_per_s": 0}, "rate_limit_per_s must be > 0"),
+        ({"linger_ms": -1}, "linger_ms must be >= 0"),
+        ({"lease_s": 0}, "lease_s must be > 0"),
+    ],
+)
+def test_target_config_errors_name_the_target_and_field(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(BusError, match=message) as info:
+        TargetConfig(name="posting", **kwargs)
+    assert "'posting'" in str(info.value)
+
+
+def test_retry_policy_needs_an_attempt() -> None:
+    with pytest.raises(BusError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+
+
+def test_parse_time() -> None:
+    assert parse_time("1970-01-01T00:00:10Z") == 10.0
+    assert parse_time("1970-01-01T01:00:10+01:00") == 10.0
+    assert parse_time("1970-01-02") == 86400.0
+    with pytest.raises(BusError, match="no time zone"):
+        parse_time("1970-01-01T00:00:10")
+
+
+def test_token_bucket_grants_rate_per_second_and_waits() -> None:
+    clock = Clock()
+    bucket = TokenBucket(5, clock)
+    assert bucket.take(100) == 5  # burst: one second's worth
+    assert bucket.take(1) == 0
+    assert bucket.wait_s() == pytest.approx(0.2)
+    clock.now += 0.5
+    assert bucket.take(100) == 2
+    clock.now += 10
+    assert bucket.take(100) == 5  # never more than the burst
+
+
+def test_keys_are_stable_64_bit_integers() -> None:
+    assert id_key("ev-1") == id_key("ev-1") != id_key("ev-2")
+    assert -(2**63) <= id_key("ev-1") < 2**63
+    assert content_hash(b"{}") != content_hash(b"{ }")
+
+
+def test_router_indexes_detail_type_pins_and_builds_the_dict_at_most_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+    original = Event.to_dict
+
+    def counting(self: Event) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return original(self)
+
+    monkeypatch.setattr(Event, "to_dict", counting)
+    router = Router(
+        [
+            Rule(name="a", pattern={"detail-type": ["TransactionHeld"]}, target="a"),
+            Rule(name="b", pattern={"detail-type": ["TransactionHeld"]}, target="a"),
+            Rule(
+                name="c",
+                pattern={"detail-type": ["TransactionHeld"], "tenant": ["t1"]},
+                target="c",
+            ),
+            Rule(name="d", pattern={"source": [{"prefix": "paypost."}]}, target="d"),
+            Rule(name="e", pattern={"detail-type": ["Other"]}, target="e"),
+        ]
+    )
+    event = new_event(TransactionHeld(reason="r", stage="s"), source="paypost.x", tenant="t1")
+    assert router.route(event) == ["a", "c", "d"]
+    assert calls == 1
+    only_pins = Router([Rule(name="a", pattern={"detail-type": ["TransactionHeld"]}, target="a")])
+    calls = 0
+    assert only_pins.route(event) == ["a"]
+    assert calls == 0
