@@ -154,3 +154,25 @@ def test_outbox_export_is_exactly_once_across_restarts(tmp_path: Path) -> None:
     refs = [d["reference"] for b in batches for d in b["details"]]
     assert refs == ["TX-0", "TX-1", "TX-2", "TX-3", "TX-10", "TX-11"]
     conn.close()
+
+
+def _iban_gb(bban: str) -> str:
+    """A GB IBAN with correct ISO 13616 check digits for BBAN (4 letters + 14 digits)."""
+    digits = "".join(str(int(c, 36)) for c in bban + "GB00")
+    return f"GB{98 - int(digits) % 97:02d}{bban}"
+
+
+def test_iban_digit_runs_are_not_card_numbers_but_a_pan_in_the_iban_field_is(
+    tmp_path: Path,
+) -> None:
+    from paypost.security.tokens import luhn_valid
+
+    number = next(
+        f"{n:014d}" for n in range(87100256180564, 87100256180664) if luhn_valid(f"{n:014d}")
+    )
+    (rec,) = records(1)
+    ok = PostingRecord(**{**_fields(rec), "iban": _iban_gb("TMBK" + number)})
+    assert PostingFileWriter(tmp_path / "a.csv").write_batch("B-1", [ok])
+    bad = PostingRecord(**{**_fields(rec), "iban": "4111111111111111"})
+    with pytest.raises(PostingFileError, match="not an IBAN"):
+        PostingFileWriter(tmp_path / "b.csv").write_batch("B-1", [bad])

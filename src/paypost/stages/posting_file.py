@@ -236,7 +236,9 @@ def render_batch(batch_id: str, records: Sequence[PostingRecord], created_at: st
     """The text of one batch: header, details, per-currency controls, trailer."""
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", batch_id):
         raise ValueError(f"batch id {batch_id!r}: use 1-100 letters, digits, '_', '.', ':', '-'")
-    details = _csv_lines([detail_row(i + 1, r) for i, r in enumerate(records)])
+    rows = [detail_row(i + 1, r) for i, r in enumerate(records)]
+    _check_no_pan(batch_id, records, rows)
+    details = _csv_lines(rows)
     digest = hashlib.sha256(details.encode("utf-8")).hexdigest()
     head = _csv_lines([["H", FORMAT_NAME, str(FORMAT_VERSION), batch_id, created_at]])
     controls = _csv_lines(
@@ -259,6 +261,33 @@ def render_batch(batch_id: str, records: Sequence[PostingRecord], created_at: st
 
 class PostingFileError(Exception):
     """The posting file cannot be written safely (the message says why and what to do)."""
+
+
+_IBAN_COLUMN = DETAIL_FIELDS.index("iban")
+_IBAN_SHAPE = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}")
+
+
+def _check_no_pan(batch_id: str, records: Sequence[PostingRecord], rows: list[list[str]]) -> None:
+    """Invariant 4 (DESIGN §3.4): no Luhn-valid card number in any field of the batch.
+
+    The IBAN column is the one exception: its BBAN is a long digit run that passes Luhn about
+    one time in ten, so it is checked for its shape instead (two letters, two check digits:
+    a card number can never take that shape) — the accounts master validated its mod-97.
+    """
+    for r in records:
+        if r.iban is not None and not _IBAN_SHAPE.fullmatch(r.iban):
+            raise PostingFileError(
+                f"posting batch {batch_id}: entry {r.entry_id} has an IBAN field that is not "
+                "an IBAN; nothing was written. Check the accounts master."
+            )
+    text = "\n".join(",".join(row[:_IBAN_COLUMN] + row[_IBAN_COLUMN + 1 :]) for row in rows)
+    if contains_pan(text):
+        # Nothing is written; the caller's unit of work fails and the wiring retries /
+        # dead-letters the batch.
+        raise PostingFileError(
+            f"posting batch {batch_id}: a record contains a Luhn-valid card number; "
+            "nothing was written. Check the enrichment data for a clear PAN."
+        )
 
 
 class PostingFileWriter:
@@ -315,14 +344,7 @@ class PostingFileWriter:
         created = created_at or datetime.now(UTC).isoformat(timespec="seconds").replace(
             "+00:00", "Z"
         )
-        text = render_batch(batch_id, records, created)
-        if contains_pan(text):
-            # Invariant 4: never write a card number. Nothing is written; the caller's
-            # transaction fails and the batch is retried / dead-lettered by the wiring.
-            raise PostingFileError(
-                f"posting batch {batch_id}: a record contains a Luhn-valid card number; "
-                "nothing was written. Check the enrichment data for a clear PAN."
-            )
+        text = render_batch(batch_id, records, created)  # refuses card numbers
         data = text.encode("utf-8")
         with self.path.open("ab") as f:
             f.write(data)
