@@ -364,3 +364,11 @@ def test_fr9_redelivery_with_reordered_json_keys_is_still_a_redelivery(make: Fac
     run(index, [ev])
     reordered = Event.from_dict({**ev.to_dict(), "detail": dict(reversed(list(ev.detail.items())))})
     assert run(index, [reordered]) == []
+
+
+def test_nfr6_parked_table_refuses_a_clear_pan() -> None:
+    index = SqliteDedupIndex(sqlite3.connect(":memory:"))
+    leaky = auth_event(merchant="M-4751295000806363", source_ref="a")
+    copy = auth_event(merchant="M-4751295000806363", source_ref="b")
+    with pytest.raises(AssertionError, match="card number"):
+        run(index, [leaky, copy])

@@ -46,6 +46,7 @@ from paypost.events import (
     derive_event_id,
     new_event,
 )
+from paypost.security.tokens import contains_pan
 
 STAGE = "dedup"
 SOURCE = "paypost.dedup"
@@ -546,6 +547,10 @@ class SqliteDedupIndex:
 
 def _parked_row(ev: Event) -> tuple[Any, ...]:
     d = ev.detail
+    document = msgspec.json.encode(ev).decode()
+    # DESIGN §3.4, asserted where paypost writes a record: ingest tokenized or quarantined
+    # every card number, so a parked record can never hold one.
+    assert not contains_pan(document), f"a card number reached the parked table ({ev.id})"
     return (
         ev.id,
         ev.causation_id,
@@ -555,7 +560,7 @@ def _parked_row(ev: Event) -> tuple[Any, ...]:
         d.get("original_event_id"),
         d["request"]["transmission_time"],
         ev.time,
-        msgspec.json.encode(ev).decode(),
+        document,
     )
 
 
