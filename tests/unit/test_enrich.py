@@ -16,7 +16,9 @@ from paypost.events import (
     AuthorizationResponse,
     Event,
     Merchant,
+    TransactionEnriched,
     derive_event_id,
+    detail_of,
     new_event,
 )
 from paypost.money import Money
@@ -109,6 +111,8 @@ def test_fr6_gbp_card_payment_gets_account_branch_product_merchant(
     assert out.id == derive_event_id(ev.id, "enrich", 0)
     assert (out.causation_id, out.correlation_id, out.time) == (ev.id, ev.correlation_id, ev.time)
     assert out.detail["refdata_version"] == refdata.version_id
+    assert detail_of(out, TransactionEnriched).refdata_version == refdata.version_id
+    assert out.schema.name == "TransactionEnriched"
     t = out.detail["transaction"]
     assert t["tenant"] == "uk-bank"
     assert t["account_id"] == account.id

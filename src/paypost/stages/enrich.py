@@ -36,6 +36,7 @@ import pycountry
 
 from paypost.events import (
     Event,
+    SchemaRef,
     TransactionEnriched,
     TransactionHeld,
     TransactionStandardized,
@@ -56,6 +57,9 @@ HELD_MISSING_RATE: Final = "missing_rate"
 HELD_UNKNOWN_CURRENCY: Final = "unknown_currency"
 HELD_INVALID_PAYLOAD: Final = "invalid_payload"
 
+_ENRICHED_SCHEMA: Final = SchemaRef(
+    name=TransactionEnriched.DETAIL_TYPE, version=TransactionEnriched.VERSION
+)
 _MONTHS: Final = (
     "JAN",
     "FEB",
@@ -113,7 +117,7 @@ class EnrichedTransaction(msgspec.Struct, frozen=True, kw_only=True):
     currency_conversion: bool
     fx: dict[str, Any] | None  # paypost.money.Conversion.provenance()["fx"]
     foreign: bool | None  # merchant country differs from the tenant's (None: unknown)
-    high_value: bool | None  # billing ≥ tenant threshold (None: not in the home currency)
+    high_value: bool | None  # above the tenant threshold (None: not in the home currency)
     # merchant
     merchant_id: str
     merchant_name: str
@@ -271,9 +275,9 @@ def enrich_transaction(event: Event, refdata: RefDataPort) -> EnrichedTransactio
     purpose = str(purpose_block["Cd"]) if purpose_block else None
     high_value: bool | None = None
     if billing.currency == tenant.home_currency:
-        high_value = billing.minor >= tenant.high_value_threshold.minor
+        high_value = billing.minor > tenant.high_value_threshold.minor
     elif amount.currency == tenant.home_currency:
-        high_value = amount.minor >= tenant.high_value_threshold.minor
+        high_value = amount.minor > tenant.high_value_threshold.minor
 
     return EnrichedTransaction(
         tenant=event.tenant,
@@ -351,11 +355,19 @@ def enrich_one(event: Event, refdata: RefDataPort) -> Event:
         txn = enrich_transaction(event, refdata)
     except HeldError as held:
         return _envelope(event, TransactionHeld(reason=str(held), stage=STAGE))
-    return _envelope(
-        event,
-        TransactionEnriched(
-            transaction=msgspec.to_builtins(txn), refdata_version=refdata.version_id
-        ),
+    # Built directly (not via new_event) so the transaction is turned into plain data once;
+    # the shape is TransactionEnriched's (a test decodes it with detail_of).
+    return Event(
+        id=derive_event_id(event.id, STAGE, 0),
+        source=SOURCE,
+        detail_type=TransactionEnriched.DETAIL_TYPE,
+        time=event.time,
+        tenant=event.tenant,
+        correlation_id=event.correlation_id,
+        schema=_ENRICHED_SCHEMA,
+        detail={"transaction": msgspec.to_builtins(txn), "refdata_version": refdata.version_id},
+        causation_id=event.id,
+        traceparent=event.traceparent,
     )
 
 
