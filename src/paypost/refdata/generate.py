@@ -221,21 +221,36 @@ def _pan(rng: random.Random, bin_: str) -> str:
     return body + luhn_check_digit(body)
 
 
-def _national(rng: random.Random, country: str, profile: _Profile, sort_code: str) -> IBAN:
-    """A valid IBAN (national check digits included) for a random account number."""
+def iban_check_digits(country: str, bban: str) -> str:
+    """ISO 13616 check digits: 98 − (BBAN + country + "00", letters as 10..35) mod 97."""
+    numeric = "".join(str(int(ch, 36)) for ch in bban + country + "00")
+    return f"{98 - int(numeric) % 97:02d}"
+
+
+def _national(
+    rng: random.Random, country: str, profile: _Profile, sort_code: str
+) -> tuple[str, str]:
+    """(IBAN, account number): a valid IBAN for a random account number.
+
+    GB and IE BBANs (bank code, sort code, 8-digit account) have no national check digit
+    beyond the IBAN's own, computed here directly (fast); a DE account number has one, so
+    schwifty validates it and we draw again when it fails.
+    """
     while True:
         if country == "DE":
             number = str(rng.randrange(10**9, 10**10))
-            iban = IBAN.generate("DE", bank_code=profile.bank_code, account_code=number)
+            bban = profile.bank_code + number
         else:
-            number = f"{rng.randrange(10**7, 10**8)}"
-            iban = IBAN.generate(
-                country, bank_code=profile.bank_code, branch_code=sort_code, account_code=number
-            )
+            number = str(rng.randrange(10**7, 10**8))
+            bban = profile.bank_code + sort_code + number
+        iban = country + iban_check_digits(country, bban) + bban
+        if country != "DE":
+            return iban, number
         try:
-            return IBAN(str(iban), validate_bban=True)
+            IBAN(iban, validate_bban=True)
         except ValueError:
             continue  # national check digits failed for this number: draw another
+        return iban, number
 
 
 def _address(rng: random.Random, country: str, profile: _Profile, city: str) -> str:
@@ -305,7 +320,7 @@ def generate_refdata(
             if product == "currency-account"
             else t.home_currency
         )
-        iban = _national(rng, t.country, profile, branch.sort_code)
+        iban, number = _national(rng, t.country, profile, branch.sort_code)
         first, last = rng.choice(profile.first_names), rng.choice(profile.last_names)
         city = profile.cities[rng.randrange(len(profile.cities))][0]
         account_id = f"{t.id.upper()}-{i + 1:08d}"
@@ -322,9 +337,9 @@ def generate_refdata(
             Account(
                 id=account_id,
                 tenant=t.id,
-                iban=str(iban),
+                iban=iban,
                 sort_code=branch.sort_code,
-                account_number=iban.account_code,
+                account_number=number,
                 holder_id=f"CUST-{t.country}-{rng.randrange(10**7, 10**8)}",
                 holder_name=f"{first} {last}",
                 holder_address=_address(rng, t.country, profile, city),
