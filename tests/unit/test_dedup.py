@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -372,3 +373,36 @@ def test_nfr6_parked_table_refuses_a_clear_pan() -> None:
     copy = auth_event(merchant="M-4751295000806363", source_ref="b")
     with pytest.raises(AssertionError, match="card number"):
         run(index, [leaky, copy])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    choices=st.lists(
+        st.tuples(st.integers(0, 7), st.sampled_from(["new", "copy", "redeliver", "tamper"])),
+        min_size=1,
+        max_size=30,
+    ),
+    cuts=st.lists(st.integers(0, 30), max_size=3),
+)
+def test_fr9_sqlite_index_behaves_exactly_like_the_memory_fake(
+    choices: list[tuple[int, str]], cuts: list[int]
+) -> None:
+    """The two DedupIndex implementations give byte-identical outputs on any sequence."""
+    events: list[Event] = []
+    for n, (k, kind) in enumerate(choices):
+        base = auth_event(stan=f"{k:06d}", at=f"2026-11-21T10:00:{k:02d}Z", event_id=f"ev-{k}")
+        if kind == "copy":
+            events.append(auth_event(stan=f"{k:06d}", at=base.time, source_ref=f"c{n}"))
+        elif kind == "tamper":
+            events.append(auth_event(stan=f"{k:06d}", at=base.time, minor=n, event_id=base.id))
+        else:
+            events.append(base)
+    outputs = []
+    for index in (MemoryDedupIndex(), _sqlite_index()):
+        produced: list[bytes] = []
+        start = 0
+        for end in [*sorted(cuts), len(events)]:
+            produced += [msgspec.json.encode(e) for e in run(index, events[start:end])]
+            start = max(start, end)
+        outputs.append(produced)
+    assert outputs[0] == outputs[1]
