@@ -12,15 +12,18 @@ no code should log a PAN in the first place, DESIGN §3.4).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from paypost.security.tokens import redact
+
+LOG_LEVEL_ENV = "PAYPOST_LOG_LEVEL"
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -50,6 +53,16 @@ def _redact_values(_logger: WrappedLogger, _name: str, event_dict: EventDict) ->
     return event_dict
 
 
+class _Stderr:
+    """Whatever sys.stderr is at write time (test runners and CLIs swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     level: str = "info", *, json: bool = True, stream: TextIO | None = None
 ) -> None:
@@ -64,7 +77,7 @@ def configure_logging(
         raise UserError(
             f"log level {level!r} is not one of {', '.join(_LEVELS)}: pick one of them."
         )
-    out = stream if stream is not None else sys.stderr
+    out: TextIO = stream if stream is not None else cast(TextIO, _Stderr())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -99,10 +112,23 @@ class _NamedLogger:
         self._name = name
 
     def bind(self, **values: Any) -> Any:
+        _ensure_configured()
         return structlog.get_logger().bind(logger=self._name, **values)
 
     def __getattr__(self, method: str) -> Any:
+        _ensure_configured()
         return getattr(structlog.get_logger().bind(logger=self._name), method)
+
+
+def _ensure_configured() -> None:
+    # Never structlog's default (coloured text on stdout, no redaction): JSON on stderr.
+    if not structlog.is_configured():
+        configure_from_env()
+
+
+def configure_from_env(default_level: str = "info") -> None:
+    """JSON lines on stderr at $PAYPOST_LOG_LEVEL (else DEFAULT_LEVEL)."""
+    configure_logging(os.environ.get(LOG_LEVEL_ENV) or default_level, json=True)
 
 
 def get_logger(name: str) -> Any:

@@ -27,3 +27,8 @@ def register(app: typer.Typer) -> None:
     from paypost.cli import refdata
 
     app.add_typer(refdata.app, name="refdata")
+    from paypost.cli import generate, ingest, quarantine
+
+    app.command("ingest")(ingest.ingest)
+    app.add_typer(generate.app, name="generate")
+    app.add_typer(quarantine.app, name="quarantine")

@@ -798,7 +798,8 @@ class Iso8583LogReader(_FileReader):
         for token in line_text.split():
             hex_part = token[: len(token) - len(token) % 2]
             try:
-                raw = bytes.fromhex(hex_part) if len(hex_part) > 8 else None
+                # Only what can be a message (20+ bytes); shorter tokens stay as written.
+                raw = bytes.fromhex(hex_part) if len(hex_part) >= 40 else None
             except ValueError:
                 raw = None
             if raw is None:
