@@ -451,3 +451,20 @@ def test_FR1_table_change_feed_resumes_by_row_id_and_scrubs_pans(tmp_path: Path)
     assert pans == ["411111******1111", "555555******4444", "411111******1111", "411111******1111"]
     assert store.load_checkpoint("switch-a").counters.declined == 1  # type: ignore[union-attr]
     conn.close()
+
+
+def test_FR1_shipped_samples_ingest_as_documented() -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    events, store, _ = run(examples / "auth-log.sample.iso8583", cfg())
+    c = store.checkpoints["switch-a"].counters
+    assert (c.approved, c.declined, c.timed_out, c.quarantined) == (4, 1, 1, 2)
+    assert len(events) == 4
+    assert sorted(q.kind for q in store.quarantine) == ["malformed", "response-timeout"]
+    currencies = {detail_of(e, AuthorizationApproved).request.amount.currency for e in events}
+    assert currencies == {"GBP", "EUR"}
+    for fmt, name in (
+        ("jsonl", "authorizations.sample.jsonl"),
+        ("csv", "authorizations.sample.csv"),
+    ):
+        events, store, _ = run(examples / name, cfg(fmt))
+        assert len(events) == 4 and store.checkpoints["switch-a"].counters.declined == 1
