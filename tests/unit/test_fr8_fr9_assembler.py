@@ -173,6 +173,7 @@ def test_refused_entry_is_dead_lettered_and_reassembled_on_redrive(store: LegSto
     events, records, dead = settle(result, [refused], store)
     assert events == [] and records == []
     assert dead[0].reason == "ledger refused: closed"
+    assert [e.id for e in dead[0].events] == [e.id for e in legs]  # redriveable
     again = assemble(legs, store, now_us=NOW + SECOND)
     assert len(again.completed) == 1
 

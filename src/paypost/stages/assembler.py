@@ -123,6 +123,7 @@ class CompletedSequence(msgspec.Struct, frozen=True, kw_only=True):
     entry: JournalEntry
     posted_event: Event
     record: PostingRecord
+    legs: tuple[Event, ...] = ()  # the leg events, to dead-letter them if the ledger refuses
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -397,7 +398,10 @@ def build_completed(sequence_id: str, legs: Sequence[Event]) -> CompletedSequenc
         traceparent=first.traceparent,
     )
     return CompletedSequence(
-        entry=entry, posted_event=posted, record=record_for(entry, {**entry_meta, **metadata})
+        entry=entry,
+        posted_event=posted,
+        record=record_for(entry, {**entry_meta, **metadata}),
+        legs=tuple(legs),
     )
 
 
@@ -450,7 +454,7 @@ def settle(
                     sequence_id=done.entry.id,
                     tenant=done.entry.tenant,
                     reason=f"ledger {res.status}: {res.reason}",
-                    events=[],
+                    events=list(done.legs),
                 )
             )
             refused.append(
