@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import msgspec
 import psycopg
 from psycopg import errors, sql
 
@@ -60,7 +59,6 @@ from paypost.ledger.posting import (
 )
 from paypost.money import Money
 
-_META = msgspec.json.Encoder(order="sorted")
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,29}")
 _RETRIES = 8
 
@@ -523,37 +521,24 @@ class PostgresLedger:
     def _write_entries(
         self, conn: psycopg.Connection[Any], s: sql.Identifier, plan: Plan, now: int
     ) -> None:
-        if not plan.entries:
+        if not plan.entry_rows:
             return
-        encode = _META.encode
         with (
             conn.cursor() as cur,
             cur.copy(
                 sql.SQL(
                     "COPY {}.ledger_entries (pk, id, content_hash, booked_at, posted_at, "
-                    "sequence_id, source_event_id, reversal_of, description, metadata) FROM STDIN"
+                    "sequence_id, source_event_id, reversal_of, description, metadata) "
+                    "FROM STDIN"
                 ).format(s)
             ) as copy,
         ):
-            for ne in plan.entries:
-                e = ne.entry
-                copy.write_row(
-                    (
-                        ne.pk,
-                        e.id,
-                        ne.content_hash,
-                        ne.booked_at,
-                        now,
-                        e.sequence_id,
-                        e.source_event_id,
-                        e.reversal_of,
-                        e.description,
-                        encode(e.metadata).decode() if e.metadata else None,
-                    )
-                )
+            write = copy.write_row
+            for row in plan.entry_rows:
+                write(row[:1] + row[2:])  # the schema is the tenant: no tenant column
 
     def _write_legs(self, conn: psycopg.Connection[Any], s: sql.Identifier, plan: Plan) -> None:
-        if not plan.entries:
+        if not plan.entry_rows:
             return
         with conn.cursor() as cur:
             with cur.copy(
@@ -561,12 +546,9 @@ class PostgresLedger:
                     "COPY {}.ledger_legs (entry_pk, idx, account_pk, amount, booked_at) FROM STDIN"
                 ).format(s)
             ) as copy:
-                last, i = -1, 0
-                for epk, apk, amt, booked in plan.legs:
-                    if epk != last:
-                        last, i = epk, 0
-                    copy.write_row((epk, i, apk, amt, booked))
-                    i += 1
+                write = copy.write_row
+                for leg in plan.leg_rows:
+                    write(leg)
             # In account order, so concurrent writers take row locks in the same order.
             order = sorted(plan.deltas)
             d = plan.deltas

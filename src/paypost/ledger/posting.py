@@ -13,8 +13,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import msgspec
+
 from paypost.ledger.model import JournalEntry, PostResult
 from paypost.money import Money
+
+_META = msgspec.json.Encoder(order="sorted")
 
 Key = tuple[str, str]  # (tenant, id)
 # A stored leg as (account id, side, currency, minor) — enough to check a reversal mirrors it.
@@ -62,22 +66,25 @@ class OriginalEntry:
     reversed_by: str | None
 
 
-@dataclass(slots=True)
-class NewEntry:
-    pk: int
-    entry: JournalEntry
-    content_hash: bytes
-    booked_at: int
+# The rows a plan writes, in the column order of the stores' tables:
+# entry: (pk, tenant, id, content_hash, booked_at, posted_at, sequence_id, source_event_id,
+#         reversal_of, description, metadata JSON or None)
+EntryRow = tuple[
+    int, str, str, bytes, int, int, str | None, str | None, str | None, str | None, str | None
+]
+# leg: (entry pk, index in entry, account pk, signed amount (credit > 0), booked_at)
+LegRow = tuple[int, int, int, int, int]
 
 
 @dataclass(slots=True)
 class Plan:
     results: list[PostResult] = field(default_factory=list)
-    entries: list[NewEntry] = field(default_factory=list)
-    # (entry pk, account pk, signed amount: credit > 0, debit < 0, booked_at)
-    legs: list[tuple[int, int, int, int]] = field(default_factory=list)
+    entry_rows: list[EntryRow] = field(default_factory=list)
+    leg_rows: list[LegRow] = field(default_factory=list)
     # account pk -> [net delta, debits, credits, legs]
     deltas: dict[int, list[int]] = field(default_factory=dict)
+    # account pk -> currency (for the conservation check)
+    currencies: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -121,8 +128,10 @@ def plan_batch(
     posted_at_dt: datetime | None = None
     in_batch: dict[Key, ExistingEntry] = {}
     batch_posted: dict[Key, JournalEntry] = {}
-    new_entries = plan.entries
-    legs = plan.legs
+    entry_rows = plan.entry_rows
+    leg_rows = plan.leg_rows
+    currencies = plan.currencies
+    encode = _META.encode
     for e in entries:
         key = (e.tenant, e.id)
         digest = e.content_hash()
@@ -197,13 +206,30 @@ def plan_batch(
         # Posted: assign the next position, apply running balances, emit rows.
         pk = next(positions)
         booked = now if e.booked_at is None else to_micros(e.booked_at)
-        new_entries.append(NewEntry(pk, e, digest, booked))
-        for acc, signed in resolved:
+        meta = e.metadata
+        entry_rows.append(
+            (
+                pk,
+                tenant,
+                e.id,
+                digest,
+                booked,
+                now,
+                e.sequence_id,
+                e.source_event_id,
+                e.reversal_of,
+                e.description,
+                encode(meta).decode() if meta else None,
+            )
+        )
+        for idx, (acc, signed) in enumerate(resolved):
             acc.balance += signed
-            legs.append((pk, acc.pk, signed, booked))
-            d = deltas.get(acc.pk)
+            apk = acc.pk
+            leg_rows.append((pk, idx, apk, signed, booked))
+            d = deltas.get(apk)
             if d is None:
-                d = deltas[acc.pk] = [0, 0, 0, 0]
+                d = deltas[apk] = [0, 0, 0, 0]
+                currencies[apk] = acc.currency
             d[0] += signed
             if signed < 0:
                 d[1] -= signed
@@ -285,11 +311,15 @@ def _reversal_problem(e: JournalEntry, original: OriginalEntry | None) -> str | 
 
 
 def check_plan(plan: Plan) -> None:
-    """Money is conserved (DESIGN §3.2), asserted in production: the rows about to be written
-    sum to zero per entry, so the ledger's per-currency totals cannot drift."""
-    for new in plan.entries:
-        per_cur: dict[str, int] = {}
-        for leg in new.entry.legs:
-            per_cur[leg.amount.currency] = per_cur.get(leg.amount.currency, 0) + leg.signed
-        if any(per_cur.values()):
-            raise AssertionError(f"unbalanced entry {new.entry.id!r} reached the write path")
+    """Money is conserved (DESIGN §3.2), asserted in production: the balance changes a batch
+    is about to write sum to zero per currency (each entry was checked to balance before)."""
+    net: dict[str, int] = {}
+    currencies = plan.currencies
+    for apk, d in plan.deltas.items():
+        cur = currencies[apk]
+        net[cur] = net.get(cur, 0) + d[0]
+    for cur, total in net.items():
+        if total:
+            raise AssertionError(
+                f"ledger invariant broken: a batch would change {cur} balances by {total}"
+            )
