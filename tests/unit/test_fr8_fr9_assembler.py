@@ -77,9 +77,25 @@ def sqlite_store() -> Iterator[LegStore]:
 STORES: dict[str, Callable[[], Iterator[LegStore]]] = {"memory": memory, "sqlite": sqlite_store}
 
 
-@pytest.fixture(params=list(STORES))
+@pytest.fixture(params=[*STORES, "postgres"])
 def store(request: pytest.FixtureRequest) -> Iterator[LegStore]:
+    if request.param == "postgres":
+        pg_schema = request.getfixturevalue("pg_schema")
+        yield from postgres_store(request.getfixturevalue("postgres_url"), pg_schema)
+        return
     yield from STORES[request.param]()
+
+
+def postgres_store(url: str, schema: str) -> Iterator[LegStore]:
+    import psycopg
+
+    from paypost.stages import assembler_pg
+
+    with psycopg.connect(url) as conn:
+        assembler_pg.ensure_schema(conn, schema)
+        conn.commit()
+        yield assembler_pg.PostgresLegStore(conn, schema)
+        conn.commit()
 
 
 def test_fr8_complete_sequence_in_one_batch_becomes_one_entry(store: LegStore) -> None:
@@ -248,3 +264,47 @@ def test_fr8_posts_to_the_ledger_in_the_callers_transaction(tmp_path: Any) -> No
     assert balance.balance.minor == -expected
     assert ledger_sqlite.trial_balance_in(conn, "uk-bank").balanced
     conn.close()
+
+
+@pytest.mark.postgres
+def test_fr9_concurrent_workers_on_postgres_complete_each_sequence_once(
+    postgres_url: str, pg_schema: str
+) -> None:
+    """Two workers, each with half the legs of the same sequences, at the same time."""
+    import threading
+
+    import psycopg
+
+    from paypost.stages import assembler_pg
+
+    with psycopg.connect(postgres_url) as conn:
+        assembler_pg.ensure_schema(conn, pg_schema)
+    sequences = [legs_for(n, fx=n % 2 == 0) for n in range(100, 140)]
+    halves: list[list[Event]] = [[], []]
+    for seq in sequences:
+        for k, leg in enumerate(seq):
+            halves[k % 2].append(leg)
+    completed: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(legs: list[Event]) -> None:
+        try:
+            with psycopg.connect(postgres_url) as conn:
+                store = assembler_pg.PostgresLegStore(conn, pg_schema)
+                for k in range(0, len(legs), 7):
+                    result = assemble(legs[k : k + 7], store, now_us=NOW)
+                    conn.commit()
+                    assert result.alerts == [] and result.dead_letters == []
+                    with lock:
+                        completed.extend(c.entry.id for c in result.completed)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(h,)) for h in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(completed) == sorted(seq[0].detail["sequence_id"] for seq in sequences)

@@ -195,9 +195,10 @@ def assemble(events: Sequence[Event], store: LegStore, *, now_us: int) -> Assemb
                 )
             )
             continue
-        if rec is None or rec.state == "refused":
+        if rec is None or rec.state == "refused" or rec.leg_count == 0:
+            # New (or a store's placeholder row, leg_count 0), or refused: start afresh.
             first = items[0]
-            stored_before = rec is not None
+            stored_before = rec is not None and rec.state == "refused"
             rec = SequenceRecord(
                 sequence_id=seq_id,
                 tenant=first[0].tenant,
