@@ -406,3 +406,44 @@ def test_fast_paths_have_the_catalog_shape() -> None:
     )
     assert approved.to_dict() == reference.to_dict()
     assert Event.from_dict(approved.to_dict()) == approved
+
+
+def test_rules_explain_cli_shows_every_rule_and_the_decision(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from paypost.cli.rules import app
+
+    big = {"minor": 300000, "currency": "GBP"}  # over uk-bank's GBP 2,500.00 in examples
+    event = new_event(
+        TransactionEnriched(
+            transaction=txn(tenant="uk-bank", amount=big, billing_amount=big, mcc="7995"),
+            refdata_version="v1",
+        ),
+        source="paypost.enrich",
+        tenant="uk-bank",
+    )
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event.to_dict()))
+    rules_file = str(ROOT / "examples/rules/default.yaml")
+    refdata = str(ROOT / "examples/refdata")
+    runner = CliRunner()
+    out = runner.invoke(
+        app, ["explain", rules_file, "--event", str(path), "--refdata", refdata, "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert (report["decision"], report["rule"], report["tenant_variables"]) == (
+        "hold",
+        "high-value",
+        "tenant",
+    )
+    assert report["emits"] == [
+        "TransactionHeld",
+        "HighValueTransactionDetected",
+        "UnusualMerchantTypeDetected",
+    ]
+    assert [r["matched"] for r in report["rules"]] == [False, False, True, False, False, True]
+    text = runner.invoke(app, ["explain", rules_file, "--event", str(path)])
+    assert text.exit_code == 0 and "decision: hold by high-value" in text.output
+    checked = runner.invoke(app, ["check", rules_file, "--refdata", refdata])
+    assert checked.exit_code == 0 and "tenants: de-bank, euro-bank, uk-bank" in checked.output

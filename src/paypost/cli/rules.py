@@ -111,6 +111,26 @@ def test(
 # --- `paypost rules check` (rules engine, issue 5) -------------------------------------------
 
 
+RefdataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--refdata",
+        help="Reference-data directory (e.g. examples/refdata): per-tenant variables from its "
+        "tenant settings, as the pipeline uses them.",
+        show_default=False,
+    ),
+]
+
+
+def _tenant_variables(refdata: Path | None) -> dict[str, dict[str, Any]] | None:
+    if refdata is None:
+        return None
+    from paypost.refdata.files import load_refdata_dir
+    from paypost.stages.rules import variables_from_tenants
+
+    return variables_from_tenants(load_refdata_dir(refdata).tenants.values())
+
+
 @app.command("check")
 def check(
     file: Annotated[
@@ -119,6 +139,7 @@ def check(
             help="The YAML rules file to validate (see docs/rules.md).", show_default=False
         ),
     ],
+    refdata: RefdataOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Validate a rules file: every problem with its line, rule and key path (exit 0 valid, 2 not).
@@ -137,10 +158,11 @@ def check(
             emit_json({"file": str(file), "valid": False, "problems": [{"message": reason}]})
             raise typer.Exit(EXIT_INVALID) from None
         fail(f"rules file {str(file)!r} cannot be read: {reason}", EXIT_INVALID)
-    problems = engine.check_rules(text, source=str(file))
+    variables = _tenant_variables(refdata)
+    problems = engine.check_rules(text, source=str(file), tenant_variables=variables)
     summary: dict[str, Any] = {"file": str(file), "valid": not problems}
     if not problems:
-        book = engine.parse_rules(text, source=str(file))
+        book = engine.parse_rules(text, source=str(file), tenant_variables=variables)
         counts: dict[str, int] = {}
         for rule in book.rules:
             counts[rule.action] = counts.get(rule.action, 0) + 1
@@ -171,3 +193,64 @@ def check(
             soft_wrap=True,
         )
     raise typer.Exit(EXIT_INVALID if problems else 0)
+
+
+@app.command("explain")
+def explain(
+    file: Annotated[
+        Path,
+        typer.Argument(help="The YAML rules file (see docs/rules.md).", show_default=False),
+    ],
+    event: Annotated[
+        str,
+        typer.Option(
+            "--event",
+            "-e",
+            help="A TransactionEnriched event: inline JSON or a .json file (as on the bus).",
+            show_default=False,
+        ),
+    ],
+    refdata: RefdataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Why the rules engine decides what it decides for one event: every rule, matched or
+    not, the winning terminal rule, the decision and the flags (the events it would emit)."""
+    from paypost.events import Event
+    from paypost.stages import rules as engine
+
+    book = engine.load_rules(file, tenant_variables=_tenant_variables(refdata))
+    loaded = _load_event(event)
+    try:
+        parsed = Event.from_dict(loaded)
+    except Exception as exc:  # msgspec.ValidationError: the message names the field
+        fail(f"--event: not a paypost event envelope ({exc}).", EXIT_INVALID)
+    rule_set = book.for_tenant(parsed.tenant)
+    view = engine.match_view(parsed)
+    decision = rule_set.decide(view)
+    rows = engine.explain(rule_set, view)
+    outputs = [e.detail_type for e in engine.decision_events(parsed, decision)]
+    report: dict[str, Any] = {
+        "tenant": parsed.tenant,
+        "tenant_variables": "tenant" if parsed.tenant in book.tenants else "defaults",
+        "decision": decision.action,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "flags": [f for f, _ in decision.flags],
+        "rules": [{"name": n, "action": a, "matched": m} for n, a, m in rows],
+        "emits": outputs,
+    }
+    if as_json:
+        emit_json(report)
+        return
+    for name, action, matched in rows:
+        mark = "match   " if matched else "no match"
+        console.print(f"  {mark}  {action:<7} {name}", highlight=False, markup=False)
+    who = decision.rule or "no terminal rule matched: default"
+    why = f" ({decision.reason})" if decision.reason else ""
+    console.print(
+        f"decision: {decision.action} by {who}{why}; flags: "
+        f"{', '.join(report['flags']) or 'none'}; emits: {', '.join(outputs)}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )

@@ -202,6 +202,12 @@ class RuleSet:
         )
 
 
+def explain(rule_set: RuleSet, event_dict: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Every rule of RULE_SET in file order as (name, action, matched): for `rules explain`."""
+    compiled = sorted((*rule_set.terminal_rules, *rule_set.flag_rules), key=lambda c: c.index)
+    return [(c.rule.name, c.rule.action, c.matcher.matches(event_dict)) for c in compiled]
+
+
 class RuleBook:
     """A loaded rules file: the rule set of every tenant it names plus the default one.
 
