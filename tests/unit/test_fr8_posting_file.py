@@ -176,3 +176,65 @@ def test_iban_digit_runs_are_not_card_numbers_but_a_pan_in_the_iban_field_is(
     bad = PostingRecord(**{**_fields(rec), "iban": "4111111111111111"})
     with pytest.raises(PostingFileError, match="not an IBAN"):
         PostingFileWriter(tmp_path / "b.csv").write_batch("B-1", [bad])
+
+
+def test_verify_accepts_what_the_writer_wrote_and_catches_tampering(tmp_path: Path) -> None:
+    from paypost.stages.posting_file import verify_file
+
+    path = tmp_path / "postings.csv"
+    writer = PostingFileWriter(path)
+    writer.write_batch("B-1", records(3, fx=True))
+    writer.write_batch("B-2", records(2, start=10, fx=True))
+    check = verify_file(path)
+    assert check.ok, check.problems
+    assert (check.batches, check.records) == (2, 5)
+    assert check.totals["GBP"]["debit"] == check.totals["GBP"]["credit"] > 0
+    assert check.totals["JPY"]["debit"] == check.totals["JPY"]["credit"] > 0
+
+    good = path.read_text()
+    # An amount changed in a leg: hash and control totals no longer agree.
+    tampered = good.replace("UK-BANK-00000001:D:1000:GBP", "UK-BANK-00000001:D:1001:GBP", 1)
+    assert tampered != good
+    path.write_text(tampered)
+    problems = " | ".join(verify_file(path).problems)
+    assert "detail hash differs" in problems and "control totals" in problems
+    assert "does not balance" in problems
+    # The same batch appended again under another id: the entries would post twice.
+    lines = good.splitlines(keepends=True)
+    again = "".join(lines[: lines.index(next(x for x in lines if x.startswith("T,B-1"))) + 1])
+    path.write_text(good + again.replace("B-1", "B-3"))
+    assert any("already in batch B-1" in p for p in verify_file(path).problems)
+    # A torn tail.
+    path.write_text(good + "H,PAYPOST-POSTINGS,1,B-4,2026-11-21T10:00:00Z\nD,1,x")
+    problems = " | ".join(verify_file(path).problems)
+    assert "no trailer" in problems and "incomplete last line" in problems
+
+
+def test_line_breaks_in_text_fields_never_split_a_record(tmp_path: Path) -> None:
+    from paypost.stages.posting_file import verify_file
+
+    (rec,) = records(1)
+    odd = PostingRecord(**{**_fields(rec), "description": "line one\nT,B-9,1,forged\r\nend"})
+    path = tmp_path / "postings.csv"
+    PostingFileWriter(path).write_batch("B-1", [odd])
+    assert verify_file(path).ok
+    assert PostingFileWriter(path).batch_ids == ["B-1"]  # recovery is not fooled either
+    (batch,) = read_batches(path)
+    assert batch["details"][0]["description"] == "line one T,B-9,1,forged end"
+
+
+def test_postings_verify_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from paypost.cli.postings import app
+
+    path = tmp_path / "postings.csv"
+    PostingFileWriter(path).write_batch("B-1", records(2))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", str(path), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert '"ok":true' in ok.stdout and '"records":2' in ok.stdout
+    path.write_text(path.read_text().replace("T,B-1,2,", "T,B-1,3,"))
+    bad = runner.invoke(app, ["verify", str(path)])
+    assert bad.exit_code == 2 and "trailer says 3 records" in bad.output
+    assert runner.invoke(app, ["verify", str(tmp_path / "none.csv")]).exit_code == 2

@@ -32,3 +32,6 @@ def register(app: typer.Typer) -> None:
     app.command("ingest")(ingest.ingest)
     app.add_typer(generate.app, name="generate")
     app.add_typer(quarantine.app, name="quarantine")
+    from paypost.cli import postings
+
+    app.add_typer(postings.app, name="postings")

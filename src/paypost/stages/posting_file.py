@@ -155,8 +155,12 @@ def record_for(entry: JournalEntry, meta: Mapping[str, Any] | None = None) -> Po
     )
 
 
+_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x85\x0b\x0c]+")
+
+
 def _cell(value: Any) -> str:
-    return "" if value is None else str(value)
+    # One record = one line (recovery and verification read the file line by line).
+    return "" if value is None else _LINE_BREAKS.sub(" ", str(value))
 
 
 def detail_row(seq: int, r: PostingRecord) -> list[str]:
@@ -353,6 +357,127 @@ class PostingFileWriter:
         self.batch_ids.append(batch_id)
         self._known.add(batch_id)
         return True
+
+
+class FileCheck(msgspec.Struct, kw_only=True):
+    """What `verify_file` found: counts, per-currency totals and every problem."""
+
+    path: str
+    batches: int = 0
+    records: int = 0
+    totals: dict[str, dict[str, int]] = {}  # currency -> {"debit": minor, "credit": minor}
+    problems: list[str] = []
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_file(path: Path | str) -> FileCheck:
+    """Check a posting file as its receiver would before posting anything: framing, record
+    counts, the trailer's SHA-256, per-currency control totals (and that they balance), one
+    record per entry across the whole file, and no card number."""
+    check = FileCheck(path=str(path))
+    problems = check.problems
+    seen_batches: set[str] = set()
+    seen_entries: dict[str, str] = {}
+    totals: dict[str, dict[str, int]] = {}
+    batch: str | None = None
+    details: list[str] = []
+    legs: dict[str, list[int]] = {}
+    controls: dict[str, list[int]] = {}
+    with Path(path).open(encoding="utf-8", newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    for n, line in enumerate(lines, start=1):
+        if not line.endswith("\n"):
+            problems.append(f"line {n}: incomplete last line (no line end)")
+        row = next(csv.reader([line]))
+        kind = row[0] if row else ""
+        where = f"line {n}"
+        if kind == "H":
+            if batch is not None:
+                problems.append(f"{where}: header of a new batch before the trailer of {batch}")
+            if len(row) != 5 or row[1] != FORMAT_NAME:
+                problems.append(f"{where}: header is not `H,{FORMAT_NAME},1,<batch>,<time>`")
+            batch = row[3] if len(row) > 3 else "?"
+            if batch in seen_batches:
+                problems.append(f"{where}: batch {batch} appears twice in the file")
+            seen_batches.add(batch)
+            details, legs, controls = [], {}, {}
+        elif batch is None:
+            problems.append(f"{where}: {kind!r} record outside a batch")
+        elif kind == "D":
+            details.append(line)
+            if len(row) != len(DETAIL_FIELDS):
+                problems.append(f"{where}: {len(row)} fields, a detail record has 26")
+                continue
+            rec = dict(zip(DETAIL_FIELDS, row, strict=True))
+            if rec["seq"] != str(len(details)):
+                problems.append(f"{where}: sequence {rec['seq']}, expected {len(details)}")
+            prior = seen_entries.get(rec["entry_id"])
+            if prior is not None:
+                problems.append(
+                    f"{where}: entry {rec['entry_id']} already in batch {prior} "
+                    "(an entry must be posted once)"
+                )
+            seen_entries[rec["entry_id"]] = batch
+            if contains_pan(",".join(v for k, v in rec.items() if k != "iban")):
+                problems.append(f"{where}: a Luhn-valid card number in entry {rec['entry_id']}")
+            nets: dict[str, int] = {}
+            for leg in rec["legs"].split("|"):
+                parts = leg.rsplit(":", 3)
+                if len(parts) != 4 or parts[1] not in ("D", "C") or not parts[2].isdigit():
+                    problems.append(f"{where}: leg {leg!r} is not account:D|C:minor:CCY")
+                    continue
+                _, side, minor, cur = parts
+                t = legs.setdefault(cur, [0, 0, 0, 0])
+                i = 0 if side == "D" else 2
+                t[i] += 1
+                t[i + 1] += int(minor)
+                nets[cur] = nets.get(cur, 0) + (int(minor) if side == "C" else -int(minor))
+            unbalanced = {c: v for c, v in nets.items() if v}
+            if unbalanced:
+                problems.append(
+                    f"{where}: entry {rec['entry_id']} does not balance: {unbalanced} "
+                    "(credits − debits per currency)"
+                )
+        elif kind == "C":
+            try:
+                controls[row[2]] = [int(x) for x in row[3:7]]
+            except (IndexError, ValueError):
+                problems.append(f"{where}: control record is not C,<batch>,<CCY>,4 integers")
+        elif kind == "T":
+            digest = hashlib.sha256("".join(details).encode("utf-8")).hexdigest()
+            if len(row) != 4 or row[1] != batch:
+                problems.append(f"{where}: trailer does not close batch {batch}")
+            elif row[2] != str(len(details)):
+                problems.append(
+                    f"{where}: trailer says {row[2]} records, batch {batch} has {len(details)}"
+                )
+            elif row[3] != digest:
+                problems.append(f"{where}: batch {batch}: detail hash differs from the trailer")
+            if controls != legs:
+                problems.append(
+                    f"{where}: batch {batch}: control totals {controls} differ from the "
+                    f"details' legs {legs}"
+                )
+            for cur, (_, debit, _, credit) in legs.items():
+                if debit != credit:
+                    problems.append(
+                        f"{where}: batch {batch}: {cur} debits {debit} != credits {credit}"
+                    )
+                tot = totals.setdefault(cur, {"debit": 0, "credit": 0})
+                tot["debit"] += debit
+                tot["credit"] += credit
+            check.batches += 1
+            check.records += len(details)
+            batch = None
+        else:
+            problems.append(f"{where}: unknown record type {kind!r}")
+    if batch is not None:
+        problems.append(f"end of file: batch {batch} has no trailer")
+    check.totals = totals
+    return check
 
 
 def read_batches(path: Path | str) -> list[dict[str, Any]]:
