@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from paypost.events import (
     PostingLegCreated,
     TransactionApproved,
@@ -255,3 +258,70 @@ def test_fr7_leg_events_have_the_catalog_shape() -> None:
             time=event.time,
         )
         assert leg.to_dict() == reference.to_dict()
+
+
+CURRENCIES = ["GBP", "EUR", "USD", "JPY", "BHD", "CHF"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    minor=st.integers(1, 10**12),
+    source=st.sampled_from(CURRENCIES),
+    target=st.sampled_from(CURRENCIES),
+    rate=st.decimals(min_value="0.0001", max_value="1000", places=6),
+    markup=st.sampled_from(["0", "0.0175", "0.0275", "0.05"]),
+    bps=st.integers(0, 500),
+    fixed=st.integers(0, 500),
+    refund=st.booleans(),
+)
+def test_invariant_money_conserved_for_any_amount_rate_markup_and_fee(
+    minor: int,
+    source: str,
+    target: str,
+    rate: Any,
+    markup: str,
+    bps: int,
+    fixed: int,
+    refund: bool,
+) -> None:
+    """DESIGN §3.2: every sequence balances per currency, every leg is positive, and the
+    customer pays exactly the converted amount plus the fees (nothing created or lost)."""
+    from datetime import UTC, datetime
+
+    over: dict[str, Any] = {
+        "account_currency": target,
+        "amount": {"minor": minor, "currency": source},
+        "billing_amount": None,
+        "direction": "credit" if refund else "debit",
+    }
+    charged = minor
+    if source != target:
+        fx_rate = FxRate(
+            base=source,
+            quote=target,
+            rate=str(rate),
+            source="test",
+            as_of=datetime(2026, 11, 20, tzinfo=UTC),
+            markup=markup,
+        )
+        conv = convert(Money(minor, source), fx_rate)
+        if conv.charged.minor <= 0:
+            return  # converts to nothing in the target currency: not a payable amount
+        over["fx"] = conv.provenance()["fx"]
+        charged = conv.charged.minor
+    config = PostingConfig(
+        default=TenantPosting(
+            fees=(FeeRule(name="f", applies_to="all", bps=bps, fixed_minor=fixed),)
+        )
+    )
+    out = create_legs([approved(**over)], config)
+    assert [e.detail_type for e in out] == ["PostingLegCreated"] * len(out), out[0].detail
+    legs = legs_of(out)
+    assert all(lg.amount.minor > 0 for lg in legs)
+    assert all(v == 0 for per in leg_events_balance(out).values() for v in per.values())
+    customer = [lg for lg in legs if lg.account_id == "UK-BANK-00000001"]
+    paid = sum(lg.amount.minor if lg.side == "debit" else -lg.amount.minor for lg in customer)
+    fee = 0 if refund else fixed + (charged * bps + 5000) // 10000
+    assert paid == (-charged if refund else charged + fee)
+    assert [lg.leg_index for lg in legs] == list(range(len(legs)))
+    assert {lg.leg_count for lg in legs} == {len(legs)}
