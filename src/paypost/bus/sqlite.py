@@ -26,6 +26,7 @@ pipeline runs; a running bus notices changes (config version) at its next transa
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import threading
@@ -119,23 +120,28 @@ def connect(path: Path | str) -> sqlite3.Connection:
 
 
 class WalCheckpointer:
-    """Runs WAL checkpoints on a background thread with its own connection.
+    """Moves WAL checkpoints off the commit path (DESIGN §5).
 
     With `wal_autocheckpoint` on, the commit that crosses the threshold copies the WAL back
-    into the database and fsyncs it, stalling the writer (DESIGN §5). The bus turns the
-    automatic checkpoint off and this thread runs PASSIVE checkpoints (never blocking the
-    writer) every `interval_s`. A busy writer keeps appending, so a PASSIVE checkpoint never
-    catches up and the WAL only grows; once it exceeds `max_wal_bytes` the thread runs a
-    TRUNCATE checkpoint, which briefly waits for the writer and resets the WAL to zero.
+    into the database and fsyncs it, stalling the writer. Instead, a background thread with
+    its own connection runs PASSIVE checkpoints (they never block the writer) every
+    `interval_s`, copying frames while the writer works. But SQLite only starts the WAL over
+    when a checkpoint has copied *every* frame and none is running when the next write
+    begins — never true while a busy writer and a background checkpoint overlap, so the WAL
+    would grow without bound. Hence `after_commit()`: once the WAL file exceeds
+    `max_wal_bytes`, the writer (between two of its transactions) waits for the background
+    checkpoint to finish and runs one PASSIVE checkpoint itself; little is left to copy, and
+    its next write starts the WAL over (`journal_size_limit` then trims the file).
     """
 
     def __init__(
-        self, path: Path | str, interval_s: float = 0.5, max_wal_bytes: int = 64 << 20
+        self, path: Path | str, interval_s: float = 0.25, max_wal_bytes: int = 64 << 20
     ) -> None:
         self.path = str(path)
         self.wal = Path(f"{path}-wal")
         self.interval_s = interval_s
         self.max_wal_bytes = max_wal_bytes
+        self._busy = threading.Lock()  # held while a checkpoint runs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wal-checkpointer", daemon=True)
 
@@ -145,17 +151,23 @@ class WalCheckpointer:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA busy_timeout=1000")
         try:
             while not self._stop.wait(self.interval_s):
-                try:
-                    size = self.wal.stat().st_size if self.wal.exists() else 0
-                    mode = "TRUNCATE" if size > self.max_wal_bytes else "PASSIVE"
-                    conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-                except sqlite3.OperationalError:
-                    pass  # busy: try again next tick
+                with self._busy, contextlib.suppress(sqlite3.OperationalError):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         finally:
             conn.close()
+
+    def after_commit(self, conn: sqlite3.Connection) -> None:
+        """Called by the writer after each commit, outside any transaction."""
+        try:
+            if self.wal.stat().st_size <= self.max_wal_bytes:
+                return
+        except OSError:
+            return
+        with self._busy, contextlib.suppress(sqlite3.OperationalError):
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def stop(self) -> None:
         self._stop.set()
@@ -231,8 +243,10 @@ class SqliteBus(Bus):
         path = data_dir / DB_FILENAME
         bus = cls(connect(path), config, clock=clock, rand=rand)
         if background_checkpoints:
+            checkpointer = WalCheckpointer(path)
             bus.conn.execute("PRAGMA wal_autocheckpoint=0")
-            bus._checkpointer = WalCheckpointer(path).start()
+            bus.conn.execute(f"PRAGMA journal_size_limit={checkpointer.max_wal_bytes}")
+            bus._checkpointer = checkpointer.start()
         return bus
 
     def close(self) -> None:
@@ -338,6 +352,8 @@ class SqliteBus(Bus):
                 self._refresh()
                 yield uow
                 self.conn.execute("COMMIT")
+                if self._checkpointer is not None:
+                    self._checkpointer.after_commit(self.conn)
             except BaseException:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
