@@ -6,10 +6,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from bus_suite import BusConformance, FakeClock
+from bus_suite import BusConformance, FakeClock, held
 
-from paypost.bus import Bus, BusConfig, UnitOfWork
-from paypost.bus.sqlite import SqliteBus
+from paypost.bus import Bus, BusConfig, Rule, TargetConfig, UnitOfWork
+from paypost.bus.sqlite import DB_FILENAME, SqliteBus
 from paypost.events import Event
 
 
@@ -40,10 +40,6 @@ class TestSqliteBus(BusConformance):
 
 
 def test_rules_targets_and_queues_survive_a_restart(tmp_path: Path) -> None:
-    from bus_suite import held
-
-    from paypost.bus import Rule, TargetConfig
-    from paypost.bus.sqlite import DB_FILENAME
 
     bus = SqliteBus.open(tmp_path)
     bus.put_target(TargetConfig(name="holds", batch_size=7))
@@ -60,12 +56,28 @@ def test_rules_targets_and_queues_survive_a_restart(tmp_path: Path) -> None:
 
 
 def test_a_second_connection_sees_rule_changes(tmp_path: Path) -> None:
-    from bus_suite import held
-
-    from paypost.bus import Rule, TargetConfig
 
     pipeline = SqliteBus.open(tmp_path)
     pipeline.put_target(TargetConfig(name="holds"))
     cli = SqliteBus.open(tmp_path)  # e.g. a CLI command while the pipeline runs
     cli.put_rule(Rule(name="r", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
     assert pipeline.publish([held(1)]).routed == {"holds": 1}
+
+
+def test_background_checkpoints_keep_the_wal_bounded(tmp_path: Path) -> None:
+
+    limit = 256 * 1024
+    bus = SqliteBus.open(tmp_path, background_checkpoints=True, max_wal_bytes=limit)
+    bus.put_target(TargetConfig(name="holds"))
+    bus.put_rule(Rule(name="r", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
+    wal = tmp_path / "paypost.db-wal"
+    sizes = []
+    for b in range(40):
+        bus.publish([held(b * 100 + i, reason="x" * 200) for i in range(100)])
+        sizes.append(wal.stat().st_size)
+    assert bus.archive_count() == 4000
+    # ~40 batches × ~60 KB would be > 2 MB without checkpoints that let the WAL restart
+    assert max(sizes[-10:]) < 4 * limit
+    bus.close()
+    again = SqliteBus.open(tmp_path)
+    assert again.pending("holds") == 4000

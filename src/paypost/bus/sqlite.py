@@ -233,6 +233,7 @@ class SqliteBus(Bus):
         clock: Clock = time.time,
         rand: Rand = random.random,
         background_checkpoints: bool = False,
+        max_wal_bytes: int = 64 << 20,
     ) -> SqliteBus:
         """Open (creating if needed) `<data_dir>/paypost.db`.
 
@@ -243,7 +244,7 @@ class SqliteBus(Bus):
         path = data_dir / DB_FILENAME
         bus = cls(connect(path), config, clock=clock, rand=rand)
         if background_checkpoints:
-            checkpointer = WalCheckpointer(path)
+            checkpointer = WalCheckpointer(path, max_wal_bytes=max_wal_bytes)
             bus.conn.execute("PRAGMA wal_autocheckpoint=0")
             bus.conn.execute(f"PRAGMA journal_size_limit={checkpointer.max_wal_bytes}")
             bus._checkpointer = checkpointer.start()
