@@ -238,3 +238,39 @@ def test_postings_verify_cli(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["verify", str(path)])
     assert bad.exit_code == 2 and "trailer says 3 records" in bad.output
     assert runner.invoke(app, ["verify", str(tmp_path / "none.csv")]).exit_code == 2
+
+
+@pytest.mark.postgres
+def test_postgres_outbox_exports_exactly_once_even_after_a_crash_between_claim_and_write(
+    postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    import psycopg
+
+    from paypost.stages import posting_file_pg as pgo
+    from paypost.stages.posting_file import verify_file
+
+    path = tmp_path / "postings.csv"
+    with psycopg.connect(postgres_url) as conn:
+        pgo.ensure_outbox_schema(conn, pg_schema)
+        pgo.add_to_outbox(conn, records(5), pg_schema)
+        conn.commit()
+        # A crash right after a claim: the batch is claimed but not in the file.
+        conn.execute(
+            f'UPDATE "{pg_schema}".assembly_posting_outbox SET batch_id = %s '
+            "WHERE id IN (SELECT id FROM "
+            f'"{pg_schema}".assembly_posting_outbox ORDER BY id LIMIT 2)',
+            ("pg-crashed",),
+        )
+        conn.commit()
+        assert pgo.export_outbox(conn, PostingFileWriter(path), schema=pg_schema, batch_size=2) == 5
+        pgo.add_to_outbox(conn, records(2, start=20), pg_schema)
+        conn.commit()
+        assert pgo.export_outbox(conn, PostingFileWriter(path), schema=pg_schema) == 2
+        assert pgo.export_outbox(conn, PostingFileWriter(path), schema=pg_schema) == 0
+        left = conn.execute(f'SELECT count(*) FROM "{pg_schema}".assembly_posting_outbox')
+        assert left.fetchone() == (0,)
+    check = verify_file(path)
+    assert check.ok and check.records == 7
+    refs = [d["reference"] for b in read_batches(path) for d in b["details"]]
+    assert sorted(refs) == sorted([f"TX-{i}" for i in range(5)] + ["TX-20", "TX-21"])
+    assert read_batches(path)[0]["batch_id"] == "pg-crashed"

@@ -35,7 +35,7 @@ DEFAULT_SCHEMA = "paypost_assembly"
 
 def ensure_schema(conn: psycopg.Connection[Any], schema: str = DEFAULT_SCHEMA) -> None:
     """Create the schema and the assembler's tables if they do not exist (no commit)."""
-    s = _ident(schema)
+    s = schema_identifier(schema)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
     conn.execute(
         sql.SQL(
@@ -73,7 +73,8 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str = DEFAULT_SCHEMA) -
     )
 
 
-def _ident(schema: str) -> sql.Identifier:
+def schema_identifier(schema: str) -> sql.Identifier:
+    """SCHEMA as a quoted identifier, refusing anything but a plain lowercase name."""
     if not _SCHEMA_RE.fullmatch(schema):
         raise ValueError(
             f"assembler schema {schema!r} must be a lowercase identifier (letters, digits, _)"
@@ -86,7 +87,7 @@ class PostgresLegStore:
 
     def __init__(self, conn: psycopg.Connection[Any], schema: str = DEFAULT_SCHEMA) -> None:
         self.conn = conn
-        self.s = _ident(schema)
+        self.s = schema_identifier(schema)
 
     def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
         ids = sorted(set(sequence_ids))
