@@ -103,3 +103,17 @@ def test_concurrent_writers_on_a_hot_account_lose_nothing(
     entries = setup.entries(T, "hot", limit=10_000)
     assert len(entries) == 1 + posted_debits + posted_credits
     setup.close()
+
+
+def test_account_changes_by_another_connection_are_seen(postgres_url: str, pg_schema: str) -> None:
+    a = PostgresLedger(postgres_url, prefix=pg_schema)
+    b = PostgresLedger(postgres_url, prefix=pg_schema)
+    a.create_accounts([customer("carol"), internal("settle", "settlement")])
+    assert a.post_batch([transfer("e1", "settle", "carol", 5)])[0].status == "posted"
+    b.set_account_status(T, "carol", "closed")
+    [r] = a.post_batch([transfer("e2", "settle", "carol", 5)])
+    assert r.status == "refused" and r.reason is not None and "closed" in r.reason
+    b.create_accounts([customer("dave")])
+    assert a.post_batch([transfer("e3", "settle", "dave", 5)])[0].status == "posted"
+    a.close()
+    b.close()

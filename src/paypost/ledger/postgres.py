@@ -112,7 +112,8 @@ CREATE TABLE IF NOT EXISTS {s}.ledger_legs (
 CREATE INDEX IF NOT EXISTS ledger_legs_account
     ON {s}.ledger_legs (account_pk, booked_at, entry_pk);
 CREATE TABLE IF NOT EXISTS {s}.ledger_tenant (
-    tenant TEXT PRIMARY KEY
+    tenant TEXT PRIMARY KEY,
+    accounts_version BIGINT NOT NULL DEFAULT 0
 )
 """
 
@@ -145,6 +146,7 @@ class PostgresLedger:
         self.conninfo = conninfo
         self.conn = psycopg.connect(conninfo)
         self._known: set[str] = set()
+        self._accounts: dict[str, tuple[int, dict[str, tuple[int, str, str, int | None]]]] = {}
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -233,6 +235,8 @@ class PostgresLedger:
             acc.validate()
             s = self._ensure_tenant(conn, acc.tenant)
             existing = self._get_account(conn, acc.tenant, acc.id)
+            if existing is None:
+                self._bump_accounts_version(conn, acc.tenant)
             if existing is not None:
                 if existing != acc:
                     raise AccountError(
@@ -318,6 +322,7 @@ class PostgresLedger:
             )
             if cur.rowcount == 0:
                 raise UnknownAccount(f"no account {account_id!r} in tenant {tenant!r}")
+            self._bump_accounts_version(self.conn, tenant)
             self._commit()
         except BaseException:
             self.conn.rollback()
@@ -380,17 +385,12 @@ class PostgresLedger:
             return plan.results
         s = sql.Identifier(self.schema(tenant))
         n = needs(entries)
-        ids = [k[1] for k in n.account_keys]
+        rows = self._cached_accounts(conn, s, tenant, [k[1] for k in n.account_keys])
         accounts: dict[Key, AccountState] = {}
-        for ident, pk, cur, status, limit, bal in conn.execute(
-            sql.SQL(
-                "SELECT a.id, a.pk, a.currency, a.status, a.overdraft_limit, b.balance "
-                "FROM {s}.ledger_accounts a JOIN {s}.ledger_balances b ON b.account_pk = a.pk "
-                "WHERE a.id = ANY(%s)"
-            ).format(s=s),
-            (ids,),
-        ):
-            accounts[(tenant, ident)] = AccountState(pk, cur, status, limit, bal)
+        for key in n.account_keys:
+            row = rows.get(key[1])
+            if row is not None:
+                accounts[key] = AccountState(row[0], row[1], row[2], row[3], 0)
         limited = sorted(a.pk for a in accounts.values() if a.overdraft_limit is not None)
         if limited:
             # Lock the rule-bearing balances in account order and read them as committed now.
@@ -443,6 +443,39 @@ class PostgresLedger:
         conn.execute("RELEASE SAVEPOINT ledger_post")
         self._write_legs(conn, s, plan)
         return plan.results
+
+    def _cached_accounts(
+        self, conn: psycopg.Connection[Any], s: sql.Identifier, tenant: str, ids: list[str]
+    ) -> dict[str, tuple[int, str, str, int | None]]:
+        """Static account attributes (pk, currency, status, overdraft rule), kept between
+        batches while the tenant's accounts_version is unchanged (every account change bumps
+        it in its own transaction)."""
+        row = conn.execute(sql.SQL("SELECT accounts_version FROM {}.ledger_tenant").format(s))
+        version = row.fetchone()
+        cached = self._accounts.get(tenant)
+        if cached is None or version is None or cached[0] != version[0]:
+            cached = self._accounts[tenant] = (version[0] if version else -1, {})
+        known = cached[1]
+        missing = [i for i in ids if i not in known]
+        if missing:
+            for ident, pk, cur, status, limit in conn.execute(
+                sql.SQL(
+                    "SELECT id, pk, currency, status, overdraft_limit FROM {}.ledger_accounts "
+                    "WHERE id = ANY(%s)"
+                ).format(s),
+                (missing,),
+            ):
+                known[ident] = (pk, cur, status, limit)
+        return known
+
+    def _bump_accounts_version(self, conn: psycopg.Connection[Any], tenant: str) -> None:
+        conn.execute(
+            sql.SQL(
+                # A random token, not a counter: a rolled-back change followed by another
+                # change can never bring back a version a cache has seen (no ABA).
+                "UPDATE {}.ledger_tenant SET accounts_version = (random() * 9.2e18)::bigint"
+            ).format(sql.Identifier(self.schema(tenant)))
+        )
 
     def _existing(
         self, conn: psycopg.Connection[Any], s: sql.Identifier, tenant: str, ids: list[str]

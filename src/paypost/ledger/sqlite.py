@@ -211,7 +211,9 @@ def create_accounts_in(conn: sqlite3.Connection, accounts: Sequence[Account]) ->
 def _bump_accounts_version(conn: sqlite3.Connection) -> None:
     # Every change to accounts bumps this counter in the same transaction, so an AccountCache
     # (static account attributes kept between batches) knows when to forget what it holds.
-    conn.execute("UPDATE ledger_meta SET accounts_version = accounts_version + 1 WHERE id = 1")
+    # A random token, not a counter: a rolled-back change followed by another change can never
+    # bring back a version that a cache has seen (no ABA).
+    conn.execute("UPDATE ledger_meta SET accounts_version = random() WHERE id = 1")
 
 
 class AccountCache:
