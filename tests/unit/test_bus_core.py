@@ -96,7 +96,13 @@ def test_router_indexes_detail_type_pins_and_builds_the_dict_at_most_once(
     event = new_event(TransactionHeld(reason="r", stage="s"), source="paypost.x", tenant="t1")
     assert router.route(event) == ["a", "c", "d"]
     assert calls == 1
-    only_pins = Router([Rule(name="a", pattern={"detail-type": ["TransactionHeld"]}, target="a")])
+    only_pins = Router(
+        [
+            Rule(name="a", pattern={"detail-type": ["TransactionHeld"]}, target="a"),
+            Rule(name="s", pattern={"source": ["paypost.x", "paypost.y"]}, target="s"),
+            Rule(name="t", pattern={"source": ["paypost.other"]}, target="t"),
+        ]
+    )
     calls = 0
-    assert only_pins.route(event) == ["a"]
+    assert only_pins.route(event) == ["a", "s"]
     assert calls == 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import random
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -273,13 +274,13 @@ class BusStats(msgspec.Struct, kw_only=True):
 # Hashing: 8-byte integer keys (cheap B-tree entries; DESIGN §5)
 
 
-def _i64(digest: bytes) -> int:
-    return int.from_bytes(digest, "big", signed=True)
+_I64 = struct.Struct(">q")
 
 
 def id_key(event_id: str) -> int:
     """64-bit key of an event id (the dedup index key)."""
-    return _i64(hashlib.blake2b(event_id.encode(), digest_size=8).digest())
+    key: int = _I64.unpack(hashlib.blake2b(event_id.encode(), digest_size=8).digest())[0]
+    return key
 
 
 def content_hash(body: bytes) -> int:
@@ -288,7 +289,8 @@ def content_hash(body: bytes) -> int:
     (id_key, content_hash) is a 128-bit identity of "this id with this content": what dedup
     drops and what tracking records remember.
     """
-    return _i64(hashlib.blake2b(body, digest_size=8).digest())
+    digest: int = _I64.unpack(hashlib.blake2b(body, digest_size=8).digest())[0]
+    return digest
 
 
 _encoder = msgspec.json.Encoder()
@@ -324,56 +326,62 @@ def compile_pattern(pattern: dict[str, Any], what: str = "pattern") -> Matcher:
         raise BusError(f"{what} is not a valid event pattern: {exc}") from exc
 
 
-def _pinned_detail_types(pattern: dict[str, Any]) -> list[str] | None:
-    """The detail-types a pattern pins exactly (a list of plain strings), else None."""
-    value = pattern.get("detail-type")
+def _pinned(pattern: dict[str, Any], field: str) -> list[str] | None:
+    """The values a pattern pins top-level FIELD to (a list of plain strings), else None."""
+    value = pattern.get(field)
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return list(value)
     return None
 
 
-class Router:
-    """Rules compiled once; routes an event to the set of targets whose rules match.
+_Candidates = list[tuple[str, "Matcher | None"]]
 
-    Rules that pin `detail-type` to exact strings are indexed by it; a rule whose pattern is
-    ONLY such a pin matches by the index alone, so `Event.to_dict()` is computed (once per
-    event, lazily) only when some candidate rule needs the full pattern.
+
+class Router:
+    """Rules compiled once; routes an event to the targets whose rules match.
+
+    A rule that pins `detail-type` (else `source`) to exact strings is filed under those
+    strings, so an event is tested only against the rules filed under its own detail-type and
+    source plus the rules that pin neither. A rule whose pattern is ONLY such a pin matches by
+    the index alone; `Event.to_dict()` is computed (once per event, lazily) only when some
+    candidate rule needs its full pattern.
     """
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules = list(rules)
-        self._by_type: dict[str, list[tuple[str, Matcher | None]]] = {}
-        self._unindexed: list[tuple[str, Matcher]] = []
+        self._by_type: dict[str, _Candidates] = {}
+        self._by_source: dict[str, _Candidates] = {}
+        self._unindexed: _Candidates = []
         for rule in self.rules:
             matcher = compile_pattern(rule.pattern, f"rule {rule.name!r}")
-            pinned = _pinned_detail_types(rule.pattern)
-            if pinned is None:
-                self._unindexed.append((rule.target, matcher))
-                continue
             only_pin = len(rule.pattern) == 1
-            for dtype in pinned:
-                self._by_type.setdefault(dtype, []).append(
-                    (rule.target, None if only_pin else matcher)
-                )
+            for field, index in (("detail-type", self._by_type), ("source", self._by_source)):
+                pinned = _pinned(rule.pattern, field)
+                if pinned is not None:
+                    for value in pinned:
+                        index.setdefault(value, []).append(
+                            (rule.target, None if only_pin else matcher)
+                        )
+                    break
+            else:
+                self._unindexed.append((rule.target, matcher))
 
     def route(self, event: Event) -> list[str]:
         targets: list[str] = []
         as_dict: dict[str, Any] | None = None
-        for target, matcher in self._by_type.get(event.detail_type, ()):
-            if target in targets:
-                continue
-            if matcher is not None:
-                if as_dict is None:
-                    as_dict = event.to_dict()
-                if not matcher.matches(as_dict):
+        for candidates in (
+            self._by_type.get(event.detail_type, ()),
+            self._by_source.get(event.source, ()),
+            self._unindexed,
+        ):
+            for target, matcher in candidates:
+                if target in targets:
                     continue
-            targets.append(target)
-        for target, matcher in self._unindexed:
-            if target in targets:
-                continue
-            if as_dict is None:
-                as_dict = event.to_dict()
-            if matcher.matches(as_dict):
+                if matcher is not None:
+                    if as_dict is None:
+                        as_dict = event.to_dict()
+                    if not matcher.matches(as_dict):
+                        continue
                 targets.append(target)
         return targets
 
@@ -393,10 +401,19 @@ class PreparedEvent(msgspec.Struct):
 
 
 def prepare(events: Iterable[Event]) -> list[PreparedEvent]:
+    """Encode each event once and compute its two keys (inlined: this is the hot loop)."""
+    encode, blake2b, unpack = _encoder.encode, hashlib.blake2b, _I64.unpack
     out = []
     for ev in events:
-        body = _encoder.encode(ev)
-        out.append(PreparedEvent(ev, body, id_key(ev.id), content_hash(body)))
+        body = encode(ev)
+        out.append(
+            PreparedEvent(
+                ev,
+                body,
+                unpack(blake2b(ev.id.encode(), digest_size=8).digest())[0],
+                unpack(blake2b(body, digest_size=8).digest())[0],
+            )
+        )
     return out
 
 
