@@ -260,6 +260,16 @@ class BusConformance(abc.ABC):
         assert len(bus.receive("audit")) == 2
         assert [d.event.id for d in bus.dlq_list()] == ["held-1"]
 
+    def test_dead_letter_error_never_holds_a_card_number(self, bus: Bus) -> None:
+        bus.put_target(TargetConfig(name="holds", retry=RetryPolicy(max_attempts=1)))
+        bus.publish([held(1)])
+        bus.nack(
+            bus.receive("holds"), "ValueError: bad PAN 4111 1111 1111 1111 in field 2 " + "x" * 5000
+        )
+        (dead,) = bus.dlq_list()
+        assert "4111 1111 1111 1111" not in dead.error and "1111" in dead.error
+        assert len(dead.error) <= 2000
+
     def test_unknown_dead_letter_is_a_clear_error(self, bus: Bus) -> None:
         with pytest.raises(BusError, match="dead letter 999"):
             bus.dlq_get(999)

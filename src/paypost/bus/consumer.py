@@ -32,8 +32,6 @@ from paypost.bus.core import Bus, Clock, Delivery, UnitOfWork
 Handler = Callable[[Sequence[Delivery], UnitOfWork], None]
 Sleep = Callable[[float], None]
 
-MAX_ERROR_CHARS = 2000
-
 
 class TokenBucket:
     """Events/s limiter: `take(n)` grants up to n whole tokens; refills at `rate_per_s`.
@@ -79,8 +77,8 @@ class ConsumerStats(msgspec.Struct, kw_only=True):
 
 
 def describe_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+    """`Type: message` of a handler exception (the bus masks card numbers on nack)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Consumer:

@@ -270,6 +270,17 @@ class BusStats(msgspec.Struct, kw_only=True):
     id_conflicts: int
 
 
+MAX_ERROR_CHARS = 2000
+
+
+def clean_error(text: str) -> str:
+    """An error text fit for the DLQ: card numbers masked (DESIGN §3.4), length capped."""
+    from paypost.security.tokens import redact
+
+    text = redact(text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 # --------------------------------------------------------------------------------------------
 # Hashing: 8-byte integer keys (cheap B-tree entries; DESIGN §5)
 

@@ -39,6 +39,7 @@ from paypost.bus.core import (
     TargetStats,
     UnitOfWork,
     UnknownRule,
+    clean_error,
     compile_pattern,
     dedup_decide,
     prepare,
@@ -530,6 +531,7 @@ class _MemoryUnitOfWork(UnitOfWork):
         return n
 
     def nack(self, deliveries: Iterable[Delivery], error: str) -> int:
+        error = clean_error(error)
         b = self.bus
         now = b.clock()
         dead = 0

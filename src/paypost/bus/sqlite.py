@@ -59,6 +59,7 @@ from paypost.bus.core import (
     TargetStats,
     UnitOfWork,
     UnknownRule,
+    clean_error,
     compile_pattern,
     decode_event,
     decode_event_dict,
@@ -775,6 +776,7 @@ class _SqliteUnitOfWork(UnitOfWork):
         return self.conn.total_changes - before
 
     def nack(self, deliveries: Iterable[Delivery], error: str) -> int:
+        error = clean_error(error)
         b, conn = self.bus, self.conn
         now = b.clock()
         dead = 0
