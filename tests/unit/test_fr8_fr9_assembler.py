@@ -308,3 +308,57 @@ def test_fr9_concurrent_workers_on_postgres_complete_each_sequence_once(
         t.join()
     assert errors == []
     assert sorted(completed) == sorted(seq[0].detail["sequence_id"] for seq in sequences)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    order=st.permutations(range(len(ALL_LEGS))),
+    crashes=st.lists(st.booleans(), min_size=8, max_size=8),
+    size=st.integers(1, 6),
+)
+def test_invariant_effects_once_when_batches_crash_before_commit(
+    order: list[int], crashes: list[bool], size: int
+) -> None:
+    """DESIGN §3.1: a batch whose transaction never commits (a crash) is redelivered; the
+    store, the ledger and the outputs roll back together, so each sequence posts once."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = ledger_sqlite.connect(Path(tmp) / "p.db")
+        ledger_sqlite.ensure_schema(conn)
+        asm.ensure_schema(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        ledger_sqlite.create_accounts_in(
+            conn,
+            [
+                Account(id="UK-BANK-00000001", tenant="uk-bank", kind="customer", currency="GBP"),
+                *internal_accounts("uk-bank", ["GBP", "JPY"]),
+            ],
+        )
+        conn.execute("COMMIT")
+        store = SqliteLegStore(conn)
+        queue = [[ALL_LEGS[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+        published: list[str] = []
+        attempt = 0
+        while queue:
+            batch = queue.pop(0)
+            conn.execute("BEGIN IMMEDIATE")
+            done = asm.finish(
+                assemble(batch, store, now_us=NOW),
+                store,
+                partial(ledger_sqlite.post_batch_in, conn),
+            )
+            crash = attempt < len(crashes) and crashes[attempt]
+            attempt += 1
+            if crash:
+                conn.execute("ROLLBACK")
+                queue.append(batch)  # redelivered after its lease
+                continue
+            conn.execute("COMMIT")
+            published += [e.id for e in done.events]
+        posted = conn.execute("SELECT count(*) FROM ledger_entries").fetchone()[0]
+        assert posted == len(REFERENCE)
+        assert sorted(published) == sorted(c.posted_event.id for c in REFERENCE.values())
+        assert ledger_sqlite.trial_balance_in(conn, "uk-bank").balanced
+        conn.close()
