@@ -468,3 +468,22 @@ def test_FR1_shipped_samples_ingest_as_documented() -> None:
     ):
         events, store, _ = run(examples / name, cfg(fmt))
         assert len(events) == 4 and store.checkpoints["switch-a"].counters.declined == 1
+
+
+def test_events_built_from_plain_data_equal_the_catalog_structs(tmp_path: Path) -> None:
+    """The hot path builds details as dicts: they must be exactly what the structs give."""
+    from paypost.events import new_event
+    from paypost.iso.generate import iso8583_log_lines
+
+    auths = list(
+        generate_authorizations({"bank-a": card_numbers(5)}, 200, seed=8, foreign_rate=0.5)
+    )
+    path = write(tmp_path, list(iso8583_log_lines(auths)))
+    jl = write(tmp_path, list(jsonl_lines(auths)), "a.jsonl")
+    events = run(path, cfg())[0] + run(jl, cfg("jsonl"))[0]
+    assert any(e.detail["request"]["billing_amount"] for e in events)
+    for e in events:
+        detail = detail_of(e, AuthorizationApproved)
+        assert msgspec.to_builtins(detail) == e.detail
+        rebuilt = new_event(detail, source=e.source, tenant=e.tenant, id=e.id, time=e.time)
+        assert msgspec.json.encode(rebuilt) == msgspec.json.encode(e)

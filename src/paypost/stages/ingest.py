@@ -47,16 +47,14 @@ from paypost.config import UserError
 from paypost.events import (
     AuthorizationApproved,
     AuthorizationRequest,
-    AuthorizationResponse,
     Event,
-    Merchant,
+    SchemaRef,
     derive_event_id,
-    new_event,
     utc_now,
 )
 from paypost.iso import iso8583 as iso
 from paypost.logs import get_logger
-from paypost.money import CURRENCY_EXPONENTS, Money
+from paypost.money import CURRENCY_EXPONENTS
 from paypost.security.tokens import (
     CardToken,
     InvalidPan,
@@ -231,22 +229,87 @@ def _pan_fields(values: Iterable[tuple[str, str | None]]) -> list[str]:
     return [name for name, value in pairs if find_pans(value)]
 
 
+_APPROVED_SCHEMA = SchemaRef(
+    name=AuthorizationApproved.DETAIL_TYPE, version=AuthorizationApproved.VERSION
+)
+
+
 def _event_for(
     source: SourceConfig,
     tenant: str,
     position: int,
-    request: AuthorizationRequest,
-    response: AuthorizationResponse,
+    request: dict[str, Any],
+    response: dict[str, Any],
     source_ref: str,
 ) -> Event:
-    detail = AuthorizationApproved(request=request, response=response, source_ref=source_ref)
-    return new_event(
-        detail,
+    """The AuthorizationApproved event, built from plain data (the hot path).
+
+    REQUEST and RESPONSE are exactly the builtins form of `AuthorizationRequest` /
+    `AuthorizationResponse` (every field, in declaration order); tests check that the detail
+    decodes as `AuthorizationApproved` and re-encodes to the same bytes, so this stays equal
+    to `new_event(AuthorizationApproved(...))` without paying for the structs.
+    """
+    event_id = derive_event_id(f"ingest:{source.name}@{position}", STAGE, 0)
+    return Event(
+        id=event_id,
         source=EVENT_SOURCE,
+        detail_type=AuthorizationApproved.DETAIL_TYPE,
+        time=request["transmission_time"],
         tenant=tenant,
-        id=derive_event_id(f"ingest:{source.name}@{position}", STAGE, 0),
-        time=request.transmission_time,
+        correlation_id=event_id,
+        schema=_APPROVED_SCHEMA,
+        detail={"request": request, "response": response, "source_ref": source_ref},
     )
+
+
+def _request_dict(
+    *,
+    stan: str,
+    transmission_time: str,
+    acquirer_id: str,
+    card: CardToken,
+    processing_code: str,
+    amount: tuple[int, str],
+    billing: tuple[int, str] | None,
+    merchant_id: str,
+    merchant_name: str,
+    mcc: str,
+    city: str | None,
+    country: str | None,
+    terminal_id: str | None,
+    rrn: str | None,
+    issuing_country: str | None,
+) -> dict[str, Any]:
+    """`AuthorizationRequest` as plain data (field order of the struct)."""
+    return {
+        "mti": "0100",
+        "stan": stan,
+        "transmission_time": transmission_time,
+        "acquirer_id": acquirer_id,
+        "card_token": card.token,
+        "pan_masked": card.masked,
+        "processing_code": processing_code,
+        "amount": {"minor": amount[0], "currency": amount[1]},
+        "billing_amount": None if billing is None else {"minor": billing[0],
+                                                          "currency": billing[1]},
+        "merchant": {"id": merchant_id, "name": merchant_name, "mcc": mcc, "city": city,
+                     "country": country},
+        "terminal_id": terminal_id,
+        "rrn": rrn,
+        "issuing_country": issuing_country,
+    }  # fmt: skip
+
+
+def _response_dict(
+    code: str, approval_code: str | None, responded_at: str | None
+) -> dict[str, Any]:
+    """`AuthorizationResponse` as plain data (field order of the struct)."""
+    return {
+        "mti": "0110",
+        "response_code": code,
+        "approval_code": approval_code,
+        "responded_at": responded_at,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,8 +389,8 @@ def _utc(text: str, what: str) -> str:
 
 def _record_to_parts(
     rec: AuthorizationRecord, tenant: str, edge: EdgeTokenizer, sealed: list[SealedPan]
-) -> tuple[AuthorizationRequest, AuthorizationResponse]:
-    """Validate REC and build the tokenized request/response (raises RecordError)."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate REC and build the tokenized request/response data (raises RecordError)."""
     pan = rec.pan.replace(" ", "").replace("-", "")
     try:
         card = edge.tokenize(pan, tenant, sealed)
@@ -335,33 +398,34 @@ def _record_to_parts(
         raise RecordError(f"pan: {exc}") from None
     if rec.amount_minor < 0:
         raise RecordError("amount_minor must be >= 0 (minor units)")
-    amount = Money(rec.amount_minor, _currency(rec.currency, "currency"))
+    amount = (rec.amount_minor, _currency(rec.currency, "currency"))
     billing = None
     if rec.billing_amount_minor is not None:
         if rec.billing_currency is None:
             raise RecordError("billing_amount_minor given without billing_currency")
         if rec.billing_amount_minor < 0:
             raise RecordError("billing_amount_minor must be >= 0 (minor units)")
-        billing = Money(rec.billing_amount_minor, _currency(rec.billing_currency, "billing"))
+        billing = (rec.billing_amount_minor, _currency(rec.billing_currency, "billing"))
     issuing = rec.issuing_country
     if issuing and issuing.isdigit():
         issuing = iso.country_alpha2(issuing.zfill(3))
-    request = AuthorizationRequest(
+    name = rec.merchant_name.strip()
+    merchant_id = rec.merchant_id.strip()
+    if not name or not merchant_id:
+        raise RecordError("merchant_id and merchant_name must not be blank")
+    request = _request_dict(
         stan=_digits(rec.stan, "stan", 1, 6).zfill(6),
         transmission_time=_utc(rec.transmission_time, "transmission_time"),
         acquirer_id=_digits(rec.acquirer_id, "acquirer_id", 1, 11),
-        card_token=card.token,
-        pan_masked=card.masked,
+        card=card,
         processing_code=_digits(rec.processing_code, "processing_code", 6, 6),
         amount=amount,
-        billing_amount=billing,
-        merchant=Merchant(
-            id=rec.merchant_id.strip(),
-            name=rec.merchant_name.strip(),
-            mcc=_digits(rec.mcc, "mcc", 4, 4),
-            city=rec.merchant_city,
-            country=rec.merchant_country,
-        ),
+        billing=billing,
+        merchant_id=merchant_id,
+        merchant_name=name,
+        mcc=_digits(rec.mcc, "mcc", 4, 4),
+        city=rec.merchant_city,
+        country=rec.merchant_country,
         terminal_id=rec.terminal_id,
         rrn=rec.rrn,
         issuing_country=issuing,
@@ -369,10 +433,10 @@ def _record_to_parts(
     code = rec.response_code.strip()
     if len(code) != 2:
         raise RecordError("response_code must be 2 characters (00 = approved)")
-    response = AuthorizationResponse(
-        response_code=code,
-        approval_code=rec.approval_code,
-        responded_at=_utc(rec.responded_at, "responded_at") if rec.responded_at else None,
+    response = _response_dict(
+        code,
+        rec.approval_code,
+        _utc(rec.responded_at, "responded_at") if rec.responded_at else None,
     )
     return request, response
 
@@ -688,7 +752,7 @@ def _ingest_record(
             tenant=tenant,
         )
         return
-    if response.response_code != iso.APPROVED:
+    if response["response_code"] != iso.APPROVED:
         batch.counts.declined += 1
         return
     batch.counts.approved += 1
@@ -708,6 +772,43 @@ _RESPONSE_REQUIRED = frozenset(("7", "11", "32", "39"))
 _SKIP_SCAN = frozenset(("t", "p", "1", "2"))
 
 
+class _Pending:
+    """A request awaiting its response, in memory (request as plain data)."""
+
+    __slots__ = ("key", "line", "offset", "received_at", "received_ts", "request")
+
+    def __init__(
+        self,
+        key: str,
+        line: int,
+        offset: int,
+        received_at: str,
+        received_ts: float,
+        request: dict[str, Any],
+    ) -> None:
+        self.key = key
+        self.line = line
+        self.offset = offset
+        self.received_at = received_at
+        self.received_ts = received_ts
+        self.request = request
+
+    @classmethod
+    def from_checkpoint(cls, p: PendingRequest) -> _Pending:
+        request: dict[str, Any] = msgspec.to_builtins(p.request)
+        return cls(p.key, p.line, p.offset, p.received_at, p.received_ts, request)
+
+    def to_checkpoint(self) -> PendingRequest:
+        return PendingRequest(
+            key=self.key,
+            line=self.line,
+            offset=self.offset,
+            received_at=self.received_at,
+            received_ts=self.received_ts,
+            request=msgspec.convert(self.request, AuthorizationRequest),
+        )
+
+
 class Iso8583LogReader(_FileReader):
     """The ISO 8583 authorization log (see `paypost.iso.iso8583` for the line format)."""
 
@@ -719,10 +820,10 @@ class Iso8583LogReader(_FileReader):
         checkpoint: Checkpoint | None = None,
     ) -> None:
         super().__init__(path, config, keys, checkpoint)
-        self._pending: dict[int, PendingRequest] = {}
+        self._pending: dict[int, _Pending] = {}
         self._by_key: dict[str, list[int]] = {}
         for p in self.checkpoint.pending:
-            self._add_pending(p)
+            self._add_pending(_Pending.from_checkpoint(p))
         # Keys of requests that were quarantined, so their response says why it is orphaned.
         self._set_aside: dict[str, int] = {}
         self._timed_out: dict[str, int] = {}
@@ -732,14 +833,14 @@ class Iso8583LogReader(_FileReader):
             where.clear()
         where[key] = line
 
-    def _add_pending(self, p: PendingRequest) -> None:
+    def _add_pending(self, p: _Pending) -> None:
         self._pending[p.line] = p
         self._by_key.setdefault(p.key, []).append(p.line)
 
     def _pending_list(self) -> list[PendingRequest]:
-        return list(self._pending.values())
+        return [p.to_checkpoint() for p in self._pending.values()]
 
-    def _take_pending(self, key: str) -> PendingRequest | None:
+    def _take_pending(self, key: str) -> _Pending | None:
         lines = self._by_key.get(key)
         if not lines:
             return None
@@ -768,7 +869,7 @@ class Iso8583LogReader(_FileReader):
                 position=p.offset,
                 line=p.line,
                 kind="response-timeout",
-                reason=f"0100 request (STAN {p.request.stan}) timed out: {why}",
+                reason=f"0100 request (STAN {p.request['stan']}) timed out: {why}",
                 record=msgspec.json.encode(p.request).decode(),
             )
             log.warning(
@@ -776,10 +877,10 @@ class Iso8583LogReader(_FileReader):
                 source=self.config.name,
                 tenant=self.config.tenant,
                 line=p.line,
-                stan=p.request.stan,
+                stan=p.request["stan"],
             )
 
-    def _take_line(self, p: PendingRequest) -> None:
+    def _take_line(self, p: _Pending) -> None:
         self._pending.pop(p.line, None)
         lines = self._by_key.get(p.key)
         if lines is not None:
@@ -887,33 +988,30 @@ class Iso8583LogReader(_FileReader):
                 card = self.edge.tokenize(doc["2"], tenant, batch.sealed_pans)
             except InvalidPan as exc:
                 raise RecordError(f"field 2: {exc}") from None
-            sent = iso.transmission_datetime(doc["7"], received)
             name, city, country = iso.parse_field43(doc["43"])
             merchant_id = doc["42"].strip()
             if not name or not merchant_id:
                 raise RecordError("fields 42 (merchant id) and 43 (name) must not be blank")
-            amount = Money(int(_digits(doc["4"], "field 4", 1, 12)), _iso_currency(doc["49"]))
+            amount = (int(_digits(doc["4"], "field 4", 1, 12)), _iso_currency(doc["49"]))
             billing = None
             if doc.get("6"):
-                billing = Money(
-                    int(_digits(doc["6"], "field 6", 1, 12)), _iso_currency(doc.get("51", ""))
+                billing = (
+                    int(_digits(doc["6"], "field 6", 1, 12)),
+                    _iso_currency(doc.get("51", "")),
                 )
-            request = AuthorizationRequest(
+            request = _request_dict(
                 stan=_digits(doc["11"], "field 11", 6, 6),
-                transmission_time=iso.format_utc(sent),
+                transmission_time=_transmission_time(doc["7"], received_at, received),
                 acquirer_id=_digits(doc["32"], "field 32", 1, 11),
-                card_token=card.token,
-                pan_masked=card.masked,
+                card=card,
                 processing_code=doc.get("3", "000000"),
                 amount=amount,
-                billing_amount=billing,
-                merchant=Merchant(
-                    id=merchant_id,
-                    name=name,
-                    mcc=_digits(doc["18"], "field 18", 4, 4),
-                    city=city,
-                    country=country,
-                ),
+                billing=billing,
+                merchant_id=merchant_id,
+                merchant_name=name,
+                mcc=_digits(doc["18"], "field 18", 4, 4),
+                city=city,
+                country=country,
                 terminal_id=(doc.get("41") or "").strip() or None,
                 rrn=(doc.get("37") or "").strip() or None,
                 issuing_country=iso.country_alpha2(doc["20"]) if doc.get("20") else None,
@@ -923,16 +1021,7 @@ class Iso8583LogReader(_FileReader):
             self._remember(self._set_aside, key, line)
             bad(f"0100 request: {exc}")
             return
-        self._add_pending(
-            PendingRequest(
-                key=key,
-                line=line,
-                offset=offset,
-                received_at=received_at,
-                received_ts=received.timestamp(),
-                request=request,
-            )
-        )
+        self._add_pending(_Pending(key, line, offset, received_at, received.timestamp(), request))
 
     def _response(
         self,
@@ -957,11 +1046,11 @@ class Iso8583LogReader(_FileReader):
             return
         if doc.get("2"):
             card = self.edge.tokenizer.tokenize(doc["2"], self.config.tenant)
-            if card.token != pending.request.card_token:
+            if card.token != pending.request["card_token"]:
                 self._add_pending(pending)  # the request may still get its real response
                 bad(
                     f"0110 response PAN {card.masked} differs from its request's "
-                    f"{pending.request.pan_masked} (line {pending.line})",
+                    f"{pending.request['pan_masked']} (line {pending.line})",
                     "pan-mismatch",
                 )
                 return
@@ -969,21 +1058,41 @@ class Iso8583LogReader(_FileReader):
         if code != iso.APPROVED:
             batch.counts.declined += 1
             return
-        response = AuthorizationResponse(
-            response_code=code,
-            approval_code=(doc.get("38") or "").strip() or None,
-            responded_at=received_at
-            if _CANONICAL_UTC.fullmatch(received_at)
-            else iso.format_utc(received),
+        response = _response_dict(
+            code,
+            (doc.get("38") or "").strip() or None,
+            received_at if _CANONICAL_UTC.fullmatch(received_at) else iso.format_utc(received),
         )
         request = pending.request
-        if doc.get("37") and request.rrn is None:
-            request = msgspec.structs.replace(request, rrn=doc["37"].strip())
+        if request["rrn"] is None and doc.get("37"):
+            request = {**request, "rrn": doc["37"].strip() or None}
         batch.counts.approved += 1
         ref = f"{self.config.name}#L{pending.line},L{line}"
         batch.events.append(
             _event_for(self.config, self.config.tenant, line, request, response, ref)
         )
+
+
+def _transmission_time(field7: str, received_at: str, received: datetime) -> str:
+    """Field 7 as RFC 3339 UTC text; the year comes from the log time (see
+    `iso.transmission_datetime`). Fast path: same year and month as a canonical log time."""
+    if (
+        len(field7) == 10
+        and field7.isdigit()
+        and received_at[5:7] == field7[0:2]
+        and _CANONICAL_UTC.fullmatch(received_at)
+    ):
+        day, hh, mi, ss = field7[2:4], field7[4:6], field7[6:8], field7[8:10]
+        if "01" <= day <= "31" and hh <= "23" and mi <= "59" and ss <= "59":
+            text = f"{received_at[0:8]}{day}T{hh}:{mi}:{ss}Z"
+            try:
+                sent = datetime.fromisoformat(text[:-1] + "+00:00")
+            except ValueError:
+                pass  # e.g. 31 of a 30-day month: the slow path explains
+            else:
+                if abs((sent - received).total_seconds()) <= 2 * 86400:
+                    return text
+    return iso.format_utc(iso.transmission_datetime(field7, received))
 
 
 def _iso_currency(numeric: str) -> str:
