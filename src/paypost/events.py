@@ -8,6 +8,7 @@ EventBridge's field names (`detail-type`, `correlation-id`, ...).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
@@ -18,6 +19,7 @@ from paypost.money import Money
 
 # Namespace for derived event ids (DESIGN §3.1): uuid5(NAMESPACE, f"{input_id}/{stage}/{index}").
 EVENT_ID_NAMESPACE = uuid.UUID("6f6a4d0e-5b1c-4c7e-9f0a-7061797073ff")
+_NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
 
 
 def derive_event_id(input_id: str, stage: str, index: int = 0) -> str:
@@ -26,7 +28,13 @@ def derive_event_id(input_id: str, stage: str, index: int = 0) -> str:
     Deterministic, so a redelivered input yields the same output ids and the bus's publish
     dedup drops the copy (effects once, DESIGN §3.1). The one id derivation in paypost.
     """
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{input_id}/{stage}/{index}"))
+    # Byte-identical to uuid.uuid5(EVENT_ID_NAMESPACE, name) (RFC 4122 §4.3), without the
+    # UUID object round trips: this runs several times per authorization on the hot path.
+    h = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{input_id}/{stage}/{index}".encode()).digest())
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h[:16].hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def utc_now() -> str:

@@ -87,6 +87,16 @@ def test_derived_ids_are_deterministic_and_distinct() -> None:
     )
 
 
+def test_derived_ids_are_rfc4122_uuid5() -> None:
+    import uuid
+
+    from paypost.events import EVENT_ID_NAMESPACE
+
+    for input_id in ("in-1", "ümlaut-ü", ""):
+        expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{input_id}/rules/3")
+        assert derive_event_id(input_id, "rules", 3) == str(expected)
+
+
 def test_detail_validation_rejects_a_float_amount() -> None:
     event = _approved().to_dict()
     event["detail"]["request"]["amount"]["minor"] = 10.5
