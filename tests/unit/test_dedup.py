@@ -24,14 +24,18 @@ from paypost.events import (
     new_event,
 )
 from paypost.money import Money
+from paypost.security.tokens import contains_pan
 from paypost.stages.dedup import (
     DedupConfig,
     DedupIndex,
     MemoryDedupIndex,
     SqliteDedupIndex,
+    business_key,
     check_duplicates,
     count_parked,
     get_parked,
+    key_from_hex,
+    key_hex,
     list_parked,
 )
 
@@ -103,7 +107,11 @@ def test_fr4_original_is_accepted_with_request_response_and_business_key(make: F
     assert acc.time == ev.time
     assert acc.detail["request"] == ev.detail["request"]
     assert acc.detail["response"] == ev.detail["response"]
-    assert len(acc.detail["business_key"]) == 16
+    assert len(acc.detail["business_key"]) == 19  # "8bca:26e9:ccde:c904"
+    assert (
+        key_from_hex(acc.detail["business_key"])
+        == business_key(ev.tenant, msgspec.convert(ev.detail, AuthorizationApproved))[0]
+    )
 
 
 @pytest.mark.parametrize("make", INDEXES)
@@ -330,7 +338,7 @@ def test_sqlite_index_does_not_commit_by_itself(tmp_path: Path) -> None:
     run(index, [auth_event()])
     conn.rollback()  # the caller's unit of work failed: nothing was recorded
     assert len(run(index, [auth_event()])) == 1
-    assert index.seen_keys([0]) == {}
+    assert index.seen_keys([(0, 0)]) == {}
 
 
 def test_prune_forgets_old_keys_and_late_ones_stay_safe() -> None:
@@ -406,3 +414,10 @@ def test_fr9_sqlite_index_behaves_exactly_like_the_memory_fake(
             start = max(start, end)
         outputs.append(produced)
     assert outputs[0] == outputs[1]
+
+
+def test_nfr6_business_keys_never_look_like_card_numbers() -> None:
+    # In plain hex these would be 16 decimal digits, and 4111111111111111 is Luhn-valid.
+    for key in (0x4111111111111111, 0x1234567890123456, -1, 0):
+        assert not contains_pan(key_hex(key))
+        assert key_from_hex(key_hex(key)) == (key if key < 1 << 63 else key - (1 << 64))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -87,12 +87,17 @@ def _hash64(data: bytes) -> int:
 
 
 def key_hex(key: int) -> str:
-    """The business key as the 16 hex digits carried on events."""
-    return f"{key & 0xFFFFFFFFFFFFFFFF:016x}"
+    """The business key as carried on events: 16 hex digits in groups of 4, "8bca:26e9:ccde:c904".
+
+    Grouped with colons so it can never read as a card number: 16 bare hex digits are all
+    decimal (and Luhn-valid) about once in 2,000 keys, which a PAN scanner rightly flags.
+    """
+    h = f"{key & 0xFFFFFFFFFFFFFFFF:016x}"
+    return f"{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}"
 
 
 def key_from_hex(text: str) -> int:
-    value = int(text, 16)
+    value = int(text.replace(":", ""), 16)
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
@@ -126,6 +131,7 @@ def business_key(tenant: str, auth: AuthorizationApproved) -> tuple[int, int]:
 
 _encoder = msgspec.json.Encoder(order="sorted")
 _struct_encoder = msgspec.json.Encoder()
+_json = msgspec.json.Encoder()
 
 
 def content_hash(event: Event) -> int:
@@ -135,8 +141,17 @@ def content_hash(event: Event) -> int:
     return _hash64(_encoder.encode((event.tenant, event.detail_type, event.detail)))
 
 
-def id_key(event_id: str) -> int:
-    return _hash64(event_id.encode())
+def event_id_keys(event_id: str) -> tuple[int, int]:
+    """(index key, check) of an event id: the two halves of its blake2b-128 digest.
+
+    The index key is what the table is keyed by (8 bytes); the check tells a 64-bit index key
+    collision between two different ids apart from a real repeat, without storing the id.
+    """
+    digest = hashlib.blake2b(event_id.encode(), digest_size=16).digest()
+    return (
+        int.from_bytes(digest[:8], "big", signed=True),
+        int.from_bytes(digest[8:], "big", signed=True),
+    )
 
 
 # -- the port ---------------------------------------------------------------------------------
@@ -146,7 +161,7 @@ def id_key(event_id: str) -> int:
 class SeenEvent:
     """An event id the stage has already processed, and the hash of its content then."""
 
-    event_id: str
+    id_check: int
     content_hash: int
 
 
@@ -162,8 +177,8 @@ class KeySighting:
 class DedupEffects:
     """What the stage wants recorded, applied by `DedupIndex.apply` in the caller's transaction."""
 
-    keys: list[tuple[int, str, int, str]] = field(default_factory=list)  # key, tenant, ts, id
-    events: list[tuple[int, str, int, int]] = field(default_factory=list)  # idk, id, hash, ts
+    keys: list[tuple[int, int, str, str]] = field(default_factory=list)  # ts, key, tenant, id
+    events: list[tuple[int, int, int, int]] = field(default_factory=list)  # idk, check, hash, ts
     high_water: dict[str, int] = field(default_factory=dict)  # tenant -> newest ts
     parked: list[Event] = field(default_factory=list)
 
@@ -173,7 +188,9 @@ class DedupIndex(Protocol):
 
     def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]: ...
 
-    def seen_keys(self, keys: Collection[int]) -> dict[int, KeySighting]: ...
+    def seen_keys(self, keys: Collection[tuple[int, int]]) -> dict[int, KeySighting]:
+        """Sightings of the given (transmission ts, business key) pairs, by business key."""
+        ...
 
     def high_water(self, tenants: Collection[str]) -> dict[str, int]: ...
 
@@ -204,6 +221,7 @@ class DedupResult:
 class _Prepared:
     event: Event
     idk: int
+    idc: int
     chash: int
     auth: AuthorizationApproved | None
     key: int
@@ -212,18 +230,20 @@ class _Prepared:
 
 
 def _prepare(event: Event) -> _Prepared:
-    idk = id_key(event.id)
+    idk, idc = event_id_keys(event.id)
     try:
         if event.detail_type != AuthorizationApproved.DETAIL_TYPE:
             raise ValueError(f"expected AuthorizationApproved, got {event.detail_type}")
         auth = msgspec.convert(event.detail, AuthorizationApproved)
         key, ts = business_key(event.tenant, auth)
     except (msgspec.ValidationError, ValueError, TypeError) as exc:
-        return _Prepared(event, idk, content_hash(event), None, 0, 0, f"invalid payload: {exc}")
+        return _Prepared(
+            event, idk, idc, content_hash(event), None, 0, 0, f"invalid payload: {exc}"
+        )
     # The decoded struct's encoding: fixed field order, defaults filled in, so the same
     # content hashes the same whatever the key order of the JSON it came from.
     chash = _hash64(_struct_encoder.encode((event.tenant, auth)))
-    return _Prepared(event, idk, chash, auth, key, ts, None)
+    return _Prepared(event, idk, idc, chash, auth, key, ts, None)
 
 
 def _emit(event: Event, detail: Any, *, index: int = 0, stage: str = STAGE) -> Event:
@@ -268,7 +288,7 @@ def check_duplicates(
     cfg = config or DedupConfig()
     prepared = [_prepare(e) for e in events]
     seen_ids = dict(index.seen_events({p.idk for p in prepared}))
-    seen_keys = dict(index.seen_keys({p.key for p in prepared if p.error is None}))
+    seen_keys = dict(index.seen_keys({(p.ts, p.key) for p in prepared if p.error is None}))
     high_water = dict(index.high_water({p.event.tenant for p in prepared}))
 
     outputs: list[Event] = []
@@ -278,7 +298,7 @@ def check_duplicates(
     for p in prepared:
         ev = p.event
         seen = seen_ids.get(p.idk)
-        if seen is not None and seen.event_id != ev.id:
+        if seen is not None and seen.id_check != p.idc:
             seen = None  # a 64-bit collision between two different ids: treat as unseen
             remember_id = False
         else:
@@ -308,8 +328,8 @@ def check_duplicates(
             continue
 
         if remember_id:
-            seen_ids[p.idk] = SeenEvent(ev.id, p.chash)
-            effects.events.append((p.idk, ev.id, p.chash, p.ts))
+            seen_ids[p.idk] = SeenEvent(p.idc, p.chash)
+            effects.events.append((p.idk, p.idc, p.chash, p.ts))
 
         if p.auth is None:
             counts.held += 1
@@ -335,7 +355,7 @@ def check_duplicates(
 
         counts.accepted += 1
         seen_keys[p.key] = KeySighting(ev.id, p.ts)
-        effects.keys.append((p.key, tenant, p.ts, ev.id))
+        effects.keys.append((p.ts, p.key, tenant, ev.id))
         if hw is None or p.ts > hw:
             high_water[tenant] = p.ts
             effects.high_water[tenant] = p.ts
@@ -377,18 +397,18 @@ class MemoryDedupIndex:
     def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]:
         return {k: self.events[k] for k in id_keys if k in self.events}
 
-    def seen_keys(self, keys: Collection[int]) -> dict[int, KeySighting]:
-        return {k: self.keys[k] for k in keys if k in self.keys}
+    def seen_keys(self, keys: Collection[tuple[int, int]]) -> dict[int, KeySighting]:
+        return {k: self.keys[k] for _, k in keys if k in self.keys}
 
     def high_water(self, tenants: Collection[str]) -> dict[str, int]:
         return {t: self.watermarks[t] for t in tenants if t in self.watermarks}
 
     def apply(self, effects: DedupEffects) -> None:
-        for key, _tenant, ts, event_id in effects.keys:
+        for ts, key, _tenant, event_id in effects.keys:
             assert key not in self.keys, "a business key is recorded once"
             self.keys[key] = KeySighting(event_id, ts)
-        for idk, event_id, chash, _ts in effects.events:
-            self.events.setdefault(idk, SeenEvent(event_id, chash))
+        for idk, check, chash, _ts in effects.events:
+            self.events.setdefault(idk, SeenEvent(check, chash))
         for tenant, ts in effects.high_water.items():
             self.watermarks[tenant] = max(ts, self.watermarks.get(tenant, ts))
         for ev in effects.parked:
@@ -399,14 +419,15 @@ class MemoryDedupIndex:
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedup_keys (
-    key INTEGER PRIMARY KEY,            -- blake2b-64 business key (the rowid: no extra index)
-    tenant TEXT NOT NULL,
     ts INTEGER NOT NULL,                -- transmission time, UTC epoch seconds
-    event_id TEXT NOT NULL              -- the original authorization's event id
-);
+    key INTEGER NOT NULL,               -- blake2b-64 business key
+    tenant TEXT NOT NULL,
+    event_id TEXT NOT NULL,             -- the original authorization's event id
+    PRIMARY KEY (ts, key)               -- clustered by time: inserts land near the end
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dedup_events (
-    id_key INTEGER PRIMARY KEY,         -- blake2b-64 of the event id
-    event_id TEXT NOT NULL,
+    id_key INTEGER PRIMARY KEY,         -- first 8 bytes of blake2b-128 of the event id
+    id_check INTEGER NOT NULL,          -- last 8 bytes: tells a key collision from a repeat
     content_hash INTEGER NOT NULL,
     ts INTEGER NOT NULL
 );
@@ -429,8 +450,6 @@ CREATE TABLE IF NOT EXISTS dedup_parked (
 CREATE INDEX IF NOT EXISTS dedup_parked_tenant_reason ON dedup_parked (tenant, reason);
 """
 
-_CHUNK = 500  # bound the number of SQL variables per lookup
-
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the dedup_* tables if absent (no commit: DDL joins the caller's transaction)."""
@@ -439,20 +458,14 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-def _chunks(values: Iterable[Any]) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for v in values:
-        batch.append(v)
-        if len(batch) == _CHUNK:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class SqliteDedupIndex:
     """The `DedupIndex` port on a given SQLite connection. Never commits: `apply` joins the
-    caller's unit of work (one transaction per batch, DESIGN §5)."""
+    caller's unit of work (one transaction per batch, DESIGN §5).
+
+    Each lookup is ONE statement per batch: the batch's keys travel as a single JSON array
+    parameter, joined with the table through `json_each` (SQLite plans it as one primary-key
+    probe per key; a row-value `IN (VALUES ...)` would scan the table).
+    """
 
     def __init__(self, conn: sqlite3.Connection, *, create: bool = True) -> None:
         self.conn = conn
@@ -460,37 +473,34 @@ class SqliteDedupIndex:
             ensure_schema(conn)
 
     def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]:
-        out: dict[int, SeenEvent] = {}
-        for chunk in _chunks(id_keys):
-            marks = ",".join("?" * len(chunk))
-            for idk, event_id, chash in self.conn.execute(
-                f"SELECT id_key, event_id, content_hash FROM dedup_events "
-                f"WHERE id_key IN ({marks})",
-                chunk,
-            ):
-                out[idk] = SeenEvent(event_id, chash)
-        return out
+        if not id_keys:
+            return {}
+        rows = self.conn.execute(
+            "SELECT e.id_key, e.id_check, e.content_hash FROM json_each(?) AS j "
+            "JOIN dedup_events AS e ON e.id_key = j.value",
+            (_json.encode(list(id_keys)),),
+        )
+        return {idk: SeenEvent(check, chash) for idk, check, chash in rows}
 
-    def seen_keys(self, keys: Collection[int]) -> dict[int, KeySighting]:
-        out: dict[int, KeySighting] = {}
-        for chunk in _chunks(keys):
-            marks = ",".join("?" * len(chunk))
-            for key, event_id, ts in self.conn.execute(
-                f"SELECT key, event_id, ts FROM dedup_keys WHERE key IN ({marks})", chunk
-            ):
-                out[key] = KeySighting(event_id, ts)
-        return out
+    def seen_keys(self, keys: Collection[tuple[int, int]]) -> dict[int, KeySighting]:
+        if not keys:
+            return {}
+        rows = self.conn.execute(
+            "SELECT k.key, k.event_id, k.ts FROM json_each(?) AS j "
+            "JOIN dedup_keys AS k ON k.ts = j.value ->> 0 AND k.key = j.value ->> 1",
+            (_json.encode(list(keys)),),
+        )
+        return {key: KeySighting(event_id, ts) for key, event_id, ts in rows}
 
     def high_water(self, tenants: Collection[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for chunk in _chunks(tenants):
-            marks = ",".join("?" * len(chunk))
-            for tenant, hw in self.conn.execute(
-                f"SELECT tenant, high_water FROM dedup_watermarks WHERE tenant IN ({marks})",
-                chunk,
-            ):
-                out[tenant] = hw
-        return out
+        if not tenants:
+            return {}
+        rows = self.conn.execute(
+            "SELECT w.tenant, w.high_water FROM json_each(?) AS j "
+            "JOIN dedup_watermarks AS w ON w.tenant = j.value",
+            (_json.encode(list(tenants)),),
+        )
+        return dict(rows)
 
     def apply(self, effects: DedupEffects) -> None:
         c = self.conn
@@ -498,12 +508,12 @@ class SqliteDedupIndex:
             # Plain INSERT: a clash means another writer recorded the key meanwhile; the
             # caller's transaction rolls back and the retry sees the event as a duplicate.
             c.executemany(
-                "INSERT INTO dedup_keys (key, tenant, ts, event_id) VALUES (?, ?, ?, ?)",
+                "INSERT INTO dedup_keys (ts, key, tenant, event_id) VALUES (?, ?, ?, ?)",
                 effects.keys,
             )
         if effects.events:
             c.executemany(
-                "INSERT OR IGNORE INTO dedup_events (id_key, event_id, content_hash, ts) "
+                "INSERT OR IGNORE INTO dedup_events (id_key, id_check, content_hash, ts) "
                 "VALUES (?, ?, ?, ?)",
                 effects.events,
             )
@@ -526,7 +536,8 @@ class SqliteDedupIndex:
         """Forget keys and ids of TENANT older than its high-water mark minus the window.
 
         Safe: such authorizations are parked as "late" before any lookup. A maintenance
-        operation (a scan), run periodically, not per batch. Returns the rows deleted.
+        operation, run periodically, not per batch (keys: a range of the time-clustered primary
+        key; ids: a scan). Returns the rows deleted.
         """
         row = self.conn.execute(
             "SELECT high_water FROM dedup_watermarks WHERE tenant = ?", (tenant,)
