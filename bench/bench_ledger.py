@@ -91,7 +91,11 @@ def timed(label: str, parts: list[Any], fn: Callable[[Any], object]) -> float:
 
 
 def precompute_plans(
-    entries: Sequence[JournalEntry], size: int, account_pks: dict[str, int], now: int
+    entries: Sequence[JournalEntry],
+    size: int,
+    account_pks: dict[str, int],
+    now: int,
+    id_key: Callable[[str, str], int] | None = None,
 ) -> list[Plan]:
     """The rows each batch writes, computed in memory (untimed) for the raw-insert baseline."""
     states = {
@@ -101,7 +105,15 @@ def precompute_plans(
     }
     positions = itertools.count(1)
     return [
-        plan_batch(b, existing={}, accounts=states, originals={}, positions=positions, now=now)
+        plan_batch(
+            b,
+            existing={},
+            accounts=states,
+            originals={},
+            positions=positions,
+            now=now,
+            id_key=id_key,
+        )
         for b in batches(entries, size)
     ]
 
@@ -133,12 +145,11 @@ def bench_sqlite(args: argparse.Namespace) -> dict[str, Any]:
         ls.ensure_schema(raw)
         ls.create_accounts_in(raw, accounts)
         raw.execute("COMMIT")
-        plans = precompute_plans(entries, args.batch, pks, ls.now_micros())
-        now = ls.now_micros()
+        plans = precompute_plans(entries, args.batch, pks, ls.now_micros(), ls.entry_key)
 
         def insert(plan: Plan) -> None:
             raw.execute("BEGIN IMMEDIATE")
-            ls._insert_entries(raw, plan, now)
+            ls._insert_entries(raw, plan, None)
             ls._insert_legs_and_balances(raw, plan)
             raw.execute("COMMIT")
 

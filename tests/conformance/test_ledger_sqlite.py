@@ -23,6 +23,19 @@ class TestSqliteLedger(LedgerSuite, LedgerProperties):
         s.close()
 
 
+class TestSqliteLedgerWithColliding64BitKeys(LedgerSuite, LedgerProperties):
+    """The same suite with an entry-key function that collides all the time (three values), so
+    that every id clash goes through the overflow table: no entry may be lost, merged with
+    another, or reported as a duplicate of a different entry."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SqliteLedger]:
+        monkeypatch.setattr(ledger_sqlite, "entry_key", lambda tenant, eid: len(eid) % 3)
+        s = SqliteLedger.open(tmp_path / "paypost.db")
+        yield s
+        s.close()
+
+
 def _setup(path: Path) -> sqlite3.Connection:
     conn = ledger_sqlite.connect(path)
     conn.execute("BEGIN IMMEDIATE")

@@ -568,7 +568,7 @@ class PostgresLedger:
         ):
             write = copy.write_row
             for row in plan.entry_rows:
-                write(row[:1] + row[2:])  # the schema is the tenant: no tenant column
+                write(row[:1] + row[2:11])  # the schema is the tenant: no tenant column
 
     def _write_legs(self, conn: psycopg.Connection[Any], s: sql.Identifier, plan: Plan) -> None:
         if not plan.entry_rows:

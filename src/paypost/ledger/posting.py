@@ -9,7 +9,7 @@ memory with no per-entry round trip.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -68,9 +68,20 @@ class OriginalEntry:
 
 # The rows a plan writes, in the column order of the stores' tables:
 # entry: (pk, tenant, id, content_hash, booked_at, posted_at, sequence_id, source_event_id,
-#         reversal_of, description, metadata JSON or None)
+#         reversal_of, description, metadata JSON or None, id key or None)
 EntryRow = tuple[
-    int, str, str, bytes, int, int, str | None, str | None, str | None, str | None, str | None
+    int,
+    str,
+    str,
+    bytes,
+    int,
+    int,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    int | None,
 ]
 # leg: (entry pk, index in entry, account pk, signed amount (credit > 0), booked_at)
 LegRow = tuple[int, int, int, int, int]
@@ -118,10 +129,12 @@ def plan_batch(
     originals: dict[Key, OriginalEntry],
     positions: Iterator[int],
     now: int,
+    id_key: Callable[[str, str], int] | None = None,
 ) -> Plan:
     """Decide every entry of the batch, in order. ACCOUNTS' balances are updated in place
     (running balances, so overdraft rules see earlier entries of the same batch). POSITIONS
-    yields the ledger position (entry pk) of each posted entry, increasing."""
+    yields the ledger position (entry pk) of each posted entry, increasing. ID_KEY, if given,
+    computes the store's integer key of an entry id (the last column of its row)."""
     plan = Plan()
     results = plan.results
     deltas = plan.deltas
@@ -220,6 +233,7 @@ def plan_batch(
                 e.reversal_of,
                 e.description,
                 encode(meta).decode() if meta else None,
+                None if id_key is None else id_key(tenant, e.id),
             )
         )
         for idx, (acc, signed) in enumerate(resolved):
