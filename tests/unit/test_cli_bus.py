@@ -164,6 +164,20 @@ def test_bus_stats_and_purge(bus_dir: Path) -> None:
     assert code == 0 and json.loads(out) == {"purged": 0}  # all still queued or dead
 
 
+def test_bus_config_shows_targets_and_rules(bus_dir: Path) -> None:
+    code, out = run(bus_dir, "bus", "config", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert {t["name"] for t in doc["targets"]} == {"holds", "audit"}
+    holds = next(t for t in doc["targets"] if t["name"] == "holds")
+    assert holds["retry"]["max_attempts"] == 1
+    assert {r["name"]: r["pattern"] for r in doc["rules"]}["holds"] == {
+        "detail-type": ["TransactionHeld"]
+    }
+    code, out = run(bus_dir, "bus", "config")
+    assert code == 0 and "TransactionHeld" in out and "audit" in out
+
+
 def test_help_lists_the_bus_commands() -> None:
     result = runner.invoke(app, ["--help"])
     for command in ("dlq", "replay", "bus"):

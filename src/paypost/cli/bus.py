@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
+import msgspec
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -321,6 +322,41 @@ def bus_stats(
         f"id conflicts: {stats.id_conflicts}",
         highlight=False,
     )
+
+
+@bus_app.command("config")
+@user_errors
+def bus_config(
+    json: JsonOption = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR_VALUE,
+) -> None:
+    """The targets (batch size, linger, concurrency, rate limit, retry, lease) and the rules
+    (name, pattern, target) stored in the database — what the pipeline runs."""
+    with open_bus(data_dir) as bus:
+        targets, rules = bus.targets(), bus.rules()
+    if json:
+        emit_json({"targets": targets, "rules": rules})
+        return
+    table = Table("target", "batch", "linger ms", "concurrency", "rate/s")
+    table.add_column("retry: attempts, backoff", no_wrap=True)
+    table.add_column("lease s")
+    for t in targets:
+        r = t.retry
+        table.add_row(
+            t.name,
+            str(t.batch_size),
+            str(t.linger_ms),
+            str(t.concurrency),
+            "-" if t.rate_limit_per_s is None else f"{t.rate_limit_per_s:g}",
+            f"{r.max_attempts}, {r.base_delay_s:g}–{r.max_delay_s:g} s"
+            + (" jittered" if r.jitter else ""),
+            f"{t.lease_s:g}",
+        )
+    console.print(table)
+    rule_table = Table("rule", "target", "pattern")
+    for rule in rules:
+        rule_table.add_row(rule.name, rule.target, msgspec.json.encode(rule.pattern).decode())
+    console.print(rule_table)
 
 
 @bus_app.command("purge")
