@@ -58,6 +58,7 @@ def main() -> None:
         )  # type: ignore[arg-type]
         gc.collect()
         gc.freeze()
+        gc.set_threshold(50_000, 50, 100)  # what a pipeline process does (DESIGN §5)
 
         store = MemoryIngestStore()
         reader = open_reader(config, keys, path=src)

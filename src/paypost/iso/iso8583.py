@@ -297,12 +297,13 @@ def parse_log_line(line: str) -> tuple[str, bytes]:
 def parse_utc(text: str) -> datetime:
     """An RFC 3339 UTC timestamp ("...Z" or "+00:00"); raises Iso8583FormatError."""
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(text)  # Python 3.11 reads "Z"
     except ValueError:
         raise Iso8583FormatError(f"{text!r} is not an RFC 3339 timestamp") from None
-    if dt.tzinfo is None:
+    offset = dt.utcoffset()
+    if offset is None:
         raise Iso8583FormatError(f"{text!r} has no time zone (use UTC, e.g. ...Z)")
-    return dt.astimezone(UTC)
+    return dt if not offset and dt.tzinfo is UTC else dt.astimezone(UTC)
 
 
 def format_utc(dt: datetime) -> str:

@@ -769,7 +769,13 @@ def _ingest_record(
 
 _REQUEST_REQUIRED = frozenset(("2", "4", "7", "11", "18", "32", "42", "43", "49"))
 _RESPONSE_REQUIRED = frozenset(("7", "11", "32", "39"))
-_SKIP_SCAN = frozenset(("t", "p", "1", "2"))
+# Fields scanned for card numbers: every field but the PAN (2) that can hold 13 characters;
+# a shorter field cannot hold a 13-digit number, even with separators.
+_SCAN_FIELDS = frozenset(
+    name
+    for name, spec in iso.SPEC.items()
+    if name.isdigit() and name not in ("1", "2") and int(spec["max_len"]) >= 13
+)
 
 
 class _Pending:
@@ -953,10 +959,12 @@ class Iso8583LogReader(_FileReader):
             bad(f"{mti} message lacks field(s) {', '.join(missing)}")
             return
         key = f"{doc['11']}|{doc['7']}|{doc['32']}"
-        others = doc.copy()
-        for f in _SKIP_SCAN:
-            others.pop(f, None)
-        if maybe_pan("\x1f".join(others.values())) and (hits := _pan_fields(others.items())):
+        scan = _SCAN_FIELDS.intersection(doc)
+        if (
+            scan
+            and maybe_pan("\x1f".join([doc[f] for f in scan]))
+            and (hits := sorted(_pan_fields((f, doc[f]) for f in scan), key=int))
+        ):
             if mti == iso.REQUEST_MTI:
                 self._remember(self._set_aside, key, line)
             bad(
