@@ -12,6 +12,7 @@ are tested without sleeping and without timing assertions.
 from __future__ import annotations
 
 import abc
+import random
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -539,6 +540,85 @@ class BusConformance(abc.ABC):
         assert stats.processed == 12 and stats.batches == 6
         assert self.effect_counts(bus) == Counter({f"held-{i}": 1 for i in range(12)})
         assert all(t.startswith("consumer-holds") for t in threads)
+
+    # -- deterministic fault simulation (TigerBeetle-style) ----------------------------------
+    @pytest.mark.parametrize("seed", range(6))
+    def test_simulated_faults_keep_effects_once_and_lose_nothing(
+        self, clock: FakeClock, seed: int
+    ) -> None:
+        """Random interleavings of publishes (with repeats), receives, commits, crashes before
+        commit, crashes between commit and ack, slow consumers acting after their lease
+        expired, nacks, clock jumps and restarts; then drain. Every published event has
+        exactly one effect, and nothing is left queued or dead-lettered."""
+        rng = random.Random(seed)
+        bus = self.make_bus(clock)
+        bus.put_target(
+            TargetConfig(
+                name="t",
+                batch_size=rng.randint(1, 6),
+                lease_s=5,
+                retry=RetryPolicy(max_attempts=10_000, base_delay_s=0.1, max_delay_s=2),
+            )
+        )
+        bus.put_rule(Rule(name="t", pattern={"detail-type": ["TransactionHeld"]}, target="t"))
+        published: set[str] = set()
+        zombies: list[list[Delivery]] = []  # batches held by consumers that will act late
+        next_id = 0
+
+        def commit(bus: Bus, batch: Sequence[Delivery], ack: bool = True) -> None:
+            with bus.unit_of_work() as uow:
+                done = uow.processed("sim", batch)
+                fresh = {d.tracking_key: d for d in batch if d.tracking_key not in done}
+                for d in fresh.values():
+                    self.apply_effect(uow, d.event)
+                uow.track("sim", list(fresh.values()))
+                if ack:
+                    uow.ack(batch)
+
+        for _ in range(250):
+            op = rng.random()
+            if op < 0.25:
+                events = []
+                for _ in range(rng.randint(1, 4)):
+                    if published and rng.random() < 0.3:
+                        events.append(held(int(rng.choice(sorted(published)).split("-")[1])))
+                    else:
+                        events.append(held(next_id))
+                        published.add(f"held-{next_id}")
+                        next_id += 1
+                bus.publish(events)
+            elif op < 0.6:
+                batch = bus.receive("t")
+                if not batch:
+                    continue
+                fate = rng.random()
+                if fate < 0.4:
+                    commit(bus, batch)
+                elif fate < 0.55:
+                    with pytest.raises(RuntimeError), bus.unit_of_work() as uow:
+                        for d in batch:
+                            self.apply_effect(uow, d.event)
+                        raise RuntimeError("crash before commit")
+                elif fate < 0.7:
+                    commit(bus, batch, ack=False)  # crash between commit and ack
+                elif fate < 0.85:
+                    zombies.append(batch)
+                else:
+                    bus.nack(batch, "transient")
+            elif op < 0.7 and zombies:
+                commit(bus, zombies.pop(rng.randrange(len(zombies))))  # late, maybe re-leased
+            elif op < 0.9:
+                clock.advance(rng.uniform(0, 8))
+            else:
+                bus = self.reopen(bus)
+                zombies.clear()  # the crashed process's consumers are gone
+
+        while bus.pending("t"):
+            clock.advance(10)
+            while batch := bus.receive("t"):
+                commit(bus, batch)
+        assert self.effect_counts(bus) == Counter({event_id: 1 for event_id in published})
+        assert bus.dlq_list() == []
 
     # -- stats ---------------------------------------------------------------------------
     def test_stats(self, bus: Bus, clock: FakeClock) -> None:
