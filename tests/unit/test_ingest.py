@@ -487,3 +487,19 @@ def test_events_built_from_plain_data_equal_the_catalog_structs(tmp_path: Path) 
         assert msgspec.to_builtins(detail) == e.detail
         rebuilt = new_event(detail, source=e.source, tenant=e.tenant, id=e.id, time=e.time)
         assert msgspec.json.encode(rebuilt) == msgspec.json.encode(e)
+
+
+def test_fast_encoder_agrees_with_pyiso8583() -> None:
+    from paypost.iso.generate import _request_fields, _response_fields
+
+    auths = list(
+        generate_authorizations({"bank-a": card_numbers(10)}, 300, seed=5, foreign_rate=0.3)
+    )
+    docs = [f(a) for a in auths for f in (_request_fields, _response_fields)]
+    docs.append({"t": "0100", "2": VISA, "70": "301", "100": "12345"})
+    for doc in docs:
+        assert iso._encode_fast(doc) is not None
+        assert iso.encode_message(doc) == iso.encode_message_reference(doc)
+    # Unusual input goes to pyiso8583, which explains what is wrong.
+    with pytest.raises(iso.Iso8583FormatError):
+        iso.encode_message({"t": "0100", "4": "12"})  # fixed field of the wrong length
