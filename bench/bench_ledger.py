@@ -80,14 +80,17 @@ def batches(entries: Sequence[JournalEntry], size: int) -> list[Sequence[Journal
     return [entries[i : i + size] for i in range(0, len(entries), size)]
 
 
-def timed(label: str, parts: list[Any], fn: Callable[[Any], object]) -> float:
+Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process)
+
+
+def timed(label: str, parts: list[Any], fn: Callable[[Any], object]) -> Timing:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(label, total=len(parts))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for part in parts:
             fn(part)
             progress.advance(task)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def precompute_plans(
@@ -131,11 +134,11 @@ def bench_sqlite(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store = ls.SqliteLedger.open(Path(tmp) / "paypost.db")
         store.create_accounts(accounts)
-        post_s = timed("sqlite post", parts, store.post_batch)
+        post_t = timed("sqlite post", parts, store.post_batch)
         tb = store.trial_balance(tenant)
         assert tb.balanced and tb.lines[0].debits > 0
         assert store.balance(tenant, "settle-eur").entries == len(entries)
-        replay_s = timed("sqlite replay", parts, store.post_batch)
+        replay_t = timed("sqlite replay", parts, store.post_batch)
         assert store.balance(tenant, "settle-eur").entries == len(entries)
         pks = dict(store.conn.execute("SELECT id, pk FROM ledger_accounts").fetchall())
         store.close()
@@ -153,9 +156,9 @@ def bench_sqlite(args: argparse.Namespace) -> dict[str, Any]:
             ls._insert_legs_and_balances(raw, plan)
             raw.execute("COMMIT")
 
-        raw_s = timed("sqlite raw", plans, insert)
+        raw_t = timed("sqlite raw", plans, insert)
         raw.close()
-    return result("sqlite", args, post_s, raw_s, replay_s)
+    return result("sqlite", args, post_t, raw_t, replay_t)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
@@ -176,10 +179,10 @@ def bench_postgres(args: argparse.Namespace) -> dict[str, Any]:
     raw_store = PostgresLedger(args.pg_url, prefix=prefix + "_raw")
     try:
         store.create_accounts(accounts)
-        post_s = timed("postgres post", parts, store.post_batch)
+        post_t = timed("postgres post", parts, store.post_batch)
         tb = store.trial_balance(tenant)
         assert tb.balanced and store.balance(tenant, "settle-eur").entries == len(entries)
-        replay_s = timed("postgres replay", parts, store.post_batch)
+        replay_t = timed("postgres replay", parts, store.post_batch)
         assert store.balance(tenant, "settle-eur").entries == len(entries)
 
         raw_store.create_accounts(accounts)
@@ -198,7 +201,7 @@ def bench_postgres(args: argparse.Namespace) -> dict[str, Any]:
             raw_store._write_legs(conn, s, plan)
             conn.commit()
 
-        raw_s = timed("postgres raw", plans, insert)
+        raw_t = timed("postgres raw", plans, insert)
     finally:
         store.close()
         raw_store.close()
@@ -207,11 +210,11 @@ def bench_postgres(args: argparse.Namespace) -> dict[str, Any]:
                 "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (prefix + "%",)
             ).fetchall():
                 c.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(nsp)))
-    return result("postgres", args, post_s, raw_s, replay_s)
+    return result("postgres", args, post_t, raw_t, replay_t)
 
 
 def result(
-    store: str, args: argparse.Namespace, post_s: float, raw_s: float, replay_s: float
+    store: str, args: argparse.Namespace, post: Timing, raw: Timing, replay: Timing
 ) -> dict[str, Any]:
     n = args.entries
     return {
@@ -220,10 +223,13 @@ def result(
         "batch": args.batch,
         "accounts": args.accounts,
         "overdraft_rules": args.overdraft,
-        "post_entries_per_s": round(n / post_s),
-        "raw_insert_entries_per_s": round(n / raw_s),
-        "replay_entries_per_s": round(n / replay_s),
-        "post_vs_raw": round(raw_s / post_s, 2),
+        "post_entries_per_s": round(n / post[0]),
+        "raw_insert_entries_per_s": round(n / raw[0]),
+        "replay_entries_per_s": round(n / replay[0]),
+        "post_vs_raw": round(raw[0] / post[0], 2),
+        # CPU of this process per entry (SQLite: the whole store; PostgreSQL: the client only)
+        "post_cpu_us_per_entry": round(post[1] / n * 1e6, 1),
+        "raw_cpu_us_per_entry": round(raw[1] / n * 1e6, 1),
     }
 
 
@@ -264,18 +270,31 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("PAYPOST_DB_URL", "postgresql://postgres@127.0.0.1:5432/test"),
     )
     p.add_argument("--tmp", default=None, help="directory for the SQLite files (default: /tmp)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per store; the best is kept")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     results = []
     for name in args.stores.split(","):
         fn = {"sqlite": bench_sqlite, "postgres": bench_postgres}[name.strip()]
-        results.append(fn(args))
+        runs = [fn(args) for _ in range(max(1, args.repeat))]
+        results.append(max(runs, key=lambda r: r["post_entries_per_s"]))
     info = machine()
     if args.json:
         print(json.dumps({"machine": info, "results": results}, indent=2))
         return 0
-    table = Table(title=f"ledger: {args.entries} 2-leg entries, batches of {args.batch}")
-    for col in ("store", "post entries/s", "raw insert entries/s", "post/raw", "replay entries/s"):
+    table = Table(
+        title=f"ledger: {args.entries} 2-leg entries, batches of {args.batch}, "
+        f"best of {args.repeat}"
+    )
+    for col in (
+        "store",
+        "post entries/s",
+        "raw insert entries/s",
+        "post/raw",
+        "replay entries/s",
+        "post CPU µs/entry",
+        "raw CPU µs/entry",
+    ):
         table.add_column(col, justify="left" if col == "store" else "right")
     for r in results:
         table.add_row(
@@ -284,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['raw_insert_entries_per_s']:,}",
             f"{r['post_vs_raw']:.2f}",
             f"{r['replay_entries_per_s']:,}",
+            f"{r['post_cpu_us_per_entry']}",
+            f"{r['raw_cpu_us_per_entry']}",
         )
     Console().print(table)
     Console().print(info)

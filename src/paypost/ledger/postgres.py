@@ -416,13 +416,17 @@ class PostgresLedger:
             )
         ]
         conn.execute("SAVEPOINT ledger_post")
-        plan = self._plan(conn, s, tenant, entries, n, accounts, pks, now, read_existing=False)
+        first = self._existing(conn, s, tenant, [entries[0].id])
+        # A redelivered batch (its first entry exists): read them all before planning.
+        plan = self._plan(
+            conn, s, tenant, entries, n, accounts, pks, now, read_existing=bool(first)
+        )
         refused = {
             (e.tenant, e.id)
             for e, r in zip(entries, plan.results, strict=True)
             if r.status == "refused"
         }
-        if refused and self._existing(conn, s, tenant, [k[1] for k in refused]):
+        if refused and not first and self._existing(conn, s, tenant, [k[1] for k in refused]):
             for k, v in balances.items():
                 accounts[k].balance = v
             plan = self._plan(conn, s, tenant, entries, n, accounts, pks, now, read_existing=True)

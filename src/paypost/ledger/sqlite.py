@@ -335,6 +335,15 @@ def post_batch_in(
     # If it fires, roll back to the savepoint and plan again with the existing entries read.
     conn.execute("SAVEPOINT ledger_post")
     try:
+        first = entries[0]
+        if _find_entry_pk(conn, first.tenant, first.id) is not None:
+            # A redelivered batch: its first entry exists, so read them all before planning.
+            existing, taken = _read_existing(conn, n.entry_keys)
+            plan = _plan(conn, entries, n, now, cache, existing)
+            _insert_entries(conn, plan, taken)
+            _insert_legs_and_balances(conn, plan)
+            conn.execute("RELEASE ledger_post")
+            return plan.results
         plan = _plan(conn, entries, n, now, cache, {})
         # A refused entry would not reach the unique index: check those ids (few) first, so
         # a replayed entry is reported as duplicate/conflict, never as refused.
