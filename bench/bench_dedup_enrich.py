@@ -85,7 +85,6 @@ def bench_dedup(n: int) -> None:
             counts["accepted"] += result.counts.accepted
             counts["duplicate"] += result.counts.duplicate
         elapsed = time.perf_counter() - t0
-        gc.unfreeze()
     print(
         f"dedup sqlite: {n} events in {elapsed:.2f} s = {n / elapsed:,.0f}/s "
         f"({elapsed / n * 1e6:.1f} µs/event incl. commit) {counts}"
@@ -98,6 +97,7 @@ def bench_dedup(n: int) -> None:
         result = check_duplicates(batch, mem)
         samples.append((time.perf_counter() - t) / len(batch))
         mem.apply(result.effects)
+    gc.unfreeze()
     print(
         f"dedup CPU (memory index): mean {statistics.mean(samples) * 1e6:.1f} µs/event, "
         f"worst batch {max(samples) * 1e6:.1f} µs/event"
