@@ -261,3 +261,20 @@ def test_fr6_enriched_event_carries_no_clear_pan(
     refdata, cards = generated
     text = msgspec.json.encode([enrich_one(standardized(c), refdata) for c in cards[:20]]).decode()
     assert not any(c.pan in text for c in cards)
+
+
+def test_fr6_network_billing_amount_is_reported_and_unknown_currency_held(
+    generated: tuple[RefData, list[GeneratedCard]],
+) -> None:
+    refdata, cards = generated
+    card = card_of(cards, refdata, "uk-bank", "GBP")
+    ev = standardized(card, amount=Money(2500, "USD"))
+    doc = ev.detail["pacs008"]
+    doc["CdtTrfTxInf"][0]["IntrBkSttlmAmt"] = {"@Ccy": "GBP", "#text": "19.95"}
+    t = enrich_one(ev, refdata).detail["transaction"]
+    assert t["network_billing_amount"] == {"minor": 1995, "currency": "GBP"}
+    assert t["billing_amount"]["currency"] == "GBP"  # our own conversion is what is booked
+    doc["CdtTrfTxInf"][0]["InstdAmt"] = {"@Ccy": "ZZZ", "#text": "25.00"}
+    held = enrich_one(ev, refdata)
+    assert held.detail_type == "TransactionHeld"
+    assert held.detail["reason"].startswith("unknown_currency:")
