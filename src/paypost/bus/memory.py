@@ -22,7 +22,6 @@ from paypost.bus.core import (
     ArchiveQuery,
     Bus,
     BusConfig,
-    BusError,
     BusStats,
     Clock,
     DeadLetter,
@@ -577,6 +576,3 @@ def _lease_expired_error(row: _Queued, cfg: TargetConfig) -> str:
         f"{cfg.retry.max_attempts} (the consumer crashed or ran past lease_s={cfg.lease_s}s)"
         + (f"; last error: {row.last_error}" if row.last_error else "")
     )
-
-
-__all__ = ["BusError", "MemoryBus"]

@@ -394,7 +394,7 @@ class SqliteBus(Bus):
     # -- dead letters ------------------------------------------------------------------
     def _dead_rows(
         self, where: str, params: Sequence[Any], limit: int | None = None
-    ) -> Iterator[tuple[DeadLetter, dict[str, Any] | None]]:
+    ) -> Iterator[DeadLetter]:
         sql = (
             "SELECT d.id, d.target_id, d.error, d.attempts, d.first_at, d.last_at, d.dead_at, "
             f"a.body FROM bus_dlq d JOIN bus_archive a ON a.position = d.position {where} "
@@ -405,18 +405,15 @@ class SqliteBus(Bus):
         for did, tid, error, attempts, first_at, last_at, dead_at, body in self.conn.execute(
             sql, params
         ).fetchall():
-            yield (
-                DeadLetter(
-                    id=did,
-                    target=self._target_names.get(tid, f"#{tid}"),
-                    event=decode_event(body),
-                    error=error,
-                    attempts=attempts,
-                    first_attempt_at=first_at,
-                    last_attempt_at=last_at,
-                    dead_lettered_at=dead_at,
-                ),
-                None,
+            yield DeadLetter(
+                id=did,
+                target=self._target_names.get(tid, f"#{tid}"),
+                event=decode_event(body),
+                error=error,
+                attempts=attempts,
+                first_attempt_at=first_at,
+                last_attempt_at=last_at,
+                dead_lettered_at=dead_at,
             )
 
     def dlq_list(
@@ -433,7 +430,7 @@ class SqliteBus(Bus):
                 where, params = "WHERE d.target_id = ?", [self._target(target)[0]]
             out: list[DeadLetter] = []
             rows = self._dead_rows(where, params, limit if matcher is None else None)
-            for dead, _ in rows:
+            for dead in rows:
                 if matcher is not None and not matcher.matches(dead.event.to_dict()):
                     continue
                 out.append(dead)
@@ -444,7 +441,7 @@ class SqliteBus(Bus):
     def dlq_get(self, entry_id: int) -> DeadLetter:
         with self._lock:
             self._refresh()
-            for dead, _ in self._dead_rows("WHERE d.id = ?", [entry_id]):
+            for dead in self._dead_rows("WHERE d.id = ?", [entry_id]):
                 return dead
         raise DeadLetterNotFound(
             f"dead letter {entry_id} does not exist; `paypost dlq list` shows the ids."
