@@ -421,11 +421,7 @@ class PostgresLedger:
         plan = self._plan(
             conn, s, tenant, entries, n, accounts, pks, now, read_existing=bool(first)
         )
-        refused = {
-            (e.tenant, e.id)
-            for e, r in zip(entries, plan.results, strict=True)
-            if r.status == "refused"
-        }
+        refused = plan.refused
         if refused and not first and self._existing(conn, s, tenant, [k[1] for k in refused]):
             for k, v in balances.items():
                 accounts[k].balance = v

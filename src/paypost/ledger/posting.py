@@ -96,6 +96,8 @@ class Plan:
     deltas: dict[int, list[int]] = field(default_factory=dict)
     # account pk -> currency (for the conservation check)
     currencies: dict[int, str] = field(default_factory=dict)
+    # (tenant, id) of the refused entries
+    refused: list[Key] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -215,6 +217,7 @@ def plan_batch(
             reason = _overdraft_problem(e, resolved)
         if reason is not None:
             results.append(PostResult(entry_id=e.id, status="refused", reason=reason))
+            plan.refused.append(key)
             continue
         # Posted: assign the next position, apply running balances, emit rows.
         pk = next(positions)

@@ -347,12 +347,7 @@ def post_batch_in(
         plan = _plan(conn, entries, n, now, cache, {})
         # A refused entry would not reach the unique index: check those ids (few) first, so
         # a replayed entry is reported as duplicate/conflict, never as refused.
-        refused = {
-            (e.tenant, e.id)
-            for e, r in zip(entries, plan.results, strict=True)
-            if r.status == "refused"
-        }
-        if refused and _read_existing(conn, refused)[0]:
+        if plan.refused and _read_existing(conn, plan.refused)[0]:
             existing, taken = _read_existing(conn, n.entry_keys)
             plan = _plan(conn, entries, n, now, cache, existing)
             _insert_entries(conn, plan, taken)
