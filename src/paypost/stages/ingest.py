@@ -53,7 +53,7 @@ from paypost.events import (
     utc_now,
 )
 from paypost.iso import iso8583 as iso
-from paypost.logs import get_logger
+from paypost.logs import get_logger, log_context
 from paypost.money import CURRENCY_EXPONENTS
 from paypost.security.tokens import (
     CardToken,
@@ -1422,7 +1422,8 @@ def run_ingest(
     report = IngestReport(source=reader.config.name)
     for batch in reader.batches(final=final):
         try:
-            with unit_of_work() as uow:
+            # Every line logged while the batch commits carries its tenant and source.
+            with log_context(tenant=batch.tenant, source=batch.source), unit_of_work() as uow:
                 uow.publish(batch.events)
                 SqliteIngestStore(uow.conn).apply(batch)
         except BaseException:
