@@ -24,6 +24,7 @@ from paypost.iso.generate import (
     jsonl_lines,
     record_of,
 )
+from paypost.iso.generate import _response_fields as iso8583_response_fields
 from paypost.security.tokens import Tokenizer, VaultKeys, find_pans
 from paypost.stages.ingest import (
     IngestBatch,
@@ -503,3 +504,22 @@ def test_fast_encoder_agrees_with_pyiso8583() -> None:
     # Unusual input goes to pyiso8583, which explains what is wrong.
     with pytest.raises(iso.Iso8583FormatError):
         iso.encode_message({"t": "0100", "4": "12"})  # fixed field of the wrong length
+
+
+def test_response_with_another_card_is_quarantined_and_the_request_waits(tmp_path: Path) -> None:
+    a = auth(1)
+    wrong = dataclasses.replace(a, pan=MC)
+    fields = {**iso8583_response_fields(wrong), "2": MC}
+    bad_resp = iso.format_log_line(iso.format_utc(a.responded), iso.encode_message(fields))
+    events, store, _ = run(write(tmp_path, [req_line(a), bad_resp, resp_line(a)]), cfg())
+    assert len(events) == 1  # the real response still pairs
+    [q] = store.quarantine
+    assert q.kind == "pan-mismatch" and "555555******4444" in q.reason and MC not in q.record
+
+
+def test_csv_header_with_byte_order_mark(tmp_path: Path) -> None:
+    lines = list(csv_lines([auth(1)]))
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    events, _, _ = run(path, cfg("csv"))
+    assert len(events) == 1

@@ -643,7 +643,7 @@ class CsvReader(_FileReader):
         super().__init__(path, config, keys, checkpoint)
         with path.open("rb") as fh:
             header_raw = fh.readline()
-        header = next(csv.reader([header_raw.decode("utf-8", "replace")]), [])
+        header = next(csv.reader([header_raw.decode("utf-8-sig", "replace")]), [])
         self.header = [h.strip() for h in header]
         unknown = [h for h in self.header if h not in RECORD_FIELDS]
         missing = [
