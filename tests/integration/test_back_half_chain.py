@@ -59,7 +59,7 @@ class ShortTokenizer:
 
     def tokenize(self, pan: str, tenant: str) -> _Token:
         ct = self._inner.tokenize(pan, tenant)
-        return _Token(ct.token[:34], ct.masked)
+        return _Token(ct.token, ct.masked)
 
 
 MERCHANTS = [

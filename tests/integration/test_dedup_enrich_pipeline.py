@@ -7,8 +7,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import pytest
-
 from paypost.events import (
     AuthorizationApproved,
     AuthorizationRequest,
@@ -53,11 +51,6 @@ def _approved(i: int, tenant: str, token: str, masked: str, currency: str) -> Ev
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="standardize refuses paypost's own 36-character card tokens (pacs.008 Max34Text "
-    "in iso20022.semantic_problems); remove this marker when tokens fit",
-)
 def test_fr2_to_fr6_front_half_with_real_tokens(tmp_path: Path) -> None:
     keys = VaultKeys.from_master(MASTER)
     generated = generate_refdata(60, seed=11, tokenizer=Tokenizer(keys.token_key))

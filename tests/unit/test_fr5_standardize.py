@@ -175,7 +175,7 @@ def test_fr5_refund_credits_the_cardholder_and_validates() -> None:
     )
     tx = transaction_of(doc)
     assert is_credit_to_cardholder(doc)
-    assert tx["CdtrAcct"]["Id"]["Othr"]["Id"] == "tok_9f2c1d7e5b"
+    assert tx["CdtrAcct"]["Id"]["Othr"]["Id"] == "9f2c1d7e5b"  # Max34Text: prefix dropped
     assert tx["Dbtr"]["Nm"] == "Boulangerie Dupont"
     assert tx["Purp"] == {"Cd": "REFU"}
     validate_xml(render_xml(doc))
@@ -187,16 +187,21 @@ def test_fr5_mapping_of_parties_ids_and_card_data() -> None:
     detail = detail_of(out, TransactionStandardized)
     doc = detail.pacs008
     tx = transaction_of(doc)
-    assert doc["GrpHdr"]["MsgId"] == detail.message_id == out.id.replace("-", "")
+
+    def grouped(event_id: str) -> str:  # 32 hex digits in groups of 8: no 13-digit run
+        h = event_id.replace("-", "")
+        return f"{h[:8]}-{h[8:16]}-{h[16:24]}-{h[24:]}"
+
+    assert doc["GrpHdr"]["MsgId"] == detail.message_id == grouped(out.id)
     assert doc["GrpHdr"]["CreDtTm"] == event.time
     assert doc["GrpHdr"]["NbOfTxs"] == "1"
     assert tx["PmtId"]["EndToEndId"] == "632509004711"  # the RRN
-    assert tx["PmtId"]["TxId"] == event.id.replace("-", "")
+    assert tx["PmtId"]["TxId"] == grouped(event.id)
     assert UUID_V4.fullmatch(tx["PmtId"]["UETR"])
     assert tx["IntrBkSttlmDt"] == "2026-11-21"
     assert tx["AccptncDtTm"] == "2026-11-21T09:15:31.250Z"
     assert tx["DbtrAcct"]["Id"]["Othr"] == {
-        "Id": "tok_9f2c1d7e5b",
+        "Id": "9f2c1d7e5b",  # Max34Text: the token without its prefix
         "SchmeNm": {"Prtry": "CARD_TOKEN"},
     }
     assert tx["DbtrAgt"]["FinInstnId"]["Othr"]["Id"] == "411111"

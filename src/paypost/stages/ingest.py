@@ -567,8 +567,7 @@ class _FileReader(_ReaderBase):
         is left for the next read (the writer may still be appending).
         """
         per_batch = self.config.records_per_batch()
-        start_offset, start_line = self.checkpoint.position, self.checkpoint.line
-        offset, line = start_offset, start_line
+        offset, line = self.checkpoint.position, self.checkpoint.line
         with self.path.open("rb") as fh:
             fh.seek(offset)
             batch = self._new_batch()
@@ -582,15 +581,8 @@ class _FileReader(_ReaderBase):
                     yield self._close(batch, offset, line)
                     batch = self._new_batch()
         self._at_end(batch, final)
-        if (
-            batch.counts.records
-            or batch.quarantined
-            or (offset, line)
-            != (
-                self.checkpoint.position,
-                self.checkpoint.line,
-            )
-        ):
+        moved = (offset, line) != (self.checkpoint.position, self.checkpoint.line)
+        if batch.counts.records or batch.quarantined or moved:
             yield self._close(batch, offset, line)
 
     def _handle(self, batch: IngestBatch, line: int, offset: int, raw: bytes) -> None:
