@@ -132,6 +132,31 @@ class BusConformance(abc.ABC):
         assert bus.pending("holds") == 0
         assert bus.pending("audit") == 2  # acking one target leaves the other untouched
 
+    def test_inline_targets_are_handed_back_archived_but_not_enqueued(self, bus: Bus) -> None:
+        with bus.unit_of_work() as uow:
+            result = uow.publish([held(1), rejected(2)], dedup=False, inline={"holds"})
+        assert [e.id for e in result.inline["holds"]] == ["held-1"]
+        assert "audit" not in result.inline  # not inline: queued as usual
+        assert result.routed == {"holds": 1, "audit": 2}
+        assert bus.pending("holds") == 0
+        assert self.ids(bus.receive("audit")) == ["held-1", "rej-2"]
+        assert bus.archive_count() == 2
+
+    def test_publish_only_to_named_targets(self, bus: Bus) -> None:
+        result = bus.publish([held(1)], dedup=False, only={"holds"})
+        assert result.routed == {"holds": 1}
+        assert bus.pending("audit") == 0
+        assert self.ids(bus.receive("holds")) == ["held-1"]
+
+    def test_dead_letter_without_a_delivery(self, bus: Bus) -> None:
+        with bus.unit_of_work() as uow:
+            assert uow.dead_letter("holds", [held(1), held(2)], "sequence incomplete") == 2
+        dead = bus.dlq_list(target="holds")
+        assert [d.event.id for d in dead] == ["held-1", "held-2"]
+        assert dead[0].error == "sequence incomplete" and dead[0].attempts == 1
+        assert bus.dlq_redrive(target="holds") == 2
+        assert self.ids(bus.receive("holds")) == ["held-1", "held-2"]
+
     def test_rule_with_unknown_target_is_refused(self, bus: Bus) -> None:
         with pytest.raises(BusError, match="nowhere"):
             bus.put_rule(Rule(name="x", pattern={"source": ["a"]}, target="nowhere"))

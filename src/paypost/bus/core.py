@@ -29,7 +29,7 @@ import abc
 import hashlib
 import random
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -205,6 +205,9 @@ class PublishResult(msgspec.Struct, kw_only=True):
     duplicates_dropped: int = 0
     id_conflicts: int = 0
     routed: dict[str, int] = msgspec.field(default_factory=dict)
+    # Events routed to the publish's `inline` targets, in publish order: handed back to the
+    # caller to process in-process, in the same unit of work, instead of being enqueued.
+    inline: dict[str, list[Event]] = msgspec.field(default_factory=dict)
 
     def merge(self, other: PublishResult) -> None:
         self.published += other.published
@@ -212,6 +215,8 @@ class PublishResult(msgspec.Struct, kw_only=True):
         self.id_conflicts += other.id_conflicts
         for k, v in other.routed.items():
             self.routed[k] = self.routed.get(k, 0) + v
+        for k, evs in other.inline.items():
+            self.inline.setdefault(k, []).extend(evs)
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -503,11 +508,31 @@ class UnitOfWork(abc.ABC):
     conn: Any
 
     @abc.abstractmethod
-    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
+    def publish(
+        self,
+        events: Iterable[Event],
+        *,
+        dedup: bool = True,
+        inline: Collection[str] = (),
+        only: Collection[str] | None = None,
+    ) -> PublishResult:
         """Archive and route EVENTS. With `dedup=False` the events are neither checked
         against nor recorded in the dedup window: for outputs of a consumer that commits a
         tracking record in this same unit of work (its outputs are produced once already),
-        which saves one random-key index insert per event (DESIGN §5)."""
+        which saves one random-key index insert per event (DESIGN §5).
+
+        `inline`: targets the caller processes in-process inside this same unit of work (the
+        embedded pipeline's fused stages): events routed to them are returned in
+        `PublishResult.inline` instead of being enqueued — same rules, same archive, no queue
+        row. `only`: route to these targets alone (e.g. hand one event that failed in-process
+        to its target's durable queue, where the retry policy and the DLQ take over)."""
+
+    @abc.abstractmethod
+    def dead_letter(self, target: str, events: Iterable[Event], error: str) -> int:
+        """Put EVENTS straight into TARGET's dead-letter queue with ERROR (attempts 1): for
+        a stage that gives up on events it already consumed (an incomplete posting sequence
+        after its timeout). They are archived again with the DLQ entry, so `dlq show` and
+        `dlq redrive` work as for any dead letter. Returns how many were dead-lettered."""
 
     @abc.abstractmethod
     def ack(self, deliveries: Iterable[Delivery]) -> int:
@@ -567,10 +592,12 @@ class Bus(abc.ABC):
     def unit_of_work(self) -> AbstractContextManager[UnitOfWork]: ...
 
     # -- publish / consume (each its own transaction; use a unit of work to combine) -------
-    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
+    def publish(
+        self, events: Iterable[Event], *, dedup: bool = True, only: Collection[str] | None = None
+    ) -> PublishResult:
         """Archive and route EVENTS (dedup by id inside the window; see module docs)."""
         with self.unit_of_work() as uow:
-            return uow.publish(events, dedup=dedup)
+            return uow.publish(events, dedup=dedup, only=only)
 
     @abc.abstractmethod
     def receive(self, target: str, max_events: int | None = None) -> list[Delivery]:

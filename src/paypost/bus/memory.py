@@ -11,7 +11,7 @@ import functools
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -394,12 +394,21 @@ class _MemoryUnitOfWork(UnitOfWork):
         self.undo.append(undo)
 
     # -- UnitOfWork ----------------------------------------------------------------------
-    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
+    def publish(
+        self,
+        events: Iterable[Event],
+        *,
+        dedup: bool = True,
+        inline: Collection[str] = (),
+        only: Collection[str] | None = None,
+    ) -> PublishResult:
         b = self.bus
         now = b.clock()
         batch = prepare(events)
         if not dedup:
-            return self._archive_and_route(batch, now, PublishResult(published=len(batch)), False)
+            return self._archive_and_route(
+                batch, now, PublishResult(published=len(batch)), False, inline, only
+            )
         window_start = now - b.config.effective_dedup_window_s
         seen: dict[int, set[int]] = {}
         for p in batch:
@@ -414,22 +423,59 @@ class _MemoryUnitOfWork(UnitOfWork):
         result = PublishResult(published=len(keep), duplicates_dropped=dups, id_conflicts=conflicts)
         self.bump("duplicates_dropped", dups, b._counters)
         self.bump("id_conflicts", conflicts, b._counters)
-        return self._archive_and_route(keep, now, result, True)
+        return self._archive_and_route(keep, now, result, True, inline, only)
+
+    def _route(
+        self,
+        event: Event,
+        pos: int,
+        now: float,
+        result: PublishResult,
+        inline: Collection[str],
+        only: Collection[str] | None,
+    ) -> None:
+        for t in self.bus.router().route(event):
+            if only is not None and t not in only:
+                continue
+            result.routed[t] = result.routed.get(t, 0) + 1
+            if t in inline:
+                result.inline.setdefault(t, []).append(event)
+            else:
+                self.enqueue(t, pos, now)
+
+    def dead_letter(self, target: str, events: Iterable[Event], error: str) -> int:
+        error = clean_error(error)
+        b = self.bus
+        b.target(target)
+        now = b.clock()
+        n = 0
+        for p in prepare(events):
+            pos = b._next_position
+            b._next_position += 1
+            b._archive[pos] = _Archived(pos, now, p.id_key, p.content_hash, p.event)
+            self.undo.append(functools.partial(b._archive.pop, pos, None))
+            row = _Queued(position=pos, visible_at=now, attempts=1, first_at=now, last_at=now)
+            self.add_dead(target, row, error, now)
+            n += 1
+        return n
 
     def _archive_and_route(
-        self, keep: list[PreparedEvent], now: float, result: PublishResult, dedup: bool
+        self,
+        keep: list[PreparedEvent],
+        now: float,
+        result: PublishResult,
+        dedup: bool,
+        inline: Collection[str] = (),
+        only: Collection[str] | None = None,
     ) -> PublishResult:
         b = self.bus
-        router = b.router()
         for p in keep:
             pos = b._next_position
             b._next_position += 1
             b._archive[pos] = _Archived(pos, now, p.id_key, p.content_hash, p.event)
             if not dedup:
                 self.undo.append(functools.partial(b._archive.pop, pos, None))
-                for t in router.route(p.event):
-                    self.enqueue(t, pos, now)
-                    result.routed[t] = result.routed.get(t, 0) + 1
+                self._route(p.event, pos, now, result, inline, only)
                 continue
             hashes = b._by_id.setdefault(p.id_key, {})
             old = hashes.get(p.content_hash)
@@ -448,9 +494,7 @@ class _MemoryUnitOfWork(UnitOfWork):
                     by_hash[h] = old
 
             self.undo.append(undo)
-            for t in router.route(p.event):
-                self.enqueue(t, pos, now)
-                result.routed[t] = result.routed.get(t, 0) + 1
+            self._route(p.event, pos, now, result, inline, only)
         for t, n in result.routed.items():
             self.bump(t, n, b._routed_total)
         return result

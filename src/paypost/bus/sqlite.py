@@ -31,7 +31,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -617,7 +617,14 @@ class _SqliteUnitOfWork(UnitOfWork):
         self.conn: sqlite3.Connection = bus.conn
         self.after_commit: list[Callable[[], None]] = []
 
-    def publish(self, events: Iterable[Event], *, dedup: bool = True) -> PublishResult:
+    def publish(
+        self,
+        events: Iterable[Event],
+        *,
+        dedup: bool = True,
+        inline: Collection[str] = (),
+        only: Collection[str] | None = None,
+    ) -> PublishResult:
         b, conn = self.bus, self.conn
         batch = prepare(events)
         if not batch:
@@ -625,7 +632,9 @@ class _SqliteUnitOfWork(UnitOfWork):
         now = b.clock()
         seen: dict[int, set[int]] = {}
         if not dedup:
-            return self._archive_and_route(batch, now, PublishResult(published=len(batch)))
+            return self._archive_and_route(
+                batch, now, PublishResult(published=len(batch)), inline, only
+            )
         keys = list({p.id_key for p in batch})
         window_start = now - b.config.effective_dedup_window_s
         for part in _chunks(keys):
@@ -647,10 +656,15 @@ class _SqliteUnitOfWork(UnitOfWork):
                 "UPDATE bus_meta SET value = value + ? WHERE key = ?",
                 [(dups, "duplicates_dropped"), (conflicts, "id_conflicts")],
             )
-        return self._archive_and_route(keep, now, result)
+        return self._archive_and_route(keep, now, result, inline, only)
 
     def _archive_and_route(
-        self, keep: list[PreparedEvent], now: float, result: PublishResult
+        self,
+        keep: list[PreparedEvent],
+        now: float,
+        result: PublishResult,
+        inline: Collection[str] = (),
+        only: Collection[str] | None = None,
     ) -> PublishResult:
         b, conn = self.bus, self.conn
         if keep:
@@ -662,12 +676,18 @@ class _SqliteUnitOfWork(UnitOfWork):
             archive_rows = []
             queue_rows = []
             routed = result.routed
+            in_process = result.inline
             for i, p in enumerate(keep):
                 pos = next_pos + i
                 archive_rows.append((pos, now, p.id_key, p.content_hash, p.body))
                 for t in router.route(p.event):
-                    queue_rows.append((targets[t][0], pos, now))
+                    if only is not None and t not in only:
+                        continue
                     routed[t] = routed.get(t, 0) + 1
+                    if t in inline:
+                        in_process.setdefault(t, []).append(p.event)
+                    else:
+                        queue_rows.append((targets[t][0], pos, now))
             conn.executemany("INSERT INTO bus_archive VALUES (?, ?, ?, ?, ?)", archive_rows)
             if queue_rows:
                 conn.executemany(
@@ -802,6 +822,29 @@ class _SqliteUnitOfWork(UnitOfWork):
                     (now + delay, error, d.handle.queue_id),
                 )
         return dead
+
+    def dead_letter(self, target: str, events: Iterable[Event], error: str) -> int:
+        error = clean_error(error)
+        b, conn = self.bus, self.conn
+        tid = b._target(target)[0]
+        batch = prepare(events)
+        if not batch:
+            return 0
+        now = b.clock()
+        (next_pos,) = conn.execute("SELECT value FROM bus_meta WHERE key='archive_next'").fetchone()
+        conn.executemany(
+            "INSERT INTO bus_archive VALUES (?, ?, ?, ?, ?)",
+            [(next_pos + i, now, p.id_key, p.content_hash, p.body) for i, p in enumerate(batch)],
+        )
+        conn.execute(
+            "UPDATE bus_meta SET value = ? WHERE key='archive_next'", (next_pos + len(batch),)
+        )
+        conn.executemany(
+            "INSERT INTO bus_dlq(target_id, position, error, attempts, first_at, last_at, dead_at) "
+            "VALUES (?, ?, ?, 1, ?, ?, ?)",
+            [(tid, next_pos + i, error, now, now, now) for i in range(len(batch))],
+        )
+        return len(batch)
 
     def processed(self, consumer: str, deliveries: Iterable[Delivery]) -> set[tuple[int, int]]:
         wanted = {d.tracking_key for d in deliveries}
