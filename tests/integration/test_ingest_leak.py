@@ -203,3 +203,36 @@ def test_FR1_crash_mid_file_resumes_without_re_emitting(tmp_path: Path) -> None:
     cp = store.load_checkpoint("switch")
     assert cp is not None and cp.counters.approved == approved and cp.pending == []
     bus.close()
+
+
+def test_FR11_follow_a_log_while_it_is_written_realtime(tmp_path: Path) -> None:
+    from paypost.stages.ingest import follow_ingest
+
+    keys = VaultKeys.from_master(b"\x09" * 32)
+    auths = list(generate_authorizations({"bank-a": card_numbers(5)}, 40, seed=6))
+    lines = [line + "\n" for line in iso8583_log_lines(auths)]
+    log = tmp_path / "live.log"
+    log.write_text("".join(lines[:30]) + lines[30][:25])  # the writer is mid-line
+    bus = _bus(tmp_path / "data")
+    source = SourceConfig(name="live", tenant="bank-a", format="iso8583", mode="realtime")
+    reader = open_reader(source, keys, path=log)
+    polls = 0
+
+    def stop() -> bool:
+        nonlocal polls
+        polls += 1
+        if polls == 3:  # the writer finishes its line and writes the rest
+            with log.open("a") as fh:
+                fh.write(lines[30][25:] + "".join(lines[31:]))
+        return polls > 5
+
+    report = follow_ingest(
+        reader, bus.unit_of_work, should_stop=stop, poll_s=0, sleep=lambda _: None
+    )
+    approved = sum(a.response_code == "00" for a in auths)
+    assert report.events == approved
+    assert report.batches == len(lines)  # realtime: one record per transaction
+    assert bus.conn.execute("SELECT count(*) FROM bus_archive").fetchone()[0] == approved
+    cp = SqliteIngestStore(bus.conn).load_checkpoint("live")
+    assert cp is not None and cp.line == len(lines) and cp.pending == []
+    bus.close()

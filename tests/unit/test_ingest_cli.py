@@ -87,3 +87,29 @@ def test_cli_errors_name_the_input(tmp_path: Path, data_dir: Path) -> None:
     bad.write_text("pan,colour\n4111111111111111,red\n")
     code, out = run("ingest", str(bad), "--format", "csv", "--data-dir", str(data_dir))
     assert code == 2 and "colour" in out and "4111111111111111" not in out
+
+
+def test_FR1_table_feed_from_the_cli_scrubs_the_landing_rows(data_dir: Path) -> None:
+    import sqlite3
+
+    from paypost.iso.generate import card_numbers, generate_authorizations, record_of
+
+    code, out = run("ingest", "--format", "table", "--data-dir", str(data_dir), "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["events"] == 0  # empty table
+    recs = [record_of(a) for a in generate_authorizations({"bank-a": card_numbers(3)}, 20)]
+    conn = sqlite3.connect(data_dir / "paypost.db")
+    cols = list(recs[0])
+    conn.executemany(
+        f"INSERT INTO ingest_authorizations ({', '.join(cols)}) "
+        f"VALUES ({', '.join('?' for _ in cols)})",
+        [[r.get(c) for c in cols] for r in recs],
+    )
+    conn.commit()
+    code, out = run("ingest", "--format", "table", "--data-dir", str(data_dir), "--json")
+    report = json.loads(out.splitlines()[-1])
+    assert report["this_run"]["records"] == 20 and report["position"] == 20
+    pans = [r[0] for r in conn.execute("SELECT pan FROM ingest_authorizations")]
+    assert all("******" in p for p in pans)
+    conn.close()
+    code, out = run("ingest", "some.log", "--format", "table", "--data-dir", str(data_dir))
+    assert code == 2 and "no FILE" in out

@@ -34,6 +34,7 @@ import csv
 import functools
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -1436,6 +1437,35 @@ def run_ingest(
     return report
 
 
+def follow_ingest(
+    reader: IngestReader,
+    unit_of_work: Callable[[], AbstractContextManager[PublishingUnitOfWork]],
+    *,
+    should_stop: Callable[[], bool],
+    poll_s: float = 0.5,
+    on_batch: Callable[[IngestBatch], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> IngestReport:
+    """Tail a live source (a log still being written, the table feed) until SHOULD_STOP().
+
+    Ingests whatever is there (batches of the source's mode: FR11 realtime commits every
+    record, near-realtime micro-batches), then waits POLL_S when nothing new came, and again.
+    A last line without newline waits for its end; ISO 8583 requests wait for their response
+    (reported after the timeout, by log time). Stop between batches: nothing half-done.
+    """
+    total = IngestReport(source=reader.config.name, checkpoint=reader.checkpoint)
+    while not should_stop():
+        report = run_ingest(reader, unit_of_work, final=False, on_batch=on_batch)
+        total.batches += report.batches
+        total.events += report.events
+        total.counters.add(report.counters)
+        if report.checkpoint is not None:
+            total.checkpoint = report.checkpoint
+        if report.batches == 0:
+            sleep(poll_s)
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # Quarantine queries (CLI)
 
@@ -1508,6 +1538,7 @@ __all__ = [
     "SqliteIngestStore",
     "TableFeedReader",
     "ensure_schema",
+    "follow_ingest",
     "open_reader",
     "run_ingest",
 ]
