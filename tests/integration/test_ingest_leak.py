@@ -158,6 +158,8 @@ def test_NFR6_leak_no_card_number_in_any_file_or_log_line(tmp_path: Path) -> Non
         rec = json.loads(line)
         assert not find_pans(line), line
         assert "tenant" in rec or rec.get("event") == "vault.detokenize"
+        if rec["event"] == "ingest.quarantined":
+            assert rec["correlation-id"] and rec["tenant"] == "bank-a"
     for e in events:
         text = msgspec.json.encode(e).decode()
         assert not find_pans(msgspec.json.encode(e.detail).decode())

@@ -488,6 +488,8 @@ class _ReaderBase:
         )
         batch.quarantined.append(q)
         batch.counts.quarantined += 1
+        # correlation-id: the id this record's event would have had, to trace it in the logs.
+        record_id = self._record_position(position, line)
         log.warning(
             "ingest.quarantined",
             source=self.config.name,
@@ -496,7 +498,12 @@ class _ReaderBase:
             line=line,
             kind=kind,
             reason=q.reason,
+            **{"correlation-id": derive_event_id(f"ingest:{self.config.name}@{record_id}", STAGE)},
         )
+
+    def _record_position(self, position: int, line: int | None) -> int:
+        """The position in a record's event id (the byte offset or row id; ISO: the line)."""
+        return position
 
     def batches(self, final: bool = False) -> Iterator[IngestBatch]:
         raise NotImplementedError
@@ -839,6 +846,9 @@ class Iso8583LogReader(_FileReader):
     def _pending_list(self) -> list[PendingRequest]:
         return [p.to_checkpoint() for p in self._pending.values()]
 
+    def _record_position(self, position: int, line: int | None) -> int:
+        return line if line is not None else position
+
     def _take_pending(self, key: str) -> _Pending | None:
         lines = self._by_key.get(key)
         if not lines:
@@ -870,13 +880,6 @@ class Iso8583LogReader(_FileReader):
                 kind="response-timeout",
                 reason=f"0100 request (STAN {p.request['stan']}) timed out: {why}",
                 record=msgspec.json.encode(p.request).decode(),
-            )
-            log.warning(
-                "ingest.request_timeout",
-                source=self.config.name,
-                tenant=self.config.tenant,
-                line=p.line,
-                stan=p.request["stan"],
             )
 
     def _take_line(self, p: _Pending) -> None:
