@@ -12,6 +12,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from paypost.config import UserError
 from paypost.logs import configure_logging, get_logger, log_context
@@ -195,3 +197,35 @@ def test_NFR6_log_lines_are_json_with_context_and_redacted() -> None:
     assert "411111******1111" in lines[0]["note"]
     assert VISA not in buf.getvalue() and "4111-1111-1111-1111" not in buf.getvalue()
     assert "correlation-id" not in lines[1]
+
+
+@st.composite
+def _luhn_pans(draw: st.DrawFn) -> str:
+    n = draw(st.integers(min_value=13, max_value=19))
+    body = draw(st.text(alphabet="0123456789", min_size=n - 1, max_size=n - 1))
+    return _luhn_complete(body)
+
+
+@given(
+    prefix=st.text(alphabet=st.characters(blacklist_categories=("Nd",)), max_size=20),
+    pan=_luhn_pans(),
+    suffix=st.text(alphabet=st.characters(blacklist_categories=("Nd",)), max_size=20),
+    grouped=st.sampled_from(["", " ", "-"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_NFR6_any_luhn_valid_pan_in_text_is_found_and_redacted(
+    prefix: str, pan: str, suffix: str, grouped: str
+) -> None:
+    written = pan
+    if grouped:  # as card numbers are written: groups of 4 (the last 1-4 digits)
+        groups = [pan[i : i + 4] for i in range(0, len(pan), 4)]
+        if len(groups[-1]) < 3:  # 1-2 trailing digits join the previous group
+            groups[-2:] = [groups[-2] + groups[-1]]
+        written = grouped.join(groups)
+    if grouped and (prefix[-1:].isalnum() or suffix[:1].isalnum()):
+        prefix, suffix = prefix + " ", " " + suffix  # grouped numbers stand apart
+    text = prefix + written + suffix
+    assert find_pans(text)
+    out = redact(text)
+    assert pan not in out.replace(" ", "").replace("-", "")
+    assert mask_pan(pan) in out
