@@ -144,6 +144,8 @@ def generate_authorizations(
     duplicate_rate: float = 0.01,
     foreign_rate: float = 0.1,
     unanswered_rate: float = 0.0,
+    high_value_rate: float = 0.0,
+    missing_issuer_rate: float = 0.0,
 ) -> Iterator[GeneratedAuthorization]:
     """COUNT authorizations over CARDS ({tenant: [pan, ...]}), in transmission-time order.
 
@@ -179,6 +181,8 @@ def generate_authorizations(
         currency = COUNTRY_CURRENCY.get(country, home) if foreign else home
         exp_scale = 1 if currency == "JPY" else 100
         amount = max(1, int(rng.lognormvariate(3.0, 1.0) * exp_scale))
+        if high_value_rate and rng.random() < high_value_rate:
+            amount *= 500  # a few thousand: over a typical high-value threshold
         billing = _billing(amount, currency, home) if currency != home else None
         acquirer = acquirers[rng.randrange(len(acquirers))]
         stans[acquirer] = stans[acquirer] % 999_999 + 1
@@ -202,7 +206,9 @@ def generate_authorizations(
             merchant_country=country,
             terminal_id=f"T{rng.randrange(10**7):07d}",
             rrn=f"{t.strftime('%y%j')}{index % 10**7:07d}",
-            issuing_country="826",
+            issuing_country=""
+            if missing_issuer_rate and rng.random() < missing_issuer_rate
+            else "826",
             response_code=rng.choice(_DECLINE_CODES) if declined else "00",
             approval_code=None
             if declined
@@ -245,7 +251,6 @@ def _request_fields(a: GeneratedAuthorization) -> dict[str, str]:
         "12": a.transmitted.strftime("%H%M%S"),
         "13": a.transmitted.strftime("%m%d"),
         "18": a.mcc,
-        "20": a.issuing_country,
         "22": "051",
         "32": a.acquirer_id,
         "37": a.rrn,
@@ -254,6 +259,8 @@ def _request_fields(a: GeneratedAuthorization) -> dict[str, str]:
         "43": iso.field43(a.merchant_name, a.merchant_city, a.merchant_country),
         "49": iso.currency_numeric(a.currency),
     }
+    if a.issuing_country:
+        fields["20"] = a.issuing_country
     if a.billing_amount_minor is not None and a.billing_currency is not None:
         fields["6"] = f"{a.billing_amount_minor:012d}"
         fields["51"] = iso.currency_numeric(a.billing_currency)
@@ -327,7 +334,7 @@ def record_of(a: GeneratedAuthorization) -> dict[str, object]:
         "merchant_country": a.merchant_country,
         "terminal_id": a.terminal_id,
         "rrn": a.rrn,
-        "issuing_country": a.issuing_country,
+        "issuing_country": a.issuing_country or None,
         "response_code": a.response_code,
         "approval_code": a.approval_code,
         "responded_at": iso.format_utc(a.responded),

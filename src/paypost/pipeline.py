@@ -1,0 +1,606 @@
+"""The composition root: every rule, target and stage of paypost in one place (DESIGN §1–2).
+
+Read top to bottom: the targets (one per stage, plus the alert channel), the rules that route
+each lifecycle event to its stage, the stage handlers (thin adapters over the pure stage
+functions in `paypost.stages`), and the `Pipeline` that runs them.
+
+How a batch runs on the embedded default (one process, one SQLite file):
+
+    with bus.unit_of_work() as uow:                  # ONE transaction per ingest batch
+        ingest store: vault rows, quarantine, checkpoint (the source's tracking record)
+        publish AuthorizationApproved ──rules──► dedup ──► standardize ──► enrich ──► rules
+            ──► [buffer] ──► account-interface ──► assembler ──► ledger + posting outbox
+
+Every event is published to the bus (archived, routed by the rules above); events routed to
+a stage this process runs are handed back by `publish(..., inline=...)` and processed in the
+same unit of work instead of taking a queue round trip (fused in-process hops, DESIGN §5).
+The ingest checkpoint is the tracking record: it commits with every effect of the batch, so a
+crash anywhere leaves either the whole batch or none of it (effects once, DESIGN §3.1).
+
+Anything that does not fit the fused path takes the durable path through the same rules and
+the same handlers: an event whose stage raised is handed to that stage's durable queue (retry
+with backoff, then dead-letter with the error), the alert channel is a durable queue, and
+`paypost serve`/workers consume every target from its queue (`run_stage_consumer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from paypost.bus.consumer import Consumer, ConsumerStats, TokenBucket
+from paypost.bus.core import Delivery, PublishResult, RetryPolicy, Rule, TargetConfig, UnitOfWork
+from paypost.bus.sqlite import SqliteBus
+from paypost.events import FLAG_DETAIL_TYPES, Event
+from paypost.ledger import sqlite as ledger_sqlite
+from paypost.ledger.model import Account
+from paypost.logs import get_logger
+from paypost.refdata.model import RefData
+from paypost.stages import assembler as asm
+from paypost.stages import dedup as dedup_stage
+from paypost.stages import ingest as ingest_stage
+from paypost.stages.enrich import enrich
+from paypost.stages.post import PostingConfig, create_legs, internal_accounts
+from paypost.stages.posting_file import (
+    PostingFileWriter,
+    add_to_outbox,
+    ensure_outbox_schema,
+    export_outbox,
+)
+from paypost.stages.rules import RuleBook, apply_rules
+from paypost.stages.standardize import standardize
+
+log = get_logger("paypost.pipeline")
+
+Mode = Literal["realtime", "near-realtime", "batch"]
+MODES: tuple[Mode, ...] = ("realtime", "near-realtime", "batch")
+
+# --------------------------------------------------------------------------------------------
+# Targets and rules: the whole routing of paypost (a new consumer is a new rule here).
+
+DEDUP = "dedup"
+STANDARDIZE = "standardize"
+ENRICH = "enrich"
+RULES = "rules"
+ACCOUNT_INTERFACE = "account-interface"
+ASSEMBLER = "assembler"
+NOTIFICATIONS = "notifications"
+
+#: The stages in flow order (the fused dispatcher runs them in this order).
+STAGE_ORDER: tuple[str, ...] = (DEDUP, STANDARDIZE, ENRICH, RULES, ACCOUNT_INTERFACE, ASSEMBLER)
+
+STAGE_RETRY = RetryPolicy(max_attempts=5, base_delay_s=0.5, max_delay_s=60.0)
+
+#: Alerts that would page an SRE team (NFR7): a durable queue with its own consumer.
+ALERT_TYPES: tuple[str, ...] = (
+    "ValidationFailed",
+    "PostingSequenceIncomplete",
+    "PostingLegConflict",
+)
+
+RULES_TABLE: tuple[Rule, ...] = (
+    Rule(
+        name="authorizations-to-dedup",
+        pattern={"detail-type": ["AuthorizationApproved"]},
+        target=DEDUP,
+    ),
+    Rule(
+        name="accepted-to-standardize",
+        pattern={"detail-type": ["AuthorizationAccepted"]},
+        target=STANDARDIZE,
+    ),
+    Rule(
+        name="standardized-to-enrich",
+        pattern={"detail-type": ["TransactionStandardized"]},
+        target=ENRICH,
+    ),
+    Rule(
+        name="enriched-to-rules",
+        pattern={"detail-type": ["TransactionEnriched"]},
+        target=RULES,
+    ),
+    Rule(
+        name="approved-to-account-interface",
+        pattern={"detail-type": ["TransactionApproved"]},
+        target=ACCOUNT_INTERFACE,
+    ),
+    Rule(
+        name="legs-to-assembler",
+        pattern={"detail-type": ["PostingLegCreated"]},
+        target=ASSEMBLER,
+    ),
+    Rule(
+        name="alerts-to-notifications",
+        pattern={"detail-type": list(ALERT_TYPES)},
+        target=NOTIFICATIONS,
+    ),
+)
+
+# Terminal states of an approved authorization (DESIGN §3.3) and the events that mark them.
+TERMINAL_EVENTS: Mapping[str, str] = {
+    "TransactionPosted": "posted",
+    "DuplicateParked": "parked_duplicates",
+    "TransactionHeld": "held",
+    "TransactionRejected": "rejected",
+    "StandardizationRejected": "rejected",
+}
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """How the pipeline runs (FR11 modes, the posting buffer, the assembler's timeout)."""
+
+    mode: Mode = "near-realtime"
+    #: records per unit of work; None: the mode's default (1 / 250 / 5000)
+    batch_size: int | None = None
+    #: near-realtime: a durable target releases a partial batch after this long
+    linger_ms: int = 200
+    #: the buffer in front of posting (FR7): events/s; None = unlimited (still bounded by batch)
+    posting_rate_limit_per_s: float | None = None
+    dedup: dedup_stage.DedupConfig = field(default_factory=dedup_stage.DedupConfig)
+    posting: PostingConfig = field(default_factory=PostingConfig)
+    assembly_timeout_s: float = 300.0
+
+    def records_per_batch(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return {"realtime": 1, "near-realtime": 250, "batch": 5000}[self.mode]
+
+    def targets(self) -> list[TargetConfig]:
+        """The bus targets, batch size and linger set by the mode (FR11)."""
+        batch = self.records_per_batch()
+        linger = 0 if self.mode == "realtime" else self.linger_ms
+        out = [
+            TargetConfig(name=name, batch_size=max(batch, 1), linger_ms=linger, retry=STAGE_RETRY)
+            for name in STAGE_ORDER
+            if name != ACCOUNT_INTERFACE
+        ]
+        out.append(
+            TargetConfig(
+                name=ACCOUNT_INTERFACE,
+                batch_size=max(batch, 1),
+                linger_ms=linger,
+                retry=STAGE_RETRY,
+                rate_limit_per_s=self.posting_rate_limit_per_s,
+            )
+        )
+        out.append(TargetConfig(name=NOTIFICATIONS, batch_size=100, retry=STAGE_RETRY))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: per-stage processing time per event, terminal-state counters.
+
+
+@dataclass
+class StageMetrics:
+    events: int = 0
+    seconds: float = 0.0
+    #: processing time per event of each batch (µs): batch time / batch size
+    per_event_us: list[float] = field(default_factory=list)
+
+    def add(self, n: int, seconds: float) -> None:
+        if n:
+            self.events += n
+            self.seconds += seconds
+            self.per_event_us.append(seconds * 1e6 / n)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The Q-quantile (0..1) of VALUES by nearest rank (0.0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+COUNTERS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS pipeline_counters ("
+    "name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID"
+)
+
+
+def _bump(conn: Any, counts: Mapping[str, int]) -> None:
+    rows = [(k, v) for k, v in counts.items() if v]
+    if rows:
+        conn.executemany(
+            "INSERT INTO pipeline_counters VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            rows,
+        )
+
+
+def read_counters(conn: Any) -> dict[str, int]:
+    """Cumulative terminal-state and flag counters (committed with the effects they count)."""
+    try:
+        return dict(conn.execute("SELECT name, value FROM pipeline_counters").fetchall())
+    except Exception:
+        return {}
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+StageHandler = Callable[[list[Event], UnitOfWork], list[Event]]
+
+
+class StageFailure(Exception):
+    """A stage raised on an event; carried to the durable queue with this message."""
+
+
+@dataclass
+class BatchOutcome:
+    events_in: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    handed_to_queue: int = 0
+
+
+class Pipeline:
+    """paypost's stages wired to a bus over one SQLite database (the embedded default)."""
+
+    def __init__(
+        self,
+        bus: SqliteBus,
+        refdata: RefData,
+        rulebook: RuleBook,
+        settings: PipelineSettings | None = None,
+        *,
+        posting_file: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.bus = bus
+        self.conn = bus.conn
+        self.refdata = refdata
+        self.rulebook = rulebook
+        self.settings = settings or PipelineSettings()
+        self.posting_file = posting_file
+        self.clock = clock
+        self.sleep = sleep
+        self.metrics: dict[str, StageMetrics] = {name: StageMetrics() for name in STAGE_ORDER}
+        self.handlers: dict[str, StageHandler] = {
+            DEDUP: self._dedup,
+            STANDARDIZE: self._standardize,
+            ENRICH: self._enrich,
+            RULES: self._rules,
+            ACCOUNT_INTERFACE: self._account_interface,
+            ASSEMBLER: self._assembler,
+        }
+        self.inline = frozenset(self.handlers)
+        rate = self.settings.posting_rate_limit_per_s
+        self.buffer = TokenBucket(rate, clock) if rate else None
+        self._installed = False
+
+    # -- set-up ----------------------------------------------------------------------------
+    def install(self) -> None:
+        """Create every table, target, rule and ledger account the pipeline needs (idempotent)."""
+        conn = self.conn
+        with self.bus.unit_of_work():
+            ingest_stage.ensure_schema(conn)
+            dedup_stage.ensure_schema(conn)
+            ledger_sqlite.ensure_schema(conn)
+            asm.ensure_schema(conn)
+            ensure_outbox_schema(conn)
+            conn.execute(COUNTERS_SCHEMA)
+            ledger_sqlite.create_accounts_in(conn, self.ledger_accounts())
+        for target in self.settings.targets():
+            self.bus.put_target(target)
+        for rule in RULES_TABLE:
+            self.bus.put_rule(rule)
+        self._installed = True
+
+    def ledger_accounts(self) -> list[Account]:
+        """Customer accounts from the reference data plus each tenant's internal accounts."""
+        currencies: dict[str, set[str]] = {
+            t: {s.home_currency} for t, s in self.refdata.tenants.items()
+        }
+        all_ccy = {c for pair in self.refdata.rates for c in pair}
+        accounts: list[Account] = []
+        for a in self.refdata.accounts.values():
+            currencies.setdefault(a.tenant, set()).add(a.currency)
+            accounts.append(Account(id=a.id, tenant=a.tenant, kind="customer", currency=a.currency))
+        for tenant, ccys in sorted(currencies.items()):
+            accounts += internal_accounts(tenant, sorted(ccys | all_ccy))
+        return accounts
+
+    # -- stage handlers: thin adapters over the pure stages ---------------------------------
+    def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        index = dedup_stage.SqliteDedupIndex(uow.conn, create=False)
+        result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
+        index.apply(result.effects)
+        return result.outputs
+
+    def _standardize(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        return standardize(events)
+
+    def _enrich(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        return enrich(events, self.refdata)
+
+    def _rules(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        return apply_rules(events, self.rulebook)
+
+    def _account_interface(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        if self.buffer is not None:
+            self._wait_for_buffer(len(events))
+        return create_legs(events, self.settings.posting)
+
+    def _assembler(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        store = asm.SqliteLegStore(uow.conn)
+        result = asm.assemble(events, store, now_us=int(self.clock() * 1e6))
+        done = asm.finish(result, store, partial(ledger_sqlite.post_batch_in, uow.conn))
+        add_to_outbox(uow.conn, done.records)
+        dead = 0
+        for letter in done.dead_letters:
+            dead += uow.dead_letter(ASSEMBLER, letter.events, letter.reason)
+        if done.dead_letters:
+            _bump(uow.conn, {"dead_lettered": len(done.dead_letters)})
+        return done.events
+
+    def _wait_for_buffer(self, n: int) -> None:
+        """The posting buffer (FR7): wait for N tokens. Back-pressure on the whole fused
+        batch, never loss: the events wait in memory inside their uncommitted batch."""
+        bucket = self.buffer
+        assert bucket is not None
+        remaining = n
+        while remaining > 0:
+            got = bucket.take(remaining)
+            remaining -= got
+            if remaining:
+                self.sleep(max(bucket.wait_s(), 0.001))
+
+    # -- the fused dispatcher ---------------------------------------------------------------
+    def _run_stage(
+        self, uow: UnitOfWork, name: str, events: list[Event], outcome: BatchOutcome
+    ) -> list[Event]:
+        """Run stage NAME on EVENTS inside a savepoint. If it raises, retry event by event;
+        an event that fails alone goes to the stage's durable queue (retry policy, then DLQ)
+        and its neighbours go on."""
+        handler = self.handlers[name]
+        metrics = self.metrics[name]
+        conn = uow.conn
+        started = time.perf_counter()
+        try:
+            with _savepoint(conn, "stage"):
+                outputs = handler(events, uow)
+            metrics.add(len(events), time.perf_counter() - started)
+            return outputs
+        except Exception as exc:
+            log.warning("stage.batch_failed", stage=name, events=len(events), error=repr(exc))
+        outputs = []
+        for event in events:
+            try:
+                with _savepoint(conn, "event"):
+                    outputs += handler([event], uow)
+            except Exception as exc:
+                log.error(
+                    "stage.event_failed",
+                    stage=name,
+                    event_id=event.id,
+                    tenant=event.tenant,
+                    **{"correlation-id": event.correlation_id},
+                    error=repr(exc),
+                )
+                uow.publish([event], dedup=False, only={name})
+                outcome.handed_to_queue += 1
+        metrics.add(len(events), time.perf_counter() - started)
+        return outputs
+
+    def dispatch(self, uow: UnitOfWork, published: PublishResult, outcome: BatchOutcome) -> None:
+        """Run the fused stages on what PUBLISHED routed to them, until nothing is left."""
+        pending = published.inline
+        while pending:
+            produced: dict[str, list[Event]] = {}
+            for name in STAGE_ORDER:
+                events = pending.pop(name, None)
+                if not events:
+                    continue
+                outputs = self._run_stage(uow, name, events, outcome)
+                if not outputs:
+                    continue
+                _count(outputs, outcome.counts)
+                result = uow.publish(outputs, dedup=False, inline=self.inline)
+                for target, evs in result.inline.items():
+                    produced.setdefault(target, []).extend(evs)
+            pending = produced
+
+    def process_batch(self, batch: ingest_stage.IngestBatch) -> BatchOutcome:
+        """One ingest batch, end to end, in ONE unit of work (see the module docs)."""
+        outcome = BatchOutcome(events_in=len(batch.events))
+        with self.bus.unit_of_work() as uow:
+            ingest_stage.SqliteIngestStore(uow.conn).apply(batch)
+            published = uow.publish(batch.events, dedup=True, inline=self.inline)
+            self.dispatch(uow, published, outcome)
+            _bump(uow.conn, outcome.counts)
+        return outcome
+
+    # -- the durable path -------------------------------------------------------------------
+    def stage_consumer(self, name: str) -> Consumer:
+        """A durable consumer of stage NAME's queue with the same handler (workers, retries)."""
+        handler = self.handlers[name]
+
+        def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
+            outputs = handler([d.event for d in deliveries], uow)
+            counts: dict[str, int] = {}
+            _count(outputs, counts)
+            _bump(uow.conn, counts)
+            if outputs:
+                # Downstream stages take the outputs from their queues (not inline here).
+                uow.publish(outputs, dedup=False)
+
+        return Consumer(self.bus, name, handle, sleep=self.sleep)
+
+    def notifications_consumer(self) -> Consumer:
+        """The alert channel (NFR7): every alert becomes an ERROR log line an SRE can page on."""
+
+        def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
+            for d in deliveries:
+                ev = d.event
+                log.error(
+                    "alert",
+                    alert=ev.detail_type,
+                    event_id=ev.id,
+                    tenant=ev.tenant,
+                    **{"correlation-id": ev.correlation_id},
+                    detail=ev.detail,
+                )
+
+        return Consumer(self.bus, NOTIFICATIONS, handle, sleep=self.sleep)
+
+    def drain(self) -> dict[str, ConsumerStats]:
+        """Consume every durable queue until it is empty (retries wait out their backoff;
+        an event that keeps failing ends in its target's DLQ). Then expire posting sequences
+        older than the assembler's timeout."""
+        stats: dict[str, ConsumerStats] = {}
+        for _ in range(3):  # a stage's outputs may land in an earlier stage's queue
+            busy = False
+            for name in STAGE_ORDER:
+                if self.bus.pending(name):
+                    busy = True
+                    stats[name] = self.stage_consumer(name).run(until_idle=True)
+            if not busy:
+                break
+        self.expire_sequences()
+        if self.bus.pending(NOTIFICATIONS):
+            stats[NOTIFICATIONS] = self.notifications_consumer().run(until_idle=True)
+        return stats
+
+    def expire_sequences(self) -> int:
+        """Posting sequences incomplete after the timeout: alert and dead-letter (FR8)."""
+        timeout_us = int(self.settings.assembly_timeout_s * 1e6)
+        with self.bus.unit_of_work() as uow:
+            store = asm.SqliteLegStore(uow.conn)
+            result = asm.expire(store, now_us=int(self.clock() * 1e6), timeout_us=timeout_us)
+            for letter in result.dead_letters:
+                uow.dead_letter(ASSEMBLER, letter.events, letter.reason)
+            if result.alerts:
+                uow.publish(result.alerts, dedup=False)
+            _bump(uow.conn, {"dead_lettered": len(result.dead_letters)})
+        return len(result.dead_letters)
+
+    # -- outputs ----------------------------------------------------------------------------
+    def export_postings(self) -> int:
+        """Append posted entries to the bank's posting file (batches, fsync, idempotent)."""
+        if self.posting_file is None:
+            return 0
+        return export_outbox(self.conn, PostingFileWriter(self.posting_file))
+
+    def counters(self) -> dict[str, int]:
+        return read_counters(self.conn)
+
+    # -- driving an ingest reader -------------------------------------------------------------
+    def run_reader(
+        self,
+        reader: ingest_stage.IngestReader,
+        *,
+        final: bool = True,
+        on_batch: Callable[[ingest_stage.IngestBatch, BatchOutcome, float], None] | None = None,
+        export_every: int = 20,
+    ) -> RunTotals:
+        """Ingest READER to its end through the whole pipeline, batch by batch."""
+        if not self._installed:
+            self.install()
+        totals = RunTotals()
+        for n, batch in enumerate(_batches_with_gc(reader.batches(final=final)), 1):
+            started = time.perf_counter()
+            try:
+                outcome = self.process_batch(batch)
+            except BaseException:
+                reader.edge.forget(e.token for e in batch.sealed_pans)
+                raise
+            seconds = time.perf_counter() - started
+            totals.add(batch, outcome, seconds)
+            if n % export_every == 0:
+                self.export_postings()
+            if on_batch is not None:
+                on_batch(batch, outcome, seconds)
+        self.export_postings()
+        return totals
+
+
+@dataclass
+class RunTotals:
+    batches: int = 0
+    records: int = 0
+    approved: int = 0
+    declined: int = 0
+    timed_out: int = 0
+    quarantined: int = 0
+    handed_to_queue: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    #: per authorization: seconds from its batch being read to its batch committed
+    batch_latency_s: list[tuple[float, int]] = field(default_factory=list)
+
+    def add(self, batch: ingest_stage.IngestBatch, outcome: BatchOutcome, seconds: float) -> None:
+        self.batches += 1
+        c = batch.counts
+        self.records += c.records
+        self.approved += c.approved
+        self.declined += c.declined
+        self.timed_out += c.timed_out
+        self.quarantined += c.quarantined
+        self.handed_to_queue += outcome.handed_to_queue
+        for k, v in outcome.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        if batch.events:
+            self.batch_latency_s.append((seconds, len(batch.events)))
+
+    def latency_percentile_ms(self, q: float) -> float:
+        """Q-quantile of per-authorization latency (read → committed), weighted by batch."""
+        if not self.batch_latency_s:
+            return 0.0
+        ordered = sorted(self.batch_latency_s)
+        total = sum(n for _, n in ordered)
+        target = q * total
+        seen = 0
+        for seconds, n in ordered:
+            seen += n
+            if seen >= target:
+                return seconds * 1000
+        return ordered[-1][0] * 1000
+
+
+def _count(events: Iterable[Event], counts: dict[str, int]) -> None:
+    flags = FLAG_DETAIL_TYPES
+    for e in events:
+        state = TERMINAL_EVENTS.get(e.detail_type)
+        if state is not None:
+            counts[state] = counts.get(state, 0) + 1
+        elif e.detail_type in flags:
+            key = f"flag:{e.detail_type}"
+            counts[key] = counts.get(key, 0) + 1
+
+
+@contextlib.contextmanager
+def _savepoint(conn: Any, name: str) -> Iterator[None]:
+    conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        conn.execute(f"ROLLBACK TO {name}")
+        conn.execute(f"RELEASE {name}")
+        raise
+    conn.execute(f"RELEASE {name}")
+
+
+def _batches_with_gc(
+    batches: Iterator[ingest_stage.IngestBatch],
+) -> Iterator[ingest_stage.IngestBatch]:
+    """Reference data and compiled rules are long-lived: freeze them out of the cyclic GC's
+    scans and raise its threshold, so a big batch does not pay for rescanning them (DESIGN §5)."""
+    gc.collect()
+    gc.freeze()
+    old = gc.get_threshold()
+    gc.set_threshold(50_000, 50, 100)
+    try:
+        yield from batches
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
