@@ -34,6 +34,7 @@ from paypost.ledger.model import (
     Balance,
     JournalEntry,
     LedgerMissing,
+    Leg,
     PostedEntry,
     PostedLeg,
     PostResult,
@@ -555,8 +556,6 @@ def reverse_in(
 
 
 def _as_journal(p: PostedEntry) -> JournalEntry:
-    from paypost.ledger.model import Leg
-
     return JournalEntry(
         id=p.id,
         tenant=p.tenant,
