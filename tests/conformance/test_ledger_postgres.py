@@ -97,6 +97,11 @@ def test_concurrent_writers_on_a_hot_account_lose_nothing(
     assert hot.balance.minor == expected
     assert hot.balance.minor >= -limit
     assert refused > 0  # the limit was actually reached under contention
+    # The settlement account has no rule, so it is never locked up front: its in-place
+    # increments from all writers must still add up exactly.
+    settle = setup.balance(T, "settle")
+    assert settle.balance.minor == -100_000 - posted_credits * (amount // 2)
+    assert settle.entries == 1 + posted_credits
     total = sum(setup.balance(T, f"c{w}").balance.minor for w in range(writers))
     assert total == posted_debits * amount
     assert setup.trial_balance(T).balanced
