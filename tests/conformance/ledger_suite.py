@@ -584,3 +584,92 @@ class LedgerProperties:
         assert [r.position for r in again] == [r.position for r in first]
         assert {a: store.balance(tenant, a).balance for a in names} == balances
         assert store.trial_balance(tenant) == tb
+
+
+# -- property: the store agrees with a small reference model ----------------------------------
+
+_MODEL_ACCOUNTS = {"a": 0, "b": 500, "c": None, "s": None}  # id -> overdraft limit
+_model_op = st.one_of(
+    st.tuples(
+        st.just("post"),
+        st.integers(0, 7),  # entry id from a small pool: duplicates and conflicts happen
+        st.sampled_from(sorted(_MODEL_ACCOUNTS)),
+        st.sampled_from(sorted(_MODEL_ACCOUNTS)),
+        st.integers(1, 800),
+    ),
+    st.tuples(st.just("reverse"), st.integers(0, 7)),
+    st.tuples(st.just("cut")),
+)
+
+
+class ReferenceLedger:
+    """What the ledger must do, written independently of the stores' planner: dicts only."""
+
+    def __init__(self) -> None:
+        self.posted: dict[str, JournalEntry] = {}
+        self.reversed_by: dict[str, str] = {}
+        self.balance = dict.fromkeys(_MODEL_ACCOUNTS, 0)
+
+    def post(self, e: JournalEntry) -> str:
+        if e.id in self.posted:
+            return "duplicate" if self.posted[e.id] == e else "conflict"
+        if e.reversal_of is not None:
+            orig = self.posted.get(e.reversal_of)
+            if orig is None or orig.reversal_of is not None or e.reversal_of in self.reversed_by:
+                return "refused"
+        effect = dict.fromkeys(_MODEL_ACCOUNTS, 0)
+        for leg in e.legs:
+            effect[leg.account] += leg.amount.minor * (1 if leg.side == "credit" else -1)
+        for acc, delta in effect.items():
+            limit = _MODEL_ACCOUNTS[acc]
+            if limit is not None and delta < 0 and self.balance[acc] + delta < -limit:
+                return "refused"
+        for acc, delta in effect.items():
+            self.balance[acc] += delta
+        self.posted[e.id] = e
+        if e.reversal_of is not None:
+            self.reversed_by[e.reversal_of] = e.id
+        return "posted"
+
+
+class LedgerModelCheck:
+    """Random batches of transfers (reused ids), reversals and batch cuts: the store's result
+    for every entry and every balance equal the reference model's."""
+
+    @given(ops=st.lists(_model_op, min_size=1, max_size=40))
+    @settings(
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.differing_executors,
+        ],
+        deadline=None,
+        max_examples=25,
+    )
+    def test_store_agrees_with_a_reference_model(
+        self, store: LedgerStore, ops: list[tuple[Any, ...]]
+    ) -> None:
+        tenant = f"m{uuid.uuid4().hex[:10]}"
+        store.create_accounts(
+            [customer(a, tenant=tenant, overdraft_limit=lim) for a, lim in _MODEL_ACCOUNTS.items()]
+        )
+        model = ReferenceLedger()
+        # Entries known by id: the latest built for that id (to reverse it later).
+        built: dict[int, JournalEntry] = {}
+        batches: list[list[JournalEntry]] = [[]]
+        for op in ops:
+            if op[0] == "cut":
+                batches.append([])
+            elif op[0] == "post":
+                _, n, d, c, minor = op
+                e = transfer(f"e{n}", d, c, minor, tenant=tenant)
+                built[n] = e
+                batches[-1].append(e)
+            elif op[1] in built:
+                batches[-1].append(built[op[1]].reversal())
+        for batch in batches:
+            got = [r.status for r in store.post_batch(batch)]
+            expected = [model.post(e) for e in batch]
+            assert got == expected, (batch, got, expected)
+        for acc in _MODEL_ACCOUNTS:
+            assert store.balance(tenant, acc).balance.minor == model.balance[acc], acc
+        assert store.trial_balance(tenant).balanced

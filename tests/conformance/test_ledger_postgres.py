@@ -6,14 +6,22 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from ledger_suite import LedgerProperties, LedgerSuite, T, customer, internal, transfer
+from ledger_suite import (
+    LedgerModelCheck,
+    LedgerProperties,
+    LedgerSuite,
+    T,
+    customer,
+    internal,
+    transfer,
+)
 
 from paypost.ledger.postgres import PostgresLedger, tenant_schema
 
 pytestmark = pytest.mark.postgres
 
 
-class TestPostgresLedger(LedgerSuite, LedgerProperties):
+class TestPostgresLedger(LedgerSuite, LedgerProperties, LedgerModelCheck):
     @pytest.fixture
     def store(self, postgres_url: str, pg_schema: str) -> Iterator[PostgresLedger]:
         s = PostgresLedger(postgres_url, prefix=pg_schema)

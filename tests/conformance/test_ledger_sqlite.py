@@ -8,14 +8,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ledger_suite import LedgerProperties, LedgerSuite, T, customer, internal, transfer
+from ledger_suite import (
+    LedgerModelCheck,
+    LedgerProperties,
+    LedgerSuite,
+    T,
+    customer,
+    internal,
+    transfer,
+)
 
 from paypost.ledger import sqlite as ledger_sqlite
 from paypost.ledger.model import LedgerMissing
 from paypost.ledger.sqlite import SqliteLedger
 
 
-class TestSqliteLedger(LedgerSuite, LedgerProperties):
+class TestSqliteLedger(LedgerSuite, LedgerProperties, LedgerModelCheck):
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[SqliteLedger]:
         s = SqliteLedger.open(tmp_path / "paypost.db")
@@ -23,7 +31,7 @@ class TestSqliteLedger(LedgerSuite, LedgerProperties):
         s.close()
 
 
-class TestSqliteLedgerWithColliding64BitKeys(LedgerSuite, LedgerProperties):
+class TestSqliteLedgerWithColliding64BitKeys(LedgerSuite, LedgerProperties, LedgerModelCheck):
     """The same suite with an entry-key function that collides all the time (three values), so
     that every id clash goes through the overflow table: no entry may be lost, merged with
     another, or reported as a duplicate of a different entry."""
