@@ -69,6 +69,7 @@ def demo_inputs(
             events,
             seed=seed,
             home_currency=homes,
+            per_second=20.0,  # re-logged duplicates come 2–30 s later: inside the log
             decline_rate=0.04,
             duplicate_rate=0.01,
             foreign_rate=0.12,

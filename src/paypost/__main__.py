@@ -1,0 +1,5 @@
+"""`python -m paypost …` is the `paypost` command."""
+
+from paypost.cli import main
+
+main()
