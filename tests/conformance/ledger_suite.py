@@ -617,6 +617,10 @@ class ReferenceLedger:
             orig = self.posted.get(e.reversal_of)
             if orig is None or orig.reversal_of is not None or e.reversal_of in self.reversed_by:
                 return "refused"
+            flip = {"debit": "credit", "credit": "debit"}
+            mirrored = sorted((lg.account, flip[lg.side], lg.amount.minor) for lg in e.legs)
+            if mirrored != sorted((lg.account, lg.side, lg.amount.minor) for lg in orig.legs):
+                return "refused"  # the reversal of another version of the entry
         effect = dict.fromkeys(_MODEL_ACCOUNTS, 0)
         for leg in e.legs:
             effect[leg.account] += leg.amount.minor * (1 if leg.side == "credit" else -1)
