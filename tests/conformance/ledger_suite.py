@@ -7,7 +7,9 @@ refusal messages, what a query returns.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -677,3 +679,86 @@ class LedgerModelCheck:
         for acc in _MODEL_ACCOUNTS:
             assert store.balance(tenant, acc).balance.minor == model.balance[acc], acc
         assert store.trial_balance(tenant).balanced
+
+
+class LedgerConcurrency:
+    """Several writers, each on its own connection (a `store_factory` fixture opens one)."""
+
+    def test_concurrent_writers_on_a_hot_account_lose_nothing(
+        self, store_factory: Callable[[], LedgerStore]
+    ) -> None:
+        """Eight writers, separate connections (threads), all debiting one hot account with an
+        overdraft limit, or crediting it from one settlement account: every posted entry is
+        counted once, the limit is never breached, and the final balances are exact."""
+        setup = store_factory()
+        limit = 150_000
+        setup.create_accounts(
+            [
+                customer("hot", overdraft_limit=limit),
+                internal("settle", "settlement"),
+                *[customer(f"c{w}") for w in range(8)],
+            ]
+        )
+        setup.post_batch([transfer("fund", "settle", "hot", 100_000)])
+        writers, batches, per_batch, amount = 8, 6, 25, 700
+        outcomes: list[list[str]] = []
+        failures: list[BaseException] = []
+        lock = threading.Lock()
+
+        def writer(w: int) -> None:
+            store = store_factory()
+            try:
+                for b in range(batches):
+                    batch = []
+                    for i in range(per_batch):
+                        eid = f"w{w}-b{b}-{i}"
+                        # Alternate: spend from the hot account, or credit it from a customer.
+                        if i % 5 == 4:
+                            batch.append(transfer(eid, "settle", "hot", amount // 2))
+                        else:
+                            batch.append(transfer(eid, "hot", f"c{w}", amount))
+                    statuses = [r.status for r in store.post_batch(batch)]
+                    # A redelivery of what was posted: duplicates, never posted twice.
+                    again = [e for e, st in zip(batch, statuses, strict=True) if st == "posted"]
+                    replay = [r.status for r in store.post_batch(again)]
+                    assert set(replay) <= {"duplicate"}, replay
+                    with lock:
+                        outcomes.append(statuses)
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures
+        posted_debits = posted_credits = refused = 0
+        for statuses in outcomes:
+            for i, status in enumerate(statuses):
+                if status == "posted":
+                    if i % 5 == 4:
+                        posted_credits += 1
+                    else:
+                        posted_debits += 1
+                else:
+                    assert status == "refused"
+                    refused += 1
+        hot = setup.balance(T, "hot")
+        expected = 100_000 - posted_debits * amount + posted_credits * (amount // 2)
+        assert hot.balance.minor == expected
+        assert hot.balance.minor >= -limit
+        assert refused > 0  # the limit was actually reached under contention
+        # The settlement account has no rule, so it is never locked up front: its in-place
+        # increments from all writers must still add up exactly.
+        settle = setup.balance(T, "settle")
+        assert settle.balance.minor == -100_000 - posted_credits * (amount // 2)
+        assert settle.entries == 1 + posted_credits
+        total = sum(setup.balance(T, f"c{w}").balance.minor for w in range(writers))
+        assert total == posted_debits * amount
+        assert setup.trial_balance(T).balanced
+        entries = setup.entries(T, "hot", limit=10_000)
+        assert len(entries) == 1 + posted_debits + posted_credits
+        setup.close()

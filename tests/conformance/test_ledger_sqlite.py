@@ -4,11 +4,12 @@ inside a caller-owned transaction (the embedded pipeline's one-transaction-per-b
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from ledger_suite import (
+    LedgerConcurrency,
     LedgerModelCheck,
     LedgerProperties,
     LedgerSuite,
@@ -23,12 +24,16 @@ from paypost.ledger.model import LedgerMissing
 from paypost.ledger.sqlite import SqliteLedger
 
 
-class TestSqliteLedger(LedgerSuite, LedgerProperties, LedgerModelCheck):
+class TestSqliteLedger(LedgerSuite, LedgerProperties, LedgerModelCheck, LedgerConcurrency):
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[SqliteLedger]:
         s = SqliteLedger.open(tmp_path / "paypost.db")
         yield s
         s.close()
+
+    @pytest.fixture
+    def store_factory(self, tmp_path: Path) -> Callable[[], SqliteLedger]:
+        return lambda: SqliteLedger.open(tmp_path / "paypost.db")
 
 
 class TestSqliteLedgerWithColliding64BitKeys(LedgerSuite, LedgerProperties, LedgerModelCheck):
