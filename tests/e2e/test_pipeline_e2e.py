@@ -205,3 +205,69 @@ def test_kill_9_mid_run_then_rerun_posts_every_authorization_exactly_once(tmp_pa
     (entries,) = conn.execute("SELECT count(*) FROM ledger_entries").fetchone()
     conn.close()
     assert entries == summary["posted"]
+
+
+def test_paypost_run_posts_the_shipped_samples(tmp_path: Path) -> None:
+    """`paypost run` on examples/ (the sample cards belong to example uk-bank accounts)."""
+    from typer.testing import CliRunner
+
+    from paypost.cli import _register, app
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    _register()
+    env = {"PAYPOST_VAULT_KEY_FILE": str(examples / "example-vault.key")}
+    expected = {"iso8583": (6, 3, 1), "jsonl": (5, 4, 0), "csv": (5, 4, 0)}
+    for fmt, name in (
+        ("iso8583", "auth-log.sample.iso8583"),
+        ("jsonl", "authorizations.sample.jsonl"),
+        ("csv", "authorizations.sample.csv"),
+    ):
+        args = [
+            "run",
+            "--auth-log",
+            str(examples / name),
+            "--format",
+            fmt,
+            "--accounts",
+            str(examples / "refdata"),
+            "--tenant",
+            "uk-bank",
+            "--rules",
+            str(examples / "rules" / "default.yaml"),
+            "--data-dir",
+            str(tmp_path / fmt),
+            "--json",
+        ]
+        result = CliRunner().invoke(app, args, env=env)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        got = (summary["authorizations"], summary["posted"], summary["parked_duplicates"])
+        assert got == expected[fmt], (fmt, summary)
+        assert summary["trial_balance_zero"] and summary["every_approved_in_one_terminal_state"]
+        # Idempotent: running the same file again posts nothing more.
+        again = json.loads(CliRunner().invoke(app, args, env=env).stdout.strip().splitlines()[-1])
+        assert again["posted"] == summary["posted"] and again["this_run_authorizations"] == 0
+
+
+def test_run_names_a_missing_input(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from paypost.cli import _register, app
+
+    _register()
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--auth-log",
+            str(tmp_path / "nope.log"),
+            "--accounts",
+            str(tmp_path),
+            "--tenant",
+            "uk-bank",
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert "nope.log" in str(result.exception) or "nope.log" in result.output

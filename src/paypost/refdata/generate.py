@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+import msgspec
 from schwifty import IBAN
 
 from paypost.money import Money
@@ -372,9 +373,45 @@ EXAMPLE_ACCOUNTS = 24
 EXAMPLE_VERSION = "2026.11.21-1"
 
 
+# The well-known test card numbers of the sample authorization files in examples/ (the
+# payment networks' published test PANs): linked to uk-bank accounts in the example reference
+# data, so `paypost run` on the samples posts them.
+EXAMPLE_SAMPLE_TENANT = "uk-bank"
+EXAMPLE_SAMPLE_PANS = (
+    "4111111111111111",
+    "5555555555554444",
+    "4012888888881881",
+    "5105105105105100",
+    "378282246310005",
+)
+
+
 def example_refdata() -> GeneratedRefData:
     """The data shipped in examples/refdata (regenerate it with `write_refdata_dir`)."""
     tokenizer = Tokenizer(VaultKeys.from_master(EXAMPLE_MASTER_KEY).token_key)
-    return generate_refdata(
+    generated = generate_refdata(
         EXAMPLE_ACCOUNTS, seed=EXAMPLE_SEED, tokenizer=tokenizer, declared=EXAMPLE_VERSION
     )
+    refdata = generated.refdata
+    accounts = list(refdata.accounts.values())
+    home = [i for i, a in enumerate(accounts) if a.tenant == EXAMPLE_SAMPLE_TENANT]
+    cards = list(generated.cards)
+    for n, pan in enumerate(EXAMPLE_SAMPLE_PANS):
+        i = home[n % len(home)]
+        account = accounts[i]
+        ct = tokenizer.tokenize(pan, EXAMPLE_SAMPLE_TENANT)
+        accounts[i] = msgspec.structs.replace(account, card_tokens=(*account.card_tokens, ct.token))
+        cards.append(
+            GeneratedCard(
+                EXAMPLE_SAMPLE_TENANT, account.id, pan, ct.token, ct.masked, account.currency
+            )
+        )
+    rebuilt = RefData.build(
+        EXAMPLE_VERSION,
+        tenants=list(refdata.tenants.values()),
+        accounts=accounts,
+        branches=list(refdata.branches.values()),
+        rates=list(refdata.rates.values()),
+        merchants=list(refdata.merchants.values()),
+    )
+    return GeneratedRefData(refdata=rebuilt, cards=cards)
