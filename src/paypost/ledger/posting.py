@@ -148,14 +148,16 @@ def plan_batch(
     currencies = plan.currencies
     encode = _META.encode
     for e in entries:
-        key = (e.tenant, e.id)
+        tenant = e.tenant
+        eid = e.id
+        key = (tenant, eid)
         digest = e.content_hash()
         prior = existing.get(key) or in_batch.get(key)
         if prior is not None:
             if prior.content_hash == digest:
                 results.append(
                     PostResult(
-                        entry_id=e.id,
+                        entry_id=eid,
                         status="duplicate",
                         position=prior.pk,
                         posted_at=from_micros(prior.posted_at),
@@ -164,11 +166,11 @@ def plan_batch(
             else:
                 results.append(
                     PostResult(
-                        entry_id=e.id,
+                        entry_id=eid,
                         status="conflict",
                         position=prior.pk,
                         reason=(
-                            f"entry {e.id!r} was already posted (position {prior.pk}) with "
+                            f"entry {eid!r} was already posted (position {prior.pk}) with "
                             "different content; nothing was posted. Use a new entry id for a "
                             "different posting, or post a reversal to undo the original"
                         ),
@@ -176,16 +178,17 @@ def plan_batch(
                 )
             continue
         reason = e.problem()
-        if reason is None and e.booked_at is not None and e.booked_at.utcoffset() is None:
-            reason = f"booked_at {e.booked_at.isoformat()} must carry a time zone (UTC)"
-        if reason is None and e.reversal_of is not None:
-            target = (e.tenant, e.reversal_of)
+        booked_at = e.booked_at
+        reversal_of = e.reversal_of
+        if reason is None and booked_at is not None and booked_at.utcoffset() is None:
+            reason = f"booked_at {booked_at.isoformat()} must carry a time zone (UTC)"
+        if reason is None and reversal_of is not None:
+            target = (tenant, reversal_of)
             orig = originals.get(target)
             if orig is None and target in batch_posted:
                 orig = originals[target] = _original_of(batch_posted[target])
             reason = _reversal_problem(e, orig)
         # Resolve the legs' accounts once: (state, signed amount) per leg.
-        tenant = e.tenant
         resolved: list[tuple[AccountState, int]] = []
         limited = False
         if reason is None:
@@ -216,27 +219,27 @@ def plan_batch(
         if limited and reason is None:
             reason = _overdraft_problem(e, resolved)
         if reason is not None:
-            results.append(PostResult(entry_id=e.id, status="refused", reason=reason))
+            results.append(PostResult(entry_id=eid, status="refused", reason=reason))
             plan.refused.append(key)
             continue
         # Posted: assign the next position, apply running balances, emit rows.
         pk = next(positions)
-        booked = now if e.booked_at is None else to_micros(e.booked_at)
+        booked = now if booked_at is None else to_micros(booked_at)
         meta = e.metadata
         entry_rows.append(
             (
                 pk,
                 tenant,
-                e.id,
+                eid,
                 digest,
                 booked,
                 now,
                 e.sequence_id,
                 e.source_event_id,
-                e.reversal_of,
+                reversal_of,
                 e.description,
                 encode(meta).decode() if meta else None,
-                None if id_key is None else id_key(tenant, e.id),
+                None if id_key is None else id_key(tenant, eid),
             )
         )
         for idx, (acc, signed) in enumerate(resolved):
@@ -255,16 +258,16 @@ def plan_batch(
             d[3] += 1
         in_batch[key] = ExistingEntry(pk, digest, now)
         batch_posted[key] = e
-        if e.reversal_of is not None:
-            target = (tenant, e.reversal_of)
+        if reversal_of is not None:
+            target = (tenant, reversal_of)
             orig = originals.get(target)
             if orig is None:  # reverses an entry posted earlier in this batch
                 orig = originals[target] = _original_of(batch_posted[target])
-            orig.reversed_by = e.id
+            orig.reversed_by = eid
         if posted_at_dt is None:
             posted_at_dt = from_micros(now)
         results.append(
-            PostResult(entry_id=e.id, status="posted", position=pk, posted_at=posted_at_dt)
+            PostResult(entry_id=eid, status="posted", position=pk, posted_at=posted_at_dt)
         )
     return plan
 
