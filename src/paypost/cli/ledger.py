@@ -250,8 +250,7 @@ def trial_balance(
     pg_prefix: PrefixOption = "paypost",
     as_json: JsonOption = False,
 ) -> None:
-    """Per tenant and currency, total debits and credits over all accounts; the net must be
-    zero (money is conserved). Exits 1 if it is not."""
+    """Per tenant and currency: debits, credits and net (must be zero); exit 1 if not."""
     with _store(data_dir, db_url, pg_prefix) as store:
         tenants = [tenant] if tenant else store.tenants()
         try:
