@@ -45,6 +45,7 @@ from paypost.refdata.model import RefData
 from paypost.stages import assembler as asm
 from paypost.stages import dedup as dedup_stage
 from paypost.stages import ingest as ingest_stage
+from paypost.stages import reconcile as reconcile_stage
 from paypost.stages.enrich import enrich
 from paypost.stages.post import PostingConfig, create_legs, internal_accounts
 from paypost.stages.posting_file import (
@@ -289,6 +290,7 @@ class Pipeline:
             ledger_sqlite.ensure_schema(conn)
             asm.ensure_schema(conn)
             ensure_outbox_schema(conn)
+            reconcile_stage.ensure_schema(conn)
             conn.execute(COUNTERS_SCHEMA)
             ledger_sqlite.create_accounts_in(conn, self.ledger_accounts())
         for target in self.settings.targets():
@@ -406,6 +408,7 @@ class Pipeline:
                 if not outputs:
                     continue
                 _count(outputs, outcome.counts)
+                reconcile_stage.track(uow.conn, outputs)  # what came in, for FR10
                 result = uow.publish(outputs, dedup=False, inline=self.inline)
                 for target, evs in result.inline.items():
                     produced.setdefault(target, []).extend(evs)
@@ -421,6 +424,17 @@ class Pipeline:
             _bump(uow.conn, outcome.counts)
         return outcome
 
+    def redrive(
+        self, uow: UnitOfWork, events: list[Event], target: str = STANDARDIZE
+    ) -> BatchOutcome:
+        """Run archived EVENTS again through the fused stages from stage TARGET on, in the
+        caller's unit of work (the reconciler's patch for an authorization that was accepted
+        but never posted, FR10). The events are not archived again; their outputs are."""
+        outcome = BatchOutcome(events_in=len(events))
+        self.dispatch(uow, PublishResult(inline={target: list(events)}), outcome)
+        _bump(uow.conn, outcome.counts)
+        return outcome
+
     # -- the durable path -------------------------------------------------------------------
     def stage_consumer(self, name: str) -> Consumer:
         """A durable consumer of stage NAME's queue with the same handler (workers, retries)."""
@@ -431,6 +445,7 @@ class Pipeline:
             counts: dict[str, int] = {}
             _count(outputs, counts)
             _bump(uow.conn, counts)
+            reconcile_stage.track(uow.conn, outputs)
             if outputs:
                 # Downstream stages take the outputs from their queues (not inline here).
                 uow.publish(outputs, dedup=False)
