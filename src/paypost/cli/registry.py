@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
         parked,
         postings,
         quarantine,
+        reconcile,
         refdata,
         rules,
         run,
@@ -25,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(run.demo)
     app.command("run")(run.run)
     app.command("ingest")(ingest.ingest)
+    app.command("reconcile")(reconcile.reconcile)
     # Looking into state.
     app.add_typer(ledger.app, name="ledger")
     app.add_typer(parked.app, name="parked")

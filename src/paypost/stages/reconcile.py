@@ -631,8 +631,10 @@ class DaySummary(msgspec.Struct, kw_only=True):
     reversed: int = 0
     in_flight: int = 0
     breaks: dict[str, int] = msgspec.field(default_factory=dict)
-    authorized: dict[str, int] = msgspec.field(default_factory=dict)  # currency -> minor
-    posted: dict[str, int] = msgspec.field(default_factory=dict)  # currency -> minor
+    # Over the authorizations that have a live posting, per currency (minor units): what was
+    # authorized and what the ledger's settlement side holds for them (adjustments included).
+    authorized: dict[str, int] = msgspec.field(default_factory=dict)
+    posted: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class AccountSummary(msgspec.Struct, kw_only=True):
@@ -695,6 +697,9 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
         else:
             groups.setdefault(owner, []).append(e)
 
+    in_file: set[tuple[str, str]] | None = None
+    if views.file_records is not None:
+        in_file = {(r.tenant, r.entry_id) for r in views.file_records} | views.queued_entries
     counts: dict[str, int] = dict.fromkeys(
         ("matched", "held", "rejected", "reversed", "in_flight", *BREAK_KINDS), 0
     )
@@ -717,7 +722,6 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
         tenant = auth.tenant
         s = day_summary(tenant, auth.day)
         s.authorizations += 1
-        s.authorized[auth.currency] = s.authorized.get(auth.currency, 0) + auth.amount
         entries = groups.get(key, [])
         live = [e for e in entries if (tenant, e.id) not in reversed_ids]
         exp = expected[key]
@@ -743,6 +747,10 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
                 s.in_flight += 1
                 continue
             evidence = dict(base_evidence)
+            if in_file is not None:
+                # A posting the ledger lost after its record reached the file: the re-driven
+                # posting must not reach the file a second time.
+                evidence["in_posting_file"] = (tenant, exp) in in_file
             dead = views.dead_letters.get(key)
             if dead:
                 evidence["dead_letters"] = dead
@@ -766,6 +774,9 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
             counts["reversed"] += 1
             s.reversed += 1
             continue
+        # Authorized vs posted, over the authorizations that have a live posting: equal per
+        # currency when every one of them is matched.
+        s.authorized[auth.currency] = s.authorized.get(auth.currency, 0) + auth.amount
         keeper = next((e for e in live if e.id == exp), None) or min(live, key=lambda e: e.pk)
         for extra in live:
             if extra is keeper:
@@ -1108,7 +1119,7 @@ class PatchOutcome:
     details: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _now_text() -> str:
+def now_text() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -1127,7 +1138,7 @@ def _record_breaks(uow: Any, breaks: Sequence[Break]) -> list[Break]:
     """Record breaks not seen before and publish their ReconciliationBreakDetected events."""
     conn = uow.conn
     fresh: list[Break] = []
-    now = _now_text()
+    now = now_text()
     for b in breaks:
         cur = conn.execute(
             "INSERT OR IGNORE INTO reconcile_breaks (break_id, tenant, kind, status, action, "
@@ -1171,7 +1182,7 @@ def _mark(
     uow.conn.execute(
         "UPDATE reconcile_breaks SET status = ?, entry_id = ?, note = ?, action = ?, "
         "patched_at = CASE WHEN ? = 'patched' THEN ? ELSE patched_at END WHERE break_id = ?",
-        (status, entry_id, note, action, status, _now_text(), b.break_id),
+        (status, entry_id, note, action, status, now_text(), b.break_id),
     )
     b.status = status
 
@@ -1473,8 +1484,26 @@ def _apply_redrives(
                     "(SELECT value FROM json_each(?))",
                     (msgspec.json.encode(seqs).decode(),),
                 )
+            in_file = [
+                str(b.evidence["expected_entry_id"])
+                for b in ready
+                if b.evidence.get("in_posting_file")
+            ]
+            outbox = _table_exists(conn, "assembly_posting_outbox")
+            (last_queued,) = (
+                conn.execute("SELECT COALESCE(MAX(id), 0) FROM assembly_posting_outbox").fetchone()
+                if outbox
+                else (0,)
+            )
             if events:
                 driver(uow, events)
+            if in_file and outbox:
+                conn.execute(
+                    "DELETE FROM assembly_posting_outbox WHERE id > ? AND "
+                    "json_extract(CAST(record AS TEXT), '$.entry_id') IN "
+                    "(SELECT value FROM json_each(?))",
+                    (last_queued, msgspec.json.encode(in_file).decode()),
+                )
             for b in ready:
                 entry_id = str(b.evidence["expected_entry_id"])
                 if ledger_sqlite.get_entry_in(conn, b.tenant, entry_id) is not None:

@@ -1,0 +1,409 @@
+"""`paypost reconcile`: authorizations in vs ledger vs posting file, and automatic patches (FR10).
+
+Thin: parse the options, open the data dir, call `paypost.stages.reconcile`, render.
+See docs/reconciliation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from paypost.bus.sqlite import DB_FILENAME, SqliteBus
+from paypost.cli.common import DataDirOption, JsonOption, console, emit_json, err_console
+from paypost.config import DEFAULT_DATA_DIR, UserError
+from paypost.stages import reconcile as rec
+
+POSTING_FILE = Path("postings") / "postings.csv"
+
+
+def _day(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise UserError(
+            f"{what} {value!r} is not a date: use YYYY-MM-DD (e.g. 2026-11-21); the range is "
+            "inclusive and counts days in UTC."
+        ) from None
+
+
+def load_config(path: Path | None) -> rec.ReconcileConfig:
+    """A ReconcileConfig from a YAML or JSON file (docs/reconciliation.md), or the defaults."""
+    if path is None:
+        return rec.ReconcileConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--config {str(path)!r} cannot be read: {exc.strerror}.") from exc
+    try:
+        raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise UserError(f"--config {str(path)!r} is not valid YAML/JSON: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict) and "reconcile" in raw:
+        raw = raw["reconcile"]
+    try:
+        return msgspec.convert(raw, rec.ReconcileConfig)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise UserError(
+            f"--config {str(path)!r}: {exc} (see docs/reconciliation.md for the keys)"
+        ) from exc
+
+
+def open_bus(data_dir: Path) -> SqliteBus:
+    """The data dir's database; a clear error when there is nothing to reconcile yet."""
+    db = data_dir / DB_FILENAME
+    if not db.is_file():
+        raise UserError(
+            f"no paypost database in {str(data_dir)!r} (looked for {db.name}): nothing to "
+            "reconcile yet. Run `paypost demo` or `paypost run` first, or pass --data-dir."
+        )
+    bus = SqliteBus.open(data_dir)
+    if not rec.has_ledger(bus.conn):
+        bus.close()
+        raise UserError(
+            f"the database in {str(data_dir)!r} has no ledger yet: run `paypost demo` or "
+            "`paypost run` first."
+        )
+    with bus.unit_of_work() as uow:
+        rec.ensure_schema(uow.conn)
+    return bus
+
+
+def pipeline_redriver(
+    bus: SqliteBus, data_dir: Path, rules: Path | None
+) -> Callable[[], rec.Redriver]:
+    """Build the pipeline (reference data from the database, rules) only when a missing
+    authorization has to be re-driven."""
+
+    def build() -> rec.Redriver:
+        from paypost.pipeline import Pipeline, PipelineSettings
+        from paypost.refdata.store import HolderCipher, load_refdata_from_db
+        from paypost.security.tokens import (
+            DEMO_KEY_FILENAME,
+            load_configured_key,
+            load_or_create_demo_key,
+        )
+        from paypost.stages.rules import (
+            default_rules_text,
+            load_rules,
+            parse_rules,
+            variables_from_tenants,
+        )
+
+        key = load_configured_key()
+        if key is None:
+            if not (data_dir / DEMO_KEY_FILENAME).is_file():
+                raise UserError(
+                    "re-driving needs the vault key the reference data was stored with: set "
+                    "PAYPOST_VAULT_KEY or PAYPOST_VAULT_KEY_FILE (or keep the demo's "
+                    f"{DEMO_KEY_FILENAME} in the data dir)."
+                )
+            key, _ = load_or_create_demo_key(data_dir)
+        refdata = load_refdata_from_db(bus.conn, HolderCipher.from_master(key))
+        variables = variables_from_tenants(refdata.tenants.values())
+        book = (
+            load_rules(rules, tenant_variables=variables)
+            if rules is not None
+            else parse_rules(default_rules_text(), "<default rules>", variables)
+        )
+        pipeline = Pipeline(
+            bus, refdata, book, PipelineSettings(), posting_file=data_dir / POSTING_FILE
+        )
+        pipeline.install()
+        return pipeline.redrive
+
+    return build
+
+
+def exporter(bus: SqliteBus, data_dir: Path) -> Callable[[], int]:
+    def export() -> int:
+        from paypost.stages.posting_file import PostingFileWriter, export_outbox
+
+        path = data_dir / POSTING_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with bus.unit_of_work() as uow:
+            return export_outbox(uow.conn, PostingFileWriter(path))
+
+    return export
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[rec.Progress]:
+    progress = Progress(
+        TextColumn("{task.description:>22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not enabled,
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(step: str, done: int, total: int) -> None:
+        task = tasks.get(step)
+        if task is None:
+            task = tasks[step] = progress.add_task(step, total=total or None)
+        progress.update(task, completed=done, total=total or None)
+
+    with progress:
+        yield update
+
+
+def run_once(
+    conn_bus: SqliteBus,
+    data_dir: Path,
+    scope: rec.Scope,
+    config: rec.ReconcileConfig,
+    *,
+    dry_run: bool,
+    rules: Path | None = None,
+    progress: rec.Progress | None = None,
+) -> tuple[rec.Report, rec.PatchOutcome | None]:
+    """One reconciliation of DATA_DIR: the report and (unless DRY_RUN) the patch outcome.
+    The function `paypost serve` calls on its interval."""
+    report = rec.reconcile(
+        conn_bus.conn,
+        scope,
+        config,
+        posting_file=data_dir / POSTING_FILE,
+        progress=progress or (lambda s, d, t: None),
+    )
+    if dry_run:
+        return report, None
+    outcome = rec.apply_patches(
+        conn_bus,
+        report,
+        config=config,
+        redrive=pipeline_redriver(conn_bus, data_dir, rules),
+        export=exporter(conn_bus, data_dir),
+        progress=progress or (lambda s, d, t: None),
+    )
+    return report, outcome
+
+
+def _evidence_line(b: rec.Break) -> str:
+    ev = b.evidence
+    parts: list[str] = []
+    auth = ev.get("authorized")
+    posted = ev.get("posted")
+    if auth:
+        parts.append(f"authorized {auth['minor']} {auth['currency']}")
+    if posted:
+        parts.append(f"posted {posted['minor']} {posted['currency']}")
+    for key in ("authorization_id", "entry_id", "duplicate_entry_id", "expected_entry_id"):
+        if ev.get(key):
+            parts.append(f"{key.replace('_', ' ')} {ev[key]}")
+            break
+    if ev.get("dead_letters"):
+        parts.append(f"dead-lettered at {ev['dead_letters'][0]['target']}")
+    return "; ".join(parts)
+
+
+def _render(report: rec.Report, outcome: rec.PatchOutcome | None, limit: int) -> None:
+    c = report.counts
+    table = Table(title="reconciliation", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    rows = [
+        ("authorizations accepted", f"{report.authorizations:,}"),
+        ("ledger entries", f"{report.entries:,}"),
+        (
+            "posting file records",
+            "not checked" if report.file_records is None else f"{report.file_records:,}",
+        ),
+        ("matched", f"{c['matched']:,}"),
+        ("held / rejected (no posting)", f"{c['held']:,} / {c['rejected']:,}"),
+        ("reversed on purpose", f"{c['reversed']:,}"),
+        ("in flight", f"{c['in_flight']:,}"),
+    ]
+    for kind in rec.BREAK_KINDS:
+        if c.get(kind):
+            rows.append((f"break: {kind}", f"[red]{c[kind]:,}[/]"))
+    rows.append(
+        (
+            "open breaks",
+            "[green]0[/]" if report.open_breaks == 0 else f"[red]{report.open_breaks:,}[/]",
+        )
+    )
+    rows.append(("took", f"{report.seconds:.2f} s"))
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
+    if report.breaks:
+        bt = Table(title=f"breaks (first {min(limit, len(report.breaks))})", title_justify="left")
+        for col in ("break", "kind", "tenant", "day", "account", "evidence", "patch", "status"):
+            bt.add_column(col, overflow="fold")
+        for b in report.breaks[:limit]:
+            bt.add_row(
+                b.break_id[:8],
+                b.kind,
+                b.tenant,
+                b.day or "",
+                b.account or "",
+                _evidence_line(b),
+                b.action,
+                b.status,
+            )
+        console.print(bt)
+    if outcome is not None:
+        console.print(
+            f"patched {outcome.patched}, held {outcome.held}, failed {outcome.failed}, "
+            f"unchanged {outcome.unchanged}; {outcome.entries_posted} entries posted, "
+            f"{outcome.exported} posting-file records written; trial balance zero: "
+            + ("[green]yes[/]" if outcome.trial_balance_zero else "[red]NO[/]"),
+            highlight=False,
+        )
+
+
+def _as_json(report: rec.Report, outcome: rec.PatchOutcome | None, dry_run: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"dry_run": dry_run, **msgspec.to_builtins(report)}
+    out["breaks_total"] = len(report.breaks)
+    if outcome is not None:
+        out["outcome"] = msgspec.to_builtins(outcome.__dict__)
+    return out
+
+
+def reconcile(
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Reconcile this tenant only (default: all).")
+    ] = None,
+    first: Annotated[
+        str | None,
+        typer.Option("--from", help="First day (YYYY-MM-DD, UTC, inclusive) of authorizations."),
+    ] = None,
+    last: Annotated[
+        str | None,
+        typer.Option("--to", help="Last day (YYYY-MM-DD, UTC, inclusive) of authorizations."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Report the breaks and the patch plan; change nothing."),
+    ] = False,
+    as_json: JsonOption = False,
+    every: Annotated[
+        float | None,
+        typer.Option("--every", min=0.1, help="Run continuously, every SECONDS (Ctrl-C stops)."),
+    ] = None,
+    config_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Matching criteria, tolerances and limits (YAML or JSON; docs/reconciliation.md).",
+        ),
+    ] = None,
+    rules: Annotated[
+        Path | None,
+        typer.Option(
+            "--rules",
+            help="Rules file the pipeline ran with (re-driven authorizations go through it; "
+            "default: the built-in rules).",
+        ),
+    ] = None,
+    approve: Annotated[
+        str | None,
+        typer.Option(
+            "--approve",
+            help="Approve a held break by id: a held amount mismatch gets its adjustment, "
+            "a held orphan is reversed.",
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=0, help="Breaks listed in the text output.")
+    ] = 50,
+) -> None:
+    """Reconcile authorizations in, the ledger and the posting file, and patch every break.
+
+    Classifies every accepted authorization (matched, held, rejected, in flight) and every
+    break: missing, duplicate, mismatch, orphan, and the posting file's. A real run patches:
+    missing → re-driven through the pipeline, duplicate → reversal entry, mismatch →
+    adjustment entry (or held above the limit), orphan → held for review. Patching twice
+    changes nothing. Exit status: 0 no open break, 1 breaks remain open, 2 usage error.
+    """
+    scope = rec.Scope(tenant=tenant, first_day=_day(first, "--from"), last_day=_day(last, "--to"))
+    if scope.first_day and scope.last_day and scope.first_day > scope.last_day:
+        raise UserError(f"--from {scope.first_day} is after --to {scope.last_day}: swap them.")
+    config = load_config(config_path)
+    bus = open_bus(data_dir)
+    try:
+        if approve is not None:
+            approved = rec.approve(bus, approve, export=exporter(bus, data_dir))
+            if as_json:
+                emit_json({"approved": approve, "outcome": msgspec.to_builtins(approved.__dict__)})
+            else:
+                console.print(
+                    f"break {approve}: "
+                    + (
+                        "already patched" if approved.unchanged else f"patched ({approved.details})"
+                    ),
+                    highlight=False,
+                )
+            return
+        if every is not None:
+            _continuous(bus, data_dir, scope, config, dry_run, rules, every, as_json)
+            return
+        interactive = not as_json and err_console.is_terminal
+        with _progress(interactive) as progress:
+            report, outcome = run_once(
+                bus, data_dir, scope, config, dry_run=dry_run, rules=rules, progress=progress
+            )
+        if as_json:
+            emit_json(_as_json(report, outcome, dry_run))
+        else:
+            _render(report, outcome, limit)
+        still_open = report.open_breaks if outcome is None else outcome.held + outcome.failed
+        if still_open:
+            raise typer.Exit(1)
+    finally:
+        bus.close()
+
+
+def _continuous(
+    bus: SqliteBus,
+    data_dir: Path,
+    scope: rec.Scope,
+    config: rec.ReconcileConfig,
+    dry_run: bool,
+    rules: Path | None,
+    every: float,
+    as_json: bool,
+) -> None:
+    stop = threading.Event()
+
+    def once() -> None:
+        report, outcome = run_once(bus, data_dir, scope, config, dry_run=dry_run, rules=rules)
+        if as_json:
+            emit_json(_as_json(report, outcome, dry_run))
+        else:
+            patched = "" if outcome is None else f", patched {outcome.patched}"
+            console.print(
+                f"{rec.now_text()} reconciled {report.authorizations:,} authorizations, "
+                f"{report.entries:,} entries: {len(report.breaks)} breaks "
+                f"({report.open_breaks} open){patched}",
+                highlight=False,
+            )
+
+    def on_error(exc: BaseException) -> None:
+        err_console.print(f"[bold red]reconcile run failed:[/] {exc}", highlight=False)
+
+    try:
+        rec.run_every(every, once, stop=stop, on_error=on_error)
+    except KeyboardInterrupt:
+        stop.set()
+        err_console.print("stopped.")
