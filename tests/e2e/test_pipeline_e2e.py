@@ -86,6 +86,18 @@ def test_fr7_fr8_demo_posts_every_approved_authorization_once(tmp_path: Path) ->
     ).fetchall()
     conn.close()
     assert legs and all(net == 0 for _, _, net in legs)
+    # Held and rejected transactions are listed for review, each with its reason.
+    from typer.testing import CliRunner
+
+    from paypost.cli import _register, app
+
+    _register()
+    out = CliRunner().invoke(app, ["review", "list", "--data-dir", str(tmp_path), "--json"])
+    assert out.exit_code == 0, out.output
+    review = json.loads(out.stdout)
+    assert review["totals"] == {"held": summary.held, "rejected": summary.rejected}
+    assert all(item["reason"] for item in review["items"])
+    assert any("high value" in item["reason"] for item in review["items"])
 
 
 def test_fr9_rerun_and_full_archive_replay_post_nothing_twice(tmp_path: Path) -> None:

@@ -17,19 +17,24 @@ def register(app: typer.Typer) -> None:
         quarantine,
         reconcile,
         refdata,
+        review,
         rules,
         run,
         schemas,
     )
 
+    from paypost.cli import bench as bench_cli
+
     # The main jobs.
     app.command("demo")(run.demo)
     app.command("run")(run.run)
+    app.command("bench")(bench_cli.bench)
     app.command("ingest")(ingest.ingest)
     app.command("reconcile")(reconcile.reconcile)
     # Looking into state.
     app.add_typer(ledger.app, name="ledger")
     app.add_typer(parked.app, name="parked")
+    app.add_typer(review.app, name="review")
     app.add_typer(quarantine.app, name="quarantine")
     app.add_typer(postings.app, name="postings")
     bus.register(app)  # dlq, replay, bus stats

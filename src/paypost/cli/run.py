@@ -133,6 +133,7 @@ def _render(summary: JobSummary, notices: list[str]) -> None:
         ("data dir", summary.data_dir),
         ("posting file", summary.posting_file),
         ("ISO 20022 samples", ", ".join(summary.iso20022_samples) or "none"),
+        ("held / rejected", "paypost review list"),
         ("parked / dead letters", "paypost parked list · paypost dlq list"),
         ("ledger", "paypost ledger trial-balance · paypost ledger balance ACCOUNT"),
     ]
