@@ -700,6 +700,7 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
     in_file: set[tuple[str, str]] | None = None
     if views.file_records is not None:
         in_file = {(r.tenant, r.entry_id) for r in views.file_records} | views.queued_entries
+    redriven: set[tuple[str, str]] = set()  # expected entry ids of missing authorizations
     counts: dict[str, int] = dict.fromkeys(
         ("matched", "held", "rejected", "reversed", "in_flight", *BREAK_KINDS), 0
     )
@@ -747,6 +748,7 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
                 s.in_flight += 1
                 continue
             evidence = dict(base_evidence)
+            redriven.add((tenant, exp))
             if in_file is not None:
                 # A posting the ledger lost after its record reached the file: the re-driven
                 # posting must not reach the file a second time.
@@ -909,7 +911,7 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
         )
 
     if views.file_records is not None:
-        _classify_file(views, scope, entries_by_id, add_break, day_summary)
+        _classify_file(views, scope, entries_by_id, redriven, add_break, day_summary)
 
     accounts: dict[tuple[str, str], AccountSummary] = {}
     for b in breaks:
@@ -948,6 +950,7 @@ def _classify_file(
     views: Views,
     scope: Scope,
     entries_by_id: Mapping[tuple[str, str], EntryView],
+    redriven: set[tuple[str, str]],
     add_break: Callable[[Break, DaySummary | None], None],
     day_summary: Callable[[str, str], DaySummary],
 ) -> None:
@@ -1034,7 +1037,9 @@ def _classify_file(
                 day_summary(e.tenant, e.day),
             )
     for key, recs in in_file.items():
-        if key in entries_by_id:
+        if key in entries_by_id or key in redriven:
+            # A record whose entry the ledger lost is the missing break's (re-driven, and then
+            # in the ledger again under the same entry id), not a second break.
             continue
         r = recs[0]
         if not scope.has_day(r.day):
