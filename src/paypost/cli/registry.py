@@ -6,6 +6,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from paypost.cli import bench as bench_cli
     from paypost.cli import (
         bus,
         generate,
@@ -22,8 +23,6 @@ def register(app: typer.Typer) -> None:
         run,
         schemas,
     )
-
-    from paypost.cli import bench as bench_cli
 
     # The main jobs.
     app.command("demo")(run.demo)

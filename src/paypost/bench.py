@@ -1,0 +1,834 @@
+"""`paypost bench`: the performance budget measured (DESIGN §5, issue 7).
+
+What one run does, in order:
+
+1. Generates the authorizations up front (not timed): reference data and one ISO 8583 log per
+   tenant (`paypost.demo`), written by a short-lived child process so the generator's memory
+   never counts against the pipeline's peak RSS.
+2. Throughput: times ingest → posted for every authorization. The embedded backend runs one
+   shard per group of tenants (`--shards`): each shard is its own worker process with its own
+   SQLite database (bus, ledger, stage state: WAL, synchronous=FULL) holding whole tenants,
+   so every guarantee of a single process holds per shard — one unit of work per batch, the
+   ledger of a tenant in one file. The clock starts when every shard is set up and ready,
+   and stops when the last one has drained its queues and exported its posting file.
+3. Checks the answer before reporting a figure (`check_shard`): every approved
+   authorization in exactly one terminal state and none in flight, one journal entry per
+   posted authorization, a posting file that verifies (framing, control totals, one record
+   per entry) with one record per posted authorization, and a zero trial balance per tenant.
+4. Latency: realtime mode (one authorization per transaction) at a fixed offered load: the
+   input is paced to `--latency-rate` authorizations/s for `--latency-seconds`, and each
+   authorization's latency runs from its scheduled arrival to its transaction's commit
+   (open loop: if paypost falls behind, the queueing delay counts).
+5. The storage limit, measured in the same run on the same disk: batched inserts of as many
+   rows as authorizations, each row as large as the bytes archived per authorization, into a
+   fresh SQLite file with the same pragmas and the same transaction size. `limit_ratio`
+   (paypost authorizations/s ÷ limit rows/s) says how close paypost runs to its storage.
+
+Nothing here weakens durability or skips a stage: the bench drives the same `Job` as
+`paypost demo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil  # type: ignore[import-untyped]
+
+from paypost.bus import sqlite as bus_sqlite
+from paypost.config import UserError
+from paypost.pipeline import STAGE_ORDER, Mode, PipelineSettings, RunTotals, percentile
+from paypost.runner import POSTING_FILE, Job, Source
+from paypost.stages import ingest as ingest_stage
+from paypost.stages.posting_file import verify_file
+from paypost.stages.rules import RuleBook, default_rules_text, parse_rules, variables_from_tenants
+
+BACKENDS = ("embedded", "distributed")
+DEFAULT_EVENTS = 1_000_000
+BENCH_KEY_BYTES = 32
+#: The budget (DESIGN §5): checked and reported, never asserted by a test.
+BUDGET_SECONDS_PER_MILLION = 60.0
+BUDGET_STAGE_P99_US = 100.0
+BUDGET_PEAK_RSS_MB = 500.0
+
+
+class BenchFailed(Exception):
+    """The run gave a wrong answer (or could not run): the message says what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+
+
+class BenchResult(msgspec.Struct, kw_only=True):
+    """One bench run. `correct` is False (and `problems` says why) for a wrong answer."""
+
+    backend: str
+    mode: str
+    events: int
+    approved: int
+    posted: int
+    seconds: float
+    events_per_second: float
+    shards: int
+    stage_p50_us: dict[str, float]
+    stage_p99_us: dict[str, float]
+    e2e_latency_p50_ms: float
+    e2e_latency_p99_ms: float
+    latency_offered_per_second: float
+    latency_events: int
+    latency_achieved_per_second: float
+    peak_rss_mb: float
+    peak_rss_mb_per_process: float
+    limit_rows: int
+    limit_row_bytes: int
+    limit_rows_per_second: float
+    limit_ratio: float
+    archived_events: int
+    archived_bytes_per_authorization: float
+    database_bytes: int
+    correct: bool
+    problems: list[str] = msgspec.field(default_factory=list)
+    within_budget: dict[str, bool] = msgspec.field(default_factory=dict)
+    commit: str = ""
+    machine: str = ""
+    cpus: int = 0
+    date: str = ""
+    data_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs (not timed)
+
+
+def bench_rulebook(refdata: Any) -> RuleBook:
+    return parse_rules(
+        default_rules_text(),
+        source="<default rules>",
+        tenant_variables=variables_from_tenants(refdata.tenants.values()),
+    )
+
+
+def _generate_logs(
+    events: int, master: bytes, seed: int, mode: str, dest: str
+) -> list[tuple[bytes, str]]:
+    """Child process: write the demo logs into DEST; returns (encoded config, path) pairs."""
+    from paypost.demo import demo_inputs
+
+    out: list[tuple[bytes, str]] = []
+    with demo_inputs(events, master, seed=seed, mode=mode) as inputs:
+        for source in inputs.sources:
+            assert source.path is not None
+            target = Path(dest) / source.path.name
+            shutil.move(str(source.path), target)
+            out.append((msgspec.json.encode(source.config), str(target)))
+    return out
+
+
+def generate_sources(
+    events: int, master: bytes, seed: int, mode: str, dest: Path, *, in_process: bool = False
+) -> list[Source]:
+    """The demo's ISO 8583 logs for EVENTS authorizations, one per tenant, written into DEST.
+
+    Generated in a child process (the generator holds every authorization in memory)."""
+    if in_process:
+        pairs = _generate_logs(events, master, seed, mode, str(dest))
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            pairs = pool.apply(_generate_logs, (events, master, seed, mode, str(dest)))
+    decoder = msgspec.json.Decoder(ingest_stage.SourceConfig)
+    return [Source(config=decoder.decode(cfg), path=Path(path)) for cfg, path in pairs]
+
+
+def shard_sources(sources: Sequence[Source], shards: int) -> list[list[Source]]:
+    """Whole tenants per shard (a tenant's ledger lives in one database), biggest first onto
+    the least loaded shard (input size as the load)."""
+    by_tenant: dict[str, list[Source]] = {}
+    for s in sources:
+        by_tenant.setdefault(s.config.tenant, []).append(s)
+
+    def size(group: list[Source]) -> int:
+        return sum(s.path.stat().st_size if s.path else 0 for s in group)
+
+    n = max(1, min(shards, len(by_tenant)))
+    out: list[list[Source]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for group in sorted(by_tenant.values(), key=size, reverse=True):
+        i = loads.index(min(loads))
+        out[i] += group
+        loads[i] += size(group)
+    return [g for g in out if g]
+
+
+# --------------------------------------------------------------------------------------------
+# One shard (a worker process, or in-process for profiling)
+
+
+@dataclass
+class ShardReport:
+    """What a shard sends back (plain data: it crosses a process boundary)."""
+
+    shard: int
+    seconds: float
+    approved: int
+    posted: int
+    records: int
+    stage_per_event_us: dict[str, list[float]]
+    latency: list[tuple[float, int]]
+    peak_rss_mb: float
+    archived_events: int
+    archived_bytes: int
+    database_bytes: int
+    problems: list[str] = field(default_factory=list)
+
+
+def check_shard(job: Job, totals: RunTotals, seconds: float, mode: str) -> tuple[Any, list[str]]:
+    """The answer a fast run must get right (module docs, step 3). Returns (summary, problems)."""
+    summary = job.summary(totals, seconds, mode)
+    problems: list[str] = []
+    conn = job.bus.conn
+    if summary.in_flight:
+        problems.append(f"{summary.in_flight} events still in flight after the drain")
+    if summary.accounted != summary.approved:
+        problems.append(
+            f"{summary.approved} approved authorizations but {summary.accounted} in a terminal "
+            f"state (posted {summary.posted}, parked {summary.parked_duplicates}, held "
+            f"{summary.held}, rejected {summary.rejected}, dead-lettered {summary.dead_lettered})"
+        )
+    if summary.dead_lettered:
+        problems.append(f"{summary.dead_lettered} events dead-lettered (see `paypost dlq list`)")
+    (entries,) = conn.execute("SELECT count(*) FROM ledger_entries").fetchone()
+    if entries != summary.posted:
+        problems.append(f"{entries} journal entries for {summary.posted} posted authorizations")
+    if not summary.trial_balance_zero:
+        problems.append(f"trial balance is not zero: {summary.trial_balance}")
+    path = job.data_dir / POSTING_FILE
+    if summary.posted:
+        check = verify_file(path)
+        problems += [f"posting file: {p}" for p in check.problems[:5]]
+        if check.records != summary.posted:
+            problems.append(
+                f"posting file holds {check.records} records for {summary.posted} posted "
+                "authorizations"
+            )
+    return summary, problems
+
+
+def _storage_stats(job: Job) -> tuple[int, int, int]:
+    conn = job.bus.conn
+    n, size = conn.execute(
+        "SELECT count(*), coalesce(sum(length(body)), 0) FROM bus_archive"
+    ).fetchone()
+    db = job.data_dir / bus_sqlite.DB_FILENAME
+    on_disk = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+    return int(n), int(size), on_disk
+
+
+def run_shard(
+    shard: int,
+    data_dir: Path,
+    sources: Sequence[Source],
+    events: int,
+    master: bytes,
+    seed: int,
+    settings: PipelineSettings,
+    *,
+    ready: Callable[[], None] = lambda: None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> ShardReport:
+    """Set up a Job on DATA_DIR, call READY (the clock starts when every shard is ready),
+    run SOURCES through it, check the answer."""
+    from paypost.demo import demo_refdata
+    from paypost.runner import peak_rss_mb
+
+    refdata = demo_refdata(events, master, seed).refdata
+    job = Job(data_dir, refdata, bench_rulebook(refdata), settings, master)
+    try:
+        ready()
+        started = time.perf_counter()
+        totals, _ = job.run(
+            sources, on_batch=lambda b, o, s: progress(b.counts.approved + b.counts.declined)
+        )
+        seconds = time.perf_counter() - started
+        summary, problems = check_shard(job, totals, seconds, settings.mode)
+        archived, archived_bytes, on_disk = _storage_stats(job)
+        return ShardReport(
+            shard=shard,
+            seconds=seconds,
+            approved=totals.approved,
+            posted=summary.posted,
+            records=totals.records,
+            stage_per_event_us={n: m.per_event_us for n, m in job.pipeline.metrics.items()},
+            latency=totals.batch_latency_s,
+            peak_rss_mb=peak_rss_mb(),
+            archived_events=archived,
+            archived_bytes=archived_bytes,
+            database_bytes=on_disk,
+            problems=problems,
+        )
+    finally:
+        job.close()
+
+
+def _shard_process(
+    shard: int,
+    data_dir: str,
+    sources: list[tuple[bytes, str]],
+    events: int,
+    master: bytes,
+    seed: int,
+    mode: str,
+    batch_size: int | None,
+    barrier: Any,
+    counter: Any,
+    results: Any,
+) -> None:
+    """Worker process entry point (spawned): one shard, its report put on RESULTS."""
+    from paypost.logs import configure_logging
+
+    log = Path(data_dir) / "logs"
+    log.mkdir(parents=True, exist_ok=True)
+    configure_logging("info", json=True, stream=(log / "paypost.jsonl").open("a"))
+    decoder = msgspec.json.Decoder(ingest_stage.SourceConfig)
+    srcs = [Source(config=decoder.decode(c), path=Path(p)) for c, p in sources]
+
+    def progress(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    try:
+        report = run_shard(
+            shard,
+            Path(data_dir),
+            srcs,
+            events,
+            master,
+            seed,
+            PipelineSettings(mode=mode, batch_size=batch_size),  # type: ignore[arg-type]
+            ready=lambda: barrier.wait(),
+            progress=progress,
+        )
+        results.put(msgspec.json.encode(report))
+    except BaseException as exc:  # reported to the parent, which fails with the reason
+        barrier.abort()
+        results.put(msgspec.json.encode({"shard": shard, "error": repr(exc)}))
+        raise
+
+
+class RssSampler:
+    """Peak resident memory of this process and its children (sum), sampled every 100 ms."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.peak_total = 0.0
+        self.peak_single = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        total = 0.0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                rss = p.memory_info().rss / (1024 * 1024)
+            except psutil.Error:
+                continue
+            total += rss
+            self.peak_single = max(self.peak_single, rss)
+        self.peak_total = max(self.peak_total, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+
+@dataclass
+class ThroughputRun:
+    seconds: float
+    reports: list[ShardReport]
+    peak_rss_total_mb: float
+    peak_rss_single_mb: float
+
+
+def run_throughput(
+    data_dir: Path,
+    sources: Sequence[Source],
+    events: int,
+    master: bytes,
+    seed: int,
+    settings: PipelineSettings,
+    shards: int,
+    *,
+    progress: Callable[[int], None] = lambda n: None,
+    in_process: bool = False,
+) -> ThroughputRun:
+    """Run SOURCES through SHARDS shard processes (module docs, step 2)."""
+    groups = shard_sources(sources, shards)
+    if in_process and len(groups) == 1:
+        with RssSampler() as rss:
+            started = time.perf_counter()
+            report = run_shard(
+                0,
+                data_dir / "shard-0",
+                groups[0],
+                events,
+                master,
+                seed,
+                settings,
+                progress=progress,
+            )
+            seconds = time.perf_counter() - started
+        return ThroughputRun(seconds, [report], rss.peak_total, rss.peak_single)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(len(groups) + 1)
+    counter = ctx.Value("q", 0)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_shard_process,
+            name=f"paypost-bench-shard-{i}",
+            args=(
+                i,
+                str(data_dir / f"shard-{i}"),
+                [(msgspec.json.encode(s.config), str(s.path)) for s in group],
+                events,
+                master,
+                seed,
+                settings.mode,
+                settings.batch_size,
+                barrier,
+                counter,
+                results,
+            ),
+        )
+        for i, group in enumerate(groups)
+    ]
+    for p in procs:
+        p.start()
+    reports: list[ShardReport] = []
+    errors: list[str] = []
+    with RssSampler() as rss:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=600)
+        seen = 0
+        pending = len(procs)
+        while pending:
+            try:
+                blob_out = results.get(timeout=0.2)
+            except Exception:  # queue.Empty
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    errors.append("a shard process died without a report")
+                    break
+                blob_out = None
+            now_seen = counter.value
+            if now_seen != seen:
+                progress(now_seen - seen)
+                seen = now_seen
+            if blob_out is None:
+                continue
+            pending -= 1
+            raw = msgspec.json.decode(blob_out)
+            if "error" in raw:
+                errors.append(f"shard {raw['shard']}: {raw['error']}")
+                continue
+            report = msgspec.convert(raw, ShardReport)
+            reports.append(report)
+        now_seen = counter.value
+        if now_seen != seen:
+            progress(now_seen - seen)
+    for p in procs:
+        p.join(timeout=60)
+    if errors:
+        raise BenchFailed("; ".join(errors))
+    seconds = max(r.seconds for r in reports)
+    return ThroughputRun(
+        seconds, sorted(reports, key=lambda r: r.shard), rss.peak_total, rss.peak_single
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Latency at a fixed offered load (realtime mode)
+
+
+class PacedReader:
+    """Wraps an ingest reader: releases each batch at its scheduled arrival time (a fixed
+    rate, shared by every source of the run) and remembers when it was due."""
+
+    def __init__(
+        self, inner: ingest_stage.IngestReader, schedule: _Schedule, stop_after: int
+    ) -> None:
+        self.inner = inner
+        self.edge = inner.edge
+        self.schedule = schedule
+        self.stop_after = stop_after
+
+    def batches(self, final: bool = False) -> Iterator[ingest_stage.IngestBatch]:
+        for batch in self.inner.batches(final=final):
+            if self.schedule.records >= self.stop_after:
+                return
+            due = self.schedule.next_due(batch.counts.records)
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            self.schedule.due.append(due)
+            yield batch
+
+
+@dataclass
+class _Schedule:
+    rate: float
+    start: float
+    records: int = 0
+    due: list[float] = field(default_factory=list)
+
+    def next_due(self, n: int) -> float:
+        at = self.start + self.records / self.rate
+        self.records += n
+        return at
+
+
+@dataclass
+class LatencyRun:
+    offered: float
+    events: int
+    seconds: float
+    latencies_ms: list[float]
+    problems: list[str]
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies_ms, q)
+
+
+def run_latency(
+    data_dir: Path, master: bytes, seed: int, rate: float, seconds: float, scratch: Path
+) -> LatencyRun:
+    """Realtime mode at RATE authorizations/s for SECONDS (module docs, step 4)."""
+    from paypost.demo import demo_refdata
+
+    wanted = max(1, int(rate * seconds))
+    # ~4% declines: generate a little more and stop the schedule at WANTED records.
+    sources = generate_sources(
+        int(wanted * 1.1) + 50, master, seed + 1, "realtime", scratch, in_process=True
+    )
+    refdata = demo_refdata(int(wanted * 1.1) + 50, master, seed + 1).refdata
+    job = Job(data_dir, refdata, bench_rulebook(refdata), PipelineSettings(mode="realtime"), master)
+    latencies: list[float] = []
+    try:
+        schedule = _Schedule(rate=rate, start=time.perf_counter() + 0.05)
+        totals = RunTotals()
+
+        def on_batch(batch: ingest_stage.IngestBatch, outcome: Any, secs: float) -> None:
+            done = time.perf_counter()
+            due = schedule.due[-1]
+            for _ in range(len(batch.events)):
+                latencies.append((done - due) * 1000)
+
+        for source in sources:
+            if schedule.records >= wanted:
+                break
+            reader = ingest_stage.open_reader(source.config, job.keys, path=source.path)
+            paced = PacedReader(reader, schedule, wanted)
+            part = job.pipeline.run_reader(paced, final=True, on_batch=on_batch)  # type: ignore[arg-type]
+            totals.approved += part.approved
+            for k, v in part.counts.items():
+                totals.counts[k] = totals.counts.get(k, 0) + v
+        elapsed = time.perf_counter() - schedule.start
+        job.pipeline.drain()
+        job.pipeline.export_postings()
+        _, problems = check_shard(job, totals, elapsed, "realtime")
+    finally:
+        job.close()
+    return LatencyRun(rate, len(latencies), elapsed, latencies, problems)
+
+
+# --------------------------------------------------------------------------------------------
+# The storage limit
+
+
+def storage_limit(path: Path, rows: int, row_bytes: int, batch: int) -> float:
+    """Rows/s of batched inserts of ROWS rows of ROW_BYTES into a fresh SQLite file at PATH,
+    with paypost's pragmas (WAL, synchronous=FULL) and BATCH rows per transaction."""
+    conn = bus_sqlite.connect(path)
+    try:
+        conn.execute(
+            "CREATE TABLE limit_rows (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB NOT NULL)"
+        )
+        body = os.urandom(max(1, row_bytes) // 2).hex().encode()[: max(1, row_bytes)]
+        started = time.perf_counter()
+        done = 0
+        while done < rows:
+            n = min(batch, rows - done)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO limit_rows VALUES (?, ?, ?)",
+                [(done + i + 1, time.time(), body) for i in range(n)],
+            )
+            conn.execute("COMMIT")
+            done += n
+        return rows / (time.perf_counter() - started)
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole bench
+
+
+def machine() -> tuple[str, int]:
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return model, os.cpu_count() or 1
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=cwd or Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@dataclass
+class BenchOptions:
+    events: int = DEFAULT_EVENTS
+    backend: str = "embedded"
+    mode: Mode = "batch"
+    batch_size: int | None = None
+    shards: int = 0  # 0: one per CPU core (whole tenants per shard)
+    seed: int = 7
+    latency_rate: float = 1000.0
+    latency_seconds: float = 3.0
+    limit: bool = True
+    data_dir: Path | None = None
+    in_process: bool = False
+
+
+def run_bench(
+    options: BenchOptions,
+    *,
+    on_phase: Callable[[str, int | None], None] = lambda phase, total: None,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> BenchResult:
+    """The whole bench (module docs). Raises BenchFailed only when it cannot run at all; a
+    wrong answer comes back with `correct=False` and the problems."""
+    if options.backend != "embedded":
+        raise UserError(
+            f"--backend {options.backend}: the distributed backend (NATS JetStream + PostgreSQL, "
+            "DESIGN §4) has no pipeline runner yet; run `paypost bench --backend embedded`."
+        )
+    if options.events < 1:
+        raise UserError("--events must be at least 1.")
+    master = os.urandom(BENCH_KEY_BYTES)
+    own_dir = options.data_dir is None
+    root = (
+        Path(tempfile.mkdtemp(prefix="paypost-bench-"))
+        if options.data_dir is None
+        else options.data_dir
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    if any(root.glob("shard-*")):
+        raise UserError(
+            f"--data-dir {str(root)!r} already holds a bench run (shard-* directories); "
+            "give an empty directory, or leave --data-dir out for a fresh temporary one."
+        )
+    upstream = Path(tempfile.mkdtemp(prefix="paypost-bench-upstream-"))
+    os.chmod(upstream, 0o700)
+    cpus = os.cpu_count() or 1
+    shards = options.shards or cpus
+    settings = PipelineSettings(mode=options.mode, batch_size=options.batch_size)
+    try:
+        on_phase("generating authorizations (not timed)", None)
+        sources = generate_sources(
+            options.events,
+            master,
+            options.seed,
+            options.mode,
+            upstream,
+            in_process=options.in_process,
+        )
+        on_phase("ingest → posted", options.events)
+        run = run_throughput(
+            root,
+            sources,
+            options.events,
+            master,
+            options.seed,
+            settings,
+            shards,
+            progress=on_progress,
+            in_process=options.in_process,
+        )
+        for s in sources:
+            if s.path is not None:
+                s.path.unlink(missing_ok=True)
+        reports = run.reports
+        problems = [f"shard {r.shard}: {p}" for r in reports for p in r.problems]
+        approved = sum(r.approved for r in reports)
+        posted = sum(r.posted for r in reports)
+        archived = sum(r.archived_events for r in reports)
+        archived_bytes = sum(r.archived_bytes for r in reports)
+        latency = None
+        if options.latency_seconds > 0 and options.latency_rate > 0:
+            on_phase(f"realtime latency at {options.latency_rate:,.0f}/s", None)
+            latency = run_latency(
+                root / "latency",
+                master,
+                options.seed,
+                options.latency_rate,
+                options.latency_seconds,
+                upstream,
+            )
+            problems += [f"latency run: {p}" for p in latency.problems]
+        per_auth_bytes = archived_bytes / approved if approved else 0.0
+        limit_rps = 0.0
+        if options.limit:
+            on_phase("storage limit (raw SQLite inserts)", None)
+            limit_rps = storage_limit(
+                root / "limit.db",
+                options.events,
+                round(per_auth_bytes),
+                settings.records_per_batch(),
+            )
+        eps = approved / run.seconds if run.seconds > 0 else 0.0
+        stage_samples: dict[str, list[float]] = {n: [] for n in STAGE_ORDER}
+        for r in reports:
+            for n, xs in r.stage_per_event_us.items():
+                stage_samples.setdefault(n, []).extend(xs)
+        p50 = {n: round(percentile(xs, 0.5), 2) for n, xs in stage_samples.items()}
+        p99 = {n: round(percentile(xs, 0.99), 2) for n, xs in stage_samples.items()}
+        peak = max(run.peak_rss_total_mb, max(r.peak_rss_mb for r in reports))
+        model, ncpu = machine()
+        result = BenchResult(
+            backend=options.backend,
+            mode=options.mode,
+            events=options.events,
+            approved=approved,
+            posted=posted,
+            seconds=round(run.seconds, 3),
+            events_per_second=round(eps, 1),
+            shards=len(reports),
+            stage_p50_us=p50,
+            stage_p99_us=p99,
+            e2e_latency_p50_ms=round(latency.p(0.5), 3) if latency else 0.0,
+            e2e_latency_p99_ms=round(latency.p(0.99), 3) if latency else 0.0,
+            latency_offered_per_second=options.latency_rate if latency else 0.0,
+            latency_events=latency.events if latency else 0,
+            latency_achieved_per_second=(
+                round(latency.events / latency.seconds, 1) if latency and latency.seconds else 0.0
+            ),
+            peak_rss_mb=round(peak, 1),
+            peak_rss_mb_per_process=round(
+                max(run.peak_rss_single_mb, max(r.peak_rss_mb for r in reports)), 1
+            ),
+            limit_rows=options.events if options.limit else 0,
+            limit_row_bytes=round(per_auth_bytes),
+            limit_rows_per_second=round(limit_rps, 1),
+            limit_ratio=round(eps / limit_rps, 3) if limit_rps else 0.0,
+            archived_events=archived,
+            archived_bytes_per_authorization=round(per_auth_bytes, 1),
+            database_bytes=sum(r.database_bytes for r in reports),
+            correct=not problems,
+            problems=problems,
+            commit=git_commit(),
+            machine=model,
+            cpus=ncpu,
+            date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            data_dir="" if own_dir else str(root),
+        )
+        result.within_budget = {
+            "seconds": run.seconds * 1_000_000 / max(options.events, 1)
+            <= BUDGET_SECONDS_PER_MILLION,
+            "stage_p99": all(v < BUDGET_STAGE_P99_US for v in p99.values()),
+            "peak_rss": peak < BUDGET_PEAK_RSS_MB,
+        }
+        return result
+    finally:
+        shutil.rmtree(upstream, ignore_errors=True)
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# docs/benchmarks.md
+
+
+def markdown_row(r: BenchResult) -> str:
+    """One line of the results table in docs/benchmarks.md."""
+    p99 = max(r.stage_p99_us.values()) if r.stage_p99_us else 0.0
+    return (
+        f"| {r.date} | `{r.commit}` | {r.cpus} × {r.machine} | {r.backend} | {r.mode} | "
+        f"{r.shards} | {r.events:,} | {r.seconds:.1f} | {r.events_per_second:,.0f} | "
+        f"{p99:.0f} | {r.e2e_latency_p99_ms:.1f} @ {r.latency_offered_per_second:,.0f}/s | "
+        f"{r.peak_rss_mb:.0f} | {r.limit_rows_per_second:,.0f} | {r.limit_ratio:.2f} | "
+        f"{'yes' if r.correct else 'NO'} |"
+    )
+
+
+RESULTS_HEADING = "### `paypost bench --record` results"
+RESULTS_HEADER = (
+    "| date | commit | machine | backend | mode | shards | authorizations | s | auth/s | "
+    "worst stage p99 µs | e2e p99 ms @ offered | peak RSS MB | storage limit rows/s | "
+    "paypost ÷ limit | correct |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def record(result: BenchResult, path: Path) -> None:
+    """Append RESULT to the results table of PATH (created under its heading if missing)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    row = markdown_row(result)
+    if RESULTS_HEADING in text:
+        head, _, tail = text.partition(RESULTS_HEADING)
+        # The table is the block of `|` lines right after the heading.
+        lines = tail.split("\n")
+        i = 1
+        while i < len(lines) and not lines[i].startswith("|"):
+            i += 1
+        while i < len(lines) and lines[i].startswith("|"):
+            i += 1
+        lines.insert(i, row)
+        text = head + RESULTS_HEADING + "\n".join(lines)
+    else:
+        text = text.rstrip("\n") + f"\n\n{RESULTS_HEADING}\n\n{RESULTS_HEADER}\n{row}\n"
+    path.write_text(text, encoding="utf-8")
