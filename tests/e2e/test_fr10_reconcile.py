@@ -1,7 +1,14 @@
-"""FR10 proof: after a demo-like run, each kind of break injected into the database is detected
-with its evidence, patched through the real pipeline and the ledger (never a hand-made
+"""FR10 and NFR3 proof.
+
+FR10: after a demo-like run, each kind of break injected into the database is detected with its
+evidence, patched through the real pipeline and the ledger (never a hand-made
 posting), and the ledger ends equal to the authorizations, with a zero trial balance and every
-account's balance equal to a run without faults. Patching twice changes nothing."""
+account's balance equal to a run without faults. Patching twice changes nothing.
+
+NFR3 / FR9: replaying the whole archive to the whole bus (twice) and redriving dead-letter
+queues, through the real stage consumers, never posts an authorization twice: ledger entries,
+balances and the posting file stay as they were, the trial balance stays zero and the
+reconciler finds no break."""
 
 from __future__ import annotations
 
@@ -16,13 +23,20 @@ from typing import Any
 import msgspec
 import pytest
 
-from paypost.bus.core import UnitOfWork
+from paypost.bus.core import ArchiveQuery, UnitOfWork, decode_event
 from paypost.demo import demo_inputs
 from paypost.events import Event, derive_event_id
 from paypost.ledger import sqlite as ledger_sqlite
 from paypost.ledger.model import JournalEntry, Leg
 from paypost.money import Money
-from paypost.pipeline import ACCOUNT_INTERFACE, PipelineSettings
+from paypost.pipeline import (
+    ACCOUNT_INTERFACE,
+    ASSEMBLER,
+    DEDUP,
+    STAGE_ORDER,
+    STANDARDIZE,
+    PipelineSettings,
+)
 from paypost.runner import POSTING_FILE, Job
 from paypost.stages import reconcile as rec
 from paypost.stages.posting_file import add_to_outbox, record_for, verify_file
@@ -393,3 +407,71 @@ def test_fr10_cli_after_demo_reports_zero_breaks(tmp_path: Path) -> None:
     )
     assert nothing.returncode == 2
     assert "paypost demo" in nothing.stderr and "Traceback" not in nothing.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Replay and redrive safety (NFR3, FR9)
+
+REPLAY_EVENTS = 700
+
+
+def snapshot(job: Job) -> tuple[int, dict[tuple[str, str], int], bytes]:
+    job.pipeline.export_postings()
+    return (
+        entry_count(job.bus.conn),
+        balances(job.bus.conn),
+        (job.data_dir / POSTING_FILE).read_bytes(),
+    )
+
+
+def assert_clean(job: Job) -> None:
+    assert trial_balance_zero(job.bus.conn)
+    assert all(job.bus.pending(name) == 0 for name in STAGE_ORDER)
+    report = rec.reconcile(job.bus.conn, posting_file=job.data_dir / POSTING_FILE)
+    assert report.breaks == [], [b.kind for b in report.breaks]
+
+
+def test_nfr3_replaying_the_whole_archive_twice_posts_nothing_twice(tmp_path: Path) -> None:
+    with demo_job(tmp_path, events=REPLAY_EVENTS) as job:
+        before = snapshot(job)
+        assert before[0] > 0.9 * 0.9 * REPLAY_EVENTS
+        for _ in range(2):
+            result = job.bus.replay(ArchiveQuery(start=0.0, end=float("inf")))
+            # Every stage gets its events again: authorizations, accepted, ..., legs.
+            for target in (DEDUP, STANDARDIZE, ACCOUNT_INTERFACE, ASSEMBLER):
+                assert result.routed.get(target, 0) > 0
+            stats = job.pipeline.drain()
+            for target in (DEDUP, STANDARDIZE, ACCOUNT_INTERFACE, ASSEMBLER):
+                assert stats[target].processed + stats[target].skipped > 0  # really consumed
+            assert snapshot(job) == before
+            assert_clean(job)
+
+
+def test_nfr3_redriving_dead_letters_of_posted_events_posts_nothing(tmp_path: Path) -> None:
+    """Events already processed, dead-lettered at each stage (e.g. by an operator's mistake,
+    or a consumer that failed after the fused path had processed them), then redriven twice."""
+    with demo_job(tmp_path, events=REPLAY_EVENTS) as job:
+        before = snapshot(job)
+        conn = job.bus.conn
+        by_type: dict[str, list[str]] = {}
+        for detail_type, target in (
+            ("AuthorizationApproved", DEDUP),
+            ("AuthorizationAccepted", STANDARDIZE),
+            ("TransactionApproved", ACCOUNT_INTERFACE),
+            ("PostingLegCreated", ASSEMBLER),
+        ):
+            rows = conn.execute(
+                "SELECT body FROM bus_archive WHERE CAST(body AS TEXT) LIKE ? "
+                "ORDER BY position LIMIT 60",
+                (f'%"detail-type":"{detail_type}"%',),
+            ).fetchall()
+            by_type[target] = [b for (b,) in rows]
+        for _ in range(2):
+            with job.bus.unit_of_work() as uow:
+                for target, bodies in by_type.items():
+                    uow.dead_letter(target, [decode_event(b) for b in bodies], "test: poison")
+            assert job.bus.dlq_redrive() == sum(len(v) for v in by_type.values())
+            job.pipeline.drain()
+            assert snapshot(job) == before
+            assert_clean(job)
+            assert job.bus.dlq_list() == []

@@ -724,15 +724,10 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
         s = day_summary(tenant, auth.day)
         s.authorizations += 1
         entries = groups.get(key, [])
-        live = [e for e in entries if (tenant, e.id) not in reversed_ids]
+        live = (
+            [e for e in entries if (tenant, e.id) not in reversed_ids] if reversed_ids else entries
+        )
         exp = expected[key]
-        base_evidence: dict[str, Any] = {
-            "authorization_id": auth.auth_id,
-            "accepted_event_id": auth.accepted_id,
-            "expected_entry_id": exp,
-            "authorized": {"minor": auth.amount, "currency": auth.currency},
-            "day": auth.day,
-        }
         if not entries:
             outcome = views.outcomes.get(key)
             if outcome is not None:
@@ -747,7 +742,7 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
                 counts["in_flight"] += 1
                 s.in_flight += 1
                 continue
-            evidence = dict(base_evidence)
+            evidence = _auth_evidence(auth, exp)
             redriven.add((tenant, exp))
             if in_file is not None:
                 # A posting the ledger lost after its record reached the file: the re-driven
@@ -792,7 +787,7 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
                     day=auth.day,
                     account=extra.account,
                     evidence={
-                        **base_evidence,
+                        **_auth_evidence(auth, exp),
                         "kept_entry_id": keeper.id,
                         "duplicate_entry_id": extra.id,
                         "duplicate_posted": {
@@ -821,7 +816,7 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
                     day=auth.day,
                     account=keeper.account,
                     evidence={
-                        **base_evidence,
+                        **_auth_evidence(auth, exp),
                         "what": "currency",
                         "entry_id": keeper.id,
                         "posted": {"minor": abs(posted), "currency": keeper.currency},
@@ -870,7 +865,7 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
                 day=auth.day,
                 account=keeper.account,
                 evidence={
-                    **base_evidence,
+                    **_auth_evidence(auth, exp),
                     "what": "amount",
                     "entry_id": keeper.id,
                     "posted": {"minor": abs(posted), "currency": keeper.currency},
@@ -938,6 +933,16 @@ def classify(views: Views, config: ReconcileConfig, scope: Scope) -> Report:
         accounts=[accounts[k] for k in sorted(accounts)],
         open_breaks=sum(1 for b in breaks if b.status != "patched"),
     )
+
+
+def _auth_evidence(auth: InboundAuth, expected_entry: str) -> dict[str, Any]:
+    return {
+        "authorization_id": auth.auth_id,
+        "accepted_event_id": auth.accepted_id,
+        "expected_entry_id": expected_entry,
+        "authorized": {"minor": auth.amount, "currency": auth.currency},
+        "day": auth.day,
+    }
 
 
 def _customer_in(entry: EntryView, currency: str) -> bool:
