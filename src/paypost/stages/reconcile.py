@@ -106,7 +106,7 @@ NON_POSTING = {
 # Configuration
 
 
-class ReconcileConfig(msgspec.Struct, frozen=True, kw_only=True):
+class ReconcileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Matching criteria, tolerances and patch limits (docs/reconciliation.md).
 
     - `match_on`: how a ledger entry is linked to an accepted authorization, tried in order:
