@@ -40,6 +40,7 @@ nothing. Money is conserved: every patch entry balances and the trial balance is
 from __future__ import annotations
 
 import csv
+import re
 import sqlite3
 import threading
 import time
@@ -101,6 +102,18 @@ NON_POSTING = {
     "TransactionRejected": "rejected",
     "StandardizationRejected": "rejected",
 }
+
+# The events an authorization travels as on its way to the ledger (DESIGN §1).
+STAGE_INPUTS = frozenset(
+    (
+        "AuthorizationApproved",
+        "AuthorizationAccepted",
+        "TransactionStandardized",
+        "TransactionEnriched",
+        "TransactionApproved",
+        "PostingLegCreated",
+    )
+)
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -319,6 +332,7 @@ class FileRecord(msgspec.Struct, frozen=True, kw_only=True):
     account: str
     settled: int
     currency: str | None
+    after_snapshot: bool = False  # exported from outbox rows newer than the ledger snapshot
 
 
 class Views(msgspec.Struct, kw_only=True):
@@ -330,6 +344,7 @@ class Views(msgspec.Struct, kw_only=True):
     in_flight: set[tuple[str, str]]  # (tenant, auth id) with an event in a stage queue
     dead_letters: dict[tuple[str, str], list[dict[str, Any]]]  # (tenant, auth) -> DLQ items
     breaks: dict[str, tuple[str, str | None, str | None]]  # break id -> status, entry, note
+    outbox_high_water: int = 0  # the last outbox id in the snapshot
 
 
 Progress = Callable[[str, int, int], None]
@@ -361,7 +376,35 @@ def load_views(
     posting_file: Path | None,
     progress: Progress = _no_progress,
 ) -> Views:
-    """Read the three views (set-based queries, one pass each). Read-only."""
+    """Read the three views (set-based queries, one pass each). Read-only.
+
+    The database views come from ONE read transaction (a consistent snapshot under WAL, which
+    never blocks the pipeline's writer), so an authorization posted while the reconciler reads
+    is either wholly in the views or wholly out. The posting file is read after the snapshot:
+    a record exported meanwhile was still in the snapshot's outbox; one written from rows
+    newer than the snapshot is marked `after_snapshot` (never an orphan)."""
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        views = _load_db_views(conn, scope, progress, outbox=posting_file is not None)
+    finally:
+        if own:
+            conn.execute("COMMIT")
+    if posting_file is not None:
+        views.file_records = (
+            read_posting_file(
+                posting_file, scope.tenant, progress, snapshot_outbox_id=views.outbox_high_water
+            )
+            if posting_file.exists()
+            else []
+        )
+    return views
+
+
+def _load_db_views(
+    conn: sqlite3.Connection, scope: Scope, progress: Progress, *, outbox: bool
+) -> Views:
     ensure_schema_readonly = _table_exists(conn, "reconcile_inbound")
     tenant = scope.tenant
     inbound: list[InboundAuth] = []
@@ -401,17 +444,17 @@ def load_views(
         ):
             outcomes.setdefault((t, auth), (state, reason))
     entries = _load_entries(conn, tenant, progress)
-    file_records: list[FileRecord] | None = None
     queued: set[tuple[str, str]] = set()
-    if posting_file is not None:
-        file_records = (
-            read_posting_file(posting_file, tenant, progress) if posting_file.exists() else []
-        )
-        if _table_exists(conn, "assembly_posting_outbox"):
-            dec = msgspec.json.Decoder(PostingRecord)
-            for (blob,) in conn.execute("SELECT record FROM assembly_posting_outbox"):
-                r = dec.decode(blob)
-                queued.add((r.tenant, r.entry_id))
+    high_water = 0
+    if outbox and _table_exists(conn, "assembly_posting_outbox"):
+        dec = msgspec.json.Decoder(PostingRecord)
+        for (blob,) in conn.execute("SELECT record FROM assembly_posting_outbox"):
+            r = dec.decode(blob)
+            queued.add((r.tenant, r.entry_id))
+        row = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'assembly_posting_outbox'"
+        ).fetchone()
+        high_water = int(row[0]) if row is not None else 0
     in_flight, dead = _queued_work(conn, tenant)
     breaks: dict[str, tuple[str, str | None, str | None]] = {}
     if ensure_schema_readonly:
@@ -423,8 +466,9 @@ def load_views(
         inbound=inbound,
         outcomes=outcomes,
         entries=entries,
-        file_records=file_records,
+        file_records=None,
         queued_entries=queued,
+        outbox_high_water=high_water,
         in_flight=in_flight,
         dead_letters=dead,
         breaks=breaks,
@@ -498,10 +542,18 @@ def _load_entries(
 _DETAIL_INDEX = {name: i for i, name in enumerate(DETAIL_FIELDS)}
 
 
+_OUTBOX_BATCH = re.compile(r"[a-z]+-(\d+)-(\d+)")
+
+
 def read_posting_file(
-    path: Path, tenant: str | None = None, progress: Progress = _no_progress
+    path: Path,
+    tenant: str | None = None,
+    progress: Progress = _no_progress,
+    *,
+    snapshot_outbox_id: int | None = None,
 ) -> list[FileRecord]:
-    """The detail records of the posting file (one pass; complete batches only)."""
+    """The detail records of the posting file (one pass; complete batches only). Records of
+    batches holding outbox ids above SNAPSHOT_OUTBOX_ID are marked `after_snapshot`."""
     i_entry = _DETAIL_INDEX["entry_id"]
     i_tenant = _DETAIL_INDEX["tenant"]
     i_seq = _DETAIL_INDEX["seq"]
@@ -511,6 +563,7 @@ def read_posting_file(
     out: list[FileRecord] = []
     batch: list[FileRecord] = []
     batch_id = ""
+    newer = False
     with path.open(encoding="utf-8", newline="") as fh:
         for row in csv.reader(fh):
             if not row:
@@ -519,6 +572,12 @@ def read_posting_file(
             if kind == "H":
                 batch_id = row[3] if len(row) > 3 else ""
                 batch = []
+                m = _OUTBOX_BATCH.fullmatch(batch_id)
+                newer = (
+                    snapshot_outbox_id is not None
+                    and m is not None
+                    and int(m.group(2)) > snapshot_outbox_id
+                )
             elif kind == "D" and len(row) > i_legs:
                 if tenant is not None and row[i_tenant] != tenant:
                     continue
@@ -540,6 +599,7 @@ def read_posting_file(
                         account=row[i_account],
                         settled=settled,
                         currency=ccy,
+                        after_snapshot=newer,
                     )
                 )
             elif kind == "T":
@@ -559,12 +619,15 @@ def _queued_work(
     dead: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if not _table_exists(conn, "bus_queue"):
         return in_flight, dead
-    for t, corr in conn.execute(
+    for t, corr, dt in conn.execute(
         "SELECT json_extract(CAST(a.body AS TEXT), '$.tenant'), "
-        "json_extract(CAST(a.body AS TEXT), '$.\"correlation-id\"') "
+        "json_extract(CAST(a.body AS TEXT), '$.\"correlation-id\"'), "
+        "json_extract(CAST(a.body AS TEXT), '$.\"detail-type\"') "
         "FROM bus_queue q JOIN bus_archive a ON a.position = q.position"
     ):
-        if tenant is None or t == tenant:
+        # Only an authorization's own way to its posting; an alert or a reconciliation event
+        # waiting in a queue says nothing about it being processed.
+        if dt in STAGE_INPUTS and (tenant is None or t == tenant):
             in_flight.add((t, corr))
     for t, corr, target, error, ev_id in conn.execute(
         "SELECT json_extract(CAST(a.body AS TEXT), '$.tenant'), "
@@ -1047,7 +1110,7 @@ def _classify_file(
             # in the ledger again under the same entry id), not a second break.
             continue
         r = recs[0]
-        if not scope.has_day(r.day):
+        if not scope.has_day(r.day) or r.after_snapshot:
             continue
         bid = break_id_for(r.tenant, "file_orphan", r.entry_id)
         add_break(
