@@ -245,6 +245,14 @@ def test_fr10_demo_reconciles_with_zero_breaks(tmp_path: Path) -> None:
         assert c["held"] > 0 and c["rejected"] > 0  # the demo's high-value holds, rejections
         for day in report.days:  # per tenant and day: authorized == posted, per currency
             assert day.authorized == day.posted and day.breaks == {}
+        # A database from before the reconciler's record: filled once from the archive.
+        with job.bus.unit_of_work() as uow:
+            uow.conn.execute("DELETE FROM reconcile_inbound")
+            uow.conn.execute("DELETE FROM reconcile_outcomes")
+            assert rec.backfill_from_archive(uow.conn) == report.authorizations
+            assert rec.backfill_from_archive(uow.conn) == 0
+        again = _reconcile(job)
+        assert again.breaks == [] and again.counts == report.counts
 
 
 def test_fr10_every_break_detected_patched_and_ledger_equals_authorizations(
@@ -399,6 +407,15 @@ def test_fr10_cli_after_demo_reports_zero_breaks(tmp_path: Path) -> None:
     )
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout)["outcome"]["trial_balance_zero"] is True
+    loop = subprocess.run(
+        [*cli, "reconcile", "--data-dir", str(data), "--json", "--every", "0.1", "--max-runs", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert loop.returncode == 0, loop.stderr
+    runs = [json.loads(line) for line in loop.stdout.splitlines()]
+    assert len(runs) == 2 and all(r["breaks_total"] == 0 for r in runs)
     nothing = subprocess.run(
         [*cli, "reconcile", "--data-dir", str(tmp_path / "nothing-here")],
         capture_output=True,

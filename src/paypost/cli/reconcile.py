@@ -81,6 +81,13 @@ def open_bus(data_dir: Path) -> SqliteBus:
         )
     with bus.unit_of_work() as uow:
         rec.ensure_schema(uow.conn)
+        backfilled = rec.backfill_from_archive(uow.conn)
+    if backfilled:
+        err_console.print(
+            f"note: this database predates the reconciler's record of accepted authorizations; "
+            f"{backfilled:,} were read from the event archive (once).",
+            highlight=False,
+        )
     return bus
 
 
@@ -324,6 +331,10 @@ def reconcile(
             "a held orphan is reversed.",
         ),
     ] = None,
+    max_runs: Annotated[
+        int | None,
+        typer.Option("--max-runs", min=1, help="With --every: stop after this many runs."),
+    ] = None,
     limit: Annotated[
         int, typer.Option("--limit", min=0, help="Breaks listed in the text output.")
     ] = 50,
@@ -356,7 +367,7 @@ def reconcile(
                 )
             return
         if every is not None:
-            _continuous(bus, data_dir, scope, config, dry_run, rules, every, as_json)
+            _continuous(bus, data_dir, scope, config, dry_run, rules, every, as_json, max_runs)
             return
         interactive = not as_json and err_console.is_terminal
         with _progress(interactive) as progress:
@@ -383,6 +394,7 @@ def _continuous(
     rules: Path | None,
     every: float,
     as_json: bool,
+    max_runs: int | None,
 ) -> None:
     stop = threading.Event()
 
@@ -403,7 +415,7 @@ def _continuous(
         err_console.print(f"[bold red]reconcile run failed:[/] {exc}", highlight=False)
 
     try:
-        rec.run_every(every, once, stop=stop, on_error=on_error)
+        rec.run_every(every, once, stop=stop, on_error=on_error, max_runs=max_runs)
     except KeyboardInterrupt:
         stop.set()
         err_console.print("stopped.")

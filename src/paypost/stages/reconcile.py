@@ -289,6 +289,47 @@ def track(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
         )
 
 
+def backfill_from_archive(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
+    """One-time, for a database whose pipeline ran before `reconcile_inbound` existed: fill
+    the inbound and outcome records from the archived events (one scan), in the caller's
+    transaction. Does nothing if the records are already kept (or were backfilled). Returns
+    the accepted authorizations recorded."""
+    if conn.execute("SELECT 1 FROM reconcile_inbound LIMIT 1").fetchone() is not None:
+        return 0
+    if conn.execute("SELECT 1 FROM reconcile_outcomes WHERE state = 'backfilled'").fetchone():
+        return 0
+    if not _table_exists(conn, "bus_archive"):
+        return 0
+    from paypost.bus.core import decode_event
+
+    wanted = ("AuthorizationAccepted", *NON_POSTING)
+    clause = " OR ".join("CAST(body AS TEXT) LIKE ?" for _ in wanted)
+    args = [f'%"detail-type":"{dt}"%' for dt in wanted]
+    cur = conn.execute(f"SELECT body FROM bus_archive WHERE {clause} ORDER BY position", args)
+    seen: set[str] = set()
+    accepted = 0
+    while True:
+        rows = cur.fetchmany(5_000)
+        if not rows:
+            break
+        events = []
+        for (body,) in rows:
+            ev = decode_event(body)
+            if ev.id not in seen and ev.detail_type in wanted:
+                seen.add(ev.id)
+                events.append(ev)
+                accepted += ev.detail_type == "AuthorizationAccepted"
+        track(conn, events)
+        if progress is not None:
+            progress("backfilling from the archive", accepted, 0)
+    # Remember that the archive was read (a database with no authorization at all).
+    conn.execute(
+        "INSERT INTO reconcile_outcomes (tenant, auth_id, state, event_id, reason) "
+        "VALUES ('', '', 'backfilled', '', 'reconcile_inbound filled from the archive')"
+    )
+    return accepted
+
+
 # --------------------------------------------------------------------------------------------
 # The views (plain data)
 
