@@ -213,7 +213,10 @@ def _evidence_line(b: rec.Break) -> str:
         parts.append(f"authorized {auth['minor']} {auth['currency']}")
     if posted:
         parts.append(f"posted {posted['minor']} {posted['currency']}")
-    for key in ("authorization_id", "entry_id", "duplicate_entry_id", "expected_entry_id"):
+    diff = ev.get("difference")
+    if diff:
+        parts.append(f"difference {diff['minor']:+} {diff['currency']}")
+    for key in ("duplicate_entry_id", "entry_id", "authorization_id"):
         if ev.get(key):
             parts.append(f"{key.replace('_', ' ')} {ev[key]}")
             break
@@ -258,7 +261,7 @@ def _render(report: rec.Report, outcome: rec.PatchOutcome | None, limit: int) ->
             bt.add_column(col, overflow="fold")
         for b in report.breaks[:limit]:
             bt.add_row(
-                b.break_id[:8],
+                b.break_id,
                 b.kind,
                 b.tenant,
                 b.day or "",
