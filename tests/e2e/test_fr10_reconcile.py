@@ -416,6 +416,15 @@ def test_fr10_cli_after_demo_reports_zero_breaks(tmp_path: Path) -> None:
     assert loop.returncode == 0, loop.stderr
     runs = [json.loads(line) for line in loop.stdout.splitlines()]
     assert len(runs) == 2 and all(r["breaks_total"] == 0 for r in runs)
+    for bad in (["--approve", "no-such-break"], ["--tenant", "nobody"], ["--from", "yesterday"]):
+        refused = subprocess.run(
+            [*cli, "reconcile", "--data-dir", str(data), *bad],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert bad[1] in refused.stderr
     nothing = subprocess.run(
         [*cli, "reconcile", "--data-dir", str(tmp_path / "nothing-here")],
         capture_output=True,
@@ -492,3 +501,34 @@ def test_nfr3_redriving_dead_letters_of_posted_events_posts_nothing(tmp_path: Pa
             assert snapshot(job) == before
             assert_clean(job)
             assert job.bus.dlq_list() == []
+
+
+def test_fr10_a_crash_during_a_redrive_leaves_nothing_half_done(tmp_path: Path) -> None:
+    """The re-drive of a chunk is one transaction: a crash inside it (after the stages ran,
+    before the commit) leaves the ledger as it was; the next run patches it once."""
+    with demo_job(tmp_path, events=500) as job:
+        conn = job.bus.conn
+        (auth_id,) = conn.execute(
+            "SELECT auth_id FROM reconcile_inbound LIMIT 1 OFFSET 9"
+        ).fetchone()
+        tenant, entry_id = entry_of(conn, auth_id)
+        delete_posting(job, tenant, entry_id)
+        entries = entry_count(conn)
+
+        def crashing() -> rec.Redriver:
+            def drive(uow: Any, events: list[Event]) -> Any:
+                job.pipeline.redrive(uow, events)
+                assert ledger_sqlite.get_entry_in(uow.conn, tenant, entry_id) is not None
+                raise RuntimeError("power cut")
+
+            return drive
+
+        report = _reconcile(job)
+        with pytest.raises(RuntimeError, match="power cut"):
+            rec.apply_patches(job.bus, report, redrive=crashing)
+        assert entry_count(conn) == entries
+        assert ledger_sqlite.get_entry_in(conn, tenant, entry_id) is None
+        outcome = _patch(job, _reconcile(job))
+        assert outcome.patched == 1 and outcome.detected == 0  # recorded by the first run
+        assert entry_count(conn) == entries + 1
+        assert _reconcile(job).breaks == [] and trial_balance_zero(conn)

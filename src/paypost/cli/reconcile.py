@@ -356,6 +356,13 @@ def reconcile(
     config = load_config(config_path)
     bus = open_bus(data_dir)
     try:
+        if tenant is not None:
+            known = [t for (t,) in bus.conn.execute("SELECT DISTINCT tenant FROM ledger_accounts")]
+            if tenant not in known:
+                raise UserError(
+                    f"--tenant {tenant!r} has no accounts in this ledger "
+                    f"(tenants: {', '.join(sorted(known)) or 'none'})."
+                )
         if approve is not None:
             approved = rec.approve(bus, approve, export=exporter(bus, data_dir))
             if as_json:
