@@ -1,0 +1,1361 @@
+"""The distributed bus: NATS JetStream carries the events, PostgreSQL the transactions (issue 6).
+
+Same `Bus` interface and conformance suite as the embedded backends. Layout, per `prefix`:
+
+JetStream (all streams file-backed, `replicas` copies each):
+- `<P>_ARCHIVE`, subject `<p>.archive`: every published event once (limits retention,
+  `max_age` = the archive retention). Header `Paypost-Archived-At` holds the bus clock.
+- `<P>_QUEUE`, subjects `<p>.q.<target>`: the per-target durable queues (work-queue
+  retention: a message leaves when acked). One durable pull consumer per target,
+  `ack_wait` = the target's lease, `max_ack_pending` = its max_in_flight. Header
+  `Paypost-Position` = the event's archive sequence.
+- `<P>_DLQ`, subjects `<p>.dlq.<target>`: dead letters with the reason in headers; the
+  dead letter's id is its stream sequence.
+
+PostgreSQL (schema `<prefix>_bus`): targets and rules, the publish-dedup window (`seen`),
+tracking records, counters (append-only deltas: no hot row shared by workers) and the
+transactional OUTBOX.
+
+Routing is publisher-side: the publisher runs the compiled rules (`Router`, the same code as
+every backend) and writes one archive copy plus one queue copy per matched target. Per event
+that costs one routing evaluation in the publisher (an index lookup by detail-type; a full
+pattern match only for content filters) and 1 + k JetStream messages for k matched targets.
+
+Exactly-once in effect across NATS + PostgreSQL. A unit of work is ONE PostgreSQL transaction
+holding the stage's effects (`uow.conn`), its tracking record and the outbox rows of its
+output events. After COMMIT, a relay publishes the outbox rows to JetStream and deletes them,
+then the inputs are acked (or nacked). A crash after commit leaves outbox rows that the
+relay sweeper of any worker publishes later; a re-publish is harmless because every message
+carries a `Nats-Msg-Id` fixed in the outbox row (JetStream drops the copy inside its
+duplicate window). Events published with dedup (ingress) use their event id as
+`Nats-Msg-Id`; outputs of a tracked consumer (produced once by construction) and replays use
+`<event id>#<row nonce>` so a deliberate second copy is still delivered. Inputs that were
+processed but not acked are redelivered and skipped by the tracking record. Two workers that
+process the same delivery at once (a lease ran out) collide on the tracking record's primary
+key: the second transaction fails and rolls back, its effects with it.
+
+The interface is synchronous; nats-py is asyncio: one event loop runs in a background
+thread and every call crosses over with `run_coroutine_threadsafe`.
+
+Time: leases, retry delays and windows run on the JetStream server's clock; `time_scale`
+(tests only) multiplies every duration handed to the server. Linger, `Delivery` times, the
+archive's time range and the dedup window use the bus clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import psycopg
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from psycopg import sql
+
+from paypost.bus.core import (
+    ArchivedEvent,
+    ArchiveQuery,
+    Bus,
+    BusConfig,
+    BusError,
+    BusStats,
+    Clock,
+    DeadLetter,
+    DeadLetterNotFound,
+    Delivery,
+    DeliveryHandle,
+    PreparedEvent,
+    PublishResult,
+    Rand,
+    ReplayResult,
+    Router,
+    Rule,
+    TargetConfig,
+    TargetStats,
+    UnitOfWork,
+    UnknownRule,
+    clean_error,
+    compile_pattern,
+    content_hash,
+    decode_event,
+    dedup_decide,
+    id_key,
+    prepare,
+)
+from paypost.events import Event
+from paypost.logs import get_logger
+
+log = get_logger("paypost.bus.nats")
+
+T = TypeVar("T")
+
+BUS_URL_SETTING = "PAYPOST_BUS_URL"
+DB_URL_SETTING = "PAYPOST_DB_URL"
+
+H_ARCHIVED_AT = "Paypost-Archived-At"
+H_QUEUED_AT = "Paypost-Queued-At"
+H_POSITION = "Paypost-Position"
+H_ERROR = "Paypost-Error"
+H_ATTEMPTS = "Paypost-Attempts"
+H_FIRST_AT = "Paypost-First-At"
+H_LAST_AT = "Paypost-Last-At"
+H_DEAD_AT = "Paypost-Dead-At"
+MSG_ID = "Nats-Msg-Id"
+
+#: relay re-publish protection when the dedup window is longer (server memory per id)
+MAX_MSG_ID_WINDOW_S = 86400.0
+#: outbox rows older than this are published by the sweeper (crashed relays)
+SWEEP_AFTER_S = 3.0
+
+_json = msgspec.json.Encoder()
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+class ServiceUnavailable(BusError):
+    """NATS or PostgreSQL cannot be reached; the message names the setting to fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# The asyncio bridge
+
+
+class _Loop:
+    """An asyncio event loop in a daemon thread; `run` calls a coroutine from any thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL schema
+
+
+def _schema_sql(s: sql.Identifier) -> list[sql.Composed]:
+    stmts = [
+        "CREATE SCHEMA IF NOT EXISTS {s}",
+        "CREATE TABLE IF NOT EXISTS {s}.targets (name TEXT PRIMARY KEY, config BYTEA NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS {s}.rules (name TEXT PRIMARY KEY, rule BYTEA NOT NULL)",
+        # publish dedup window: id_key -> content hashes seen (no unique index: JetStream's
+        # Nats-Msg-Id drops a concurrent second publish of the same id)
+        "CREATE TABLE IF NOT EXISTS {s}.seen (id_key BIGINT NOT NULL, "
+        "content_hash BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS seen_id ON {s}.seen (id_key)",
+        "CREATE TABLE IF NOT EXISTS {s}.tracking (consumer TEXT NOT NULL, id_key BIGINT NOT NULL,"
+        " content_hash BIGINT NOT NULL, PRIMARY KEY (consumer, id_key, content_hash))",
+        "CREATE TABLE IF NOT EXISTS {s}.counters (name TEXT NOT NULL, n BIGINT NOT NULL)",
+        # the transactional outbox: one row per message to publish after commit
+        "CREATE TABLE IF NOT EXISTS {s}.outbox (uow BIGINT NOT NULL, idx INTEGER NOT NULL, "
+        "created TIMESTAMPTZ NOT NULL DEFAULT now(), subject TEXT NOT NULL, "
+        "queues TEXT NOT NULL, msg_id TEXT NOT NULL, headers BYTEA NOT NULL, body BYTEA NOT NULL,"
+        " PRIMARY KEY (uow, idx))",
+    ]
+    return [sql.SQL(x).format(s=s) for x in stmts]
+
+
+def connect_db(db_url: str) -> psycopg.Connection[Any]:
+    """A PostgreSQL connection, or an error that names PAYPOST_DB_URL."""
+    try:
+        return psycopg.connect(db_url, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise ServiceUnavailable(
+            f"PostgreSQL is not reachable at {DB_URL_SETTING}={_redact_url(db_url)}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}. Start it, or set "
+            f"{DB_URL_SETTING} (or `db_url` in the config file) to a reachable database."
+        ) from None
+
+
+def _redact_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        user = cred.split(":", 1)[0]
+        return f"{scheme}://{user}@{host}"
+    return url
+
+
+# --------------------------------------------------------------------------------------------
+# Outbox rows
+
+
+@dataclass
+class _OutRow:
+    """One message to publish after commit. `queues` non-empty and `subject` the archive
+    subject: archive first, then one copy per queue subject with the archive position."""
+
+    subject: str
+    queues: list[str]
+    msg_id: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class _Held:
+    """A delivery this process received and has not settled yet."""
+
+    msg: Msg
+    delivered: int
+    first_at: float
+
+
+@dataclass
+class _Buffered:
+    msg: Msg
+    delivered: int
+    queued_at: float
+
+
+@dataclass
+class _TargetState:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    buffer: dict[int, _Buffered] = field(default_factory=dict)
+    sub: Any = None
+
+
+def _stream_name(prefix: str, kind: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in prefix).upper() + "_" + kind
+
+
+def _durable(target: str) -> str:
+    return "t_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in target)
+
+
+def _f(value: float) -> str:
+    return repr(float(value))
+
+
+# --------------------------------------------------------------------------------------------
+# The bus
+
+
+class NatsBus(Bus):
+    """JetStream + PostgreSQL bus (see the module docs). Thread-safe: one PostgreSQL
+    connection per thread, one NATS connection per bus."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        db_url: str,
+        config: BusConfig | None = None,
+        *,
+        prefix: str = "paypost",
+        clock: Clock = time.time,
+        rand: Rand = random.random,
+        replicas: int = 1,
+        time_scale: float = 1.0,
+        fetch_wait_s: float = 0.05,
+        sweep: bool = True,
+    ) -> None:
+        self.nats_url = nats_url
+        self.db_url = db_url
+        self.config = config or BusConfig()
+        self.prefix = prefix
+        self.clock = clock
+        self.rand = rand
+        self.replicas = replicas
+        self.time_scale = time_scale
+        self.fetch_wait_s = fetch_wait_s
+        self.schema = "".join(c if c.isalnum() else "_" for c in prefix).lower() + "_bus"
+        self.s = sql.Identifier(self.schema)
+        self.archive_stream = _stream_name(prefix, "ARCHIVE")
+        self.queue_stream = _stream_name(prefix, "QUEUE")
+        self.dlq_stream = _stream_name(prefix, "DLQ")
+        self.archive_subject = f"{prefix}.archive"
+        self._local = threading.local()
+        self._conns: list[psycopg.Connection[Any]] = []
+        self._conns_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._cache_at = 0.0
+        self._targets: dict[str, TargetConfig] = {}
+        self._rules: dict[str, Rule] = {}
+        self._router: Router | None = None
+        self._state: dict[str, _TargetState] = {}
+        self._held: dict[tuple[str, int], _Held] = {}
+        self._delayed: dict[tuple[str, int], float] = {}
+        self._held_lock = threading.Lock()
+        self._closed = False
+        self._loop = _Loop()
+        try:
+            self.nc: NatsClient = self._loop.run(self._connect(), timeout=30)
+        except BaseException:
+            self._loop.stop()
+            raise
+        self.js = self.nc.jetstream()
+        try:
+            conn = self.db()
+            with conn.transaction():
+                for stmt in _schema_sql(self.s):
+                    conn.execute(stmt)
+            self._loop.run(self._ensure_streams())
+            self._refresh(force=True)
+        except BaseException:
+            self.close()
+            raise
+        self._sweeper: threading.Thread | None = None
+        self._stop = threading.Event()
+        if sweep:
+            self._sweeper = threading.Thread(
+                target=self._sweep_loop, name="outbox-relay", daemon=True
+            )
+            self._sweeper.start()
+
+    # -- connections -----------------------------------------------------------------------
+    async def _connect(self) -> NatsClient:
+        try:
+            # nats-py retries a first connect forever when reconnects are unlimited: probe
+            await _probe(self.nats_url)
+            return await nats.connect(
+                self.nats_url,
+                connect_timeout=3,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+            )
+        except Exception as exc:
+            raise ServiceUnavailable(
+                f"NATS is not reachable at {BUS_URL_SETTING}={self.nats_url}: "
+                f"{type(exc).__name__}: {exc}. Start nats-server with JetStream (-js), or set "
+                f"{BUS_URL_SETTING} (or `bus_url` in the config file) to a reachable server."
+            ) from None
+
+    def db(self) -> psycopg.Connection[Any]:
+        """This thread's PostgreSQL connection (reconnected if it broke)."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect_db(self.db_url)
+            conn.autocommit = True
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.join(5)
+        nc = getattr(self, "nc", None)
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                self._loop.run(nc.close(), timeout=5)
+        self._loop.stop()
+        with self._conns_lock:
+            for c in self._conns:
+                with contextlib.suppress(Exception):
+                    c.close()
+            self._conns.clear()
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        return self._loop.run(coro, timeout)
+
+    # -- streams ---------------------------------------------------------------------------
+    def _scaled(self, seconds: float) -> float:
+        return max(seconds * self.time_scale, 0.001)
+
+    def _dup_window(self) -> float:
+        window = min(self.config.effective_dedup_window_s, MAX_MSG_ID_WINDOW_S)
+        return self._scaled(window)
+
+    async def _ensure_streams(self) -> None:
+        retention = self.config.archive_retention_s
+        dup = self._dup_window()
+        max_age = None
+        if retention is not None:
+            # JetStream requires max_age >= duplicate_window
+            max_age = max(self._scaled(retention), dup)
+        wanted = [
+            StreamConfig(
+                name=self.archive_stream,
+                subjects=[self.archive_subject],
+                retention=RetentionPolicy.LIMITS,
+                max_age=max_age,
+                duplicate_window=dup,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+            ),
+            StreamConfig(
+                name=self.queue_stream,
+                subjects=[f"{self.prefix}.q.>"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                duplicate_window=dup,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+            ),
+            StreamConfig(
+                name=self.dlq_stream,
+                subjects=[f"{self.prefix}.dlq.>"],
+                retention=RetentionPolicy.LIMITS,
+                duplicate_window=dup,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+            ),
+        ]
+        for cfg in wanted:
+            try:
+                await self.js.stream_info(cfg.name or "")
+                await self.js.update_stream(cfg)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(cfg)
+
+    def queue_subject(self, target: str) -> str:
+        return f"{self.prefix}.q.{target}"
+
+    def dlq_subject(self, target: str) -> str:
+        return f"{self.prefix}.dlq.{target}"
+
+    async def _ensure_consumer(self, target: TargetConfig) -> None:
+        cfg = ConsumerConfig(
+            durable_name=_durable(target.name),
+            filter_subject=self.queue_subject(target.name),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self._scaled(target.lease_s),
+            max_deliver=-1,  # paypost dead-letters itself, with the reason
+            max_ack_pending=target.max_in_flight or 1_000_000,
+            max_waiting=512,
+            num_replicas=self.replicas,
+        )
+        try:
+            await self.js.add_consumer(self.queue_stream, cfg)
+        except nats.js.errors.BadRequestError:
+            # a change the server cannot apply in place: recreate (the queue keeps its
+            # messages; in-flight ones are redelivered to the new consumer)
+            await self.js.delete_consumer(self.queue_stream, cfg.durable_name or "")
+            await self.js.add_consumer(self.queue_stream, cfg)
+
+    # -- configuration ---------------------------------------------------------------------
+    def _refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._cache_at < 1.0:
+            return
+        conn = self.db()
+        targets = conn.execute(sql.SQL("SELECT config FROM {}.targets").format(self.s)).fetchall()
+        rules = conn.execute(sql.SQL("SELECT rule FROM {}.rules").format(self.s)).fetchall()
+        with self._cache_lock:
+            self._targets = {
+                t.name: t for t in (msgspec.json.decode(r[0], type=TargetConfig) for r in targets)
+            }
+            new_rules = {r.name: r for r in (msgspec.json.decode(x[0], type=Rule) for x in rules)}
+            if new_rules != self._rules:
+                self._rules = new_rules
+                self._router = None
+            self._cache_at = now
+
+    def router(self) -> Router:
+        self._refresh()
+        with self._cache_lock:
+            if self._router is None:
+                self._router = Router(sorted(self._rules.values(), key=lambda r: r.name))
+            return self._router
+
+    def put_target(self, target: TargetConfig) -> None:
+        self._run(self._ensure_consumer(target))
+        self.db().execute(
+            sql.SQL(
+                "INSERT INTO {}.targets VALUES (%s, %s) ON CONFLICT (name) "
+                "DO UPDATE SET config = excluded.config"
+            ).format(self.s),
+            (target.name, _json.encode(target)),
+        )
+        self._refresh(force=True)
+
+    def put_rule(self, rule: Rule) -> None:
+        compile_pattern(rule.pattern, f"rule {rule.name!r}")
+        self._refresh(force=True)
+        self.target(rule.target)
+        self.db().execute(
+            sql.SQL(
+                "INSERT INTO {}.rules VALUES (%s, %s) ON CONFLICT (name) "
+                "DO UPDATE SET rule = excluded.rule"
+            ).format(self.s),
+            (rule.name, _json.encode(rule)),
+        )
+        self._refresh(force=True)
+
+    def delete_rule(self, name: str) -> None:
+        cur = self.db().execute(
+            sql.SQL("DELETE FROM {}.rules WHERE name = %s").format(self.s), (name,)
+        )
+        if cur.rowcount == 0:
+            raise UnknownRule(f"rule {name!r} does not exist.")
+        self._refresh(force=True)
+
+    def targets(self) -> list[TargetConfig]:
+        self._refresh()
+        with self._cache_lock:
+            return list(self._targets.values())
+
+    def rules(self) -> list[Rule]:
+        self._refresh()
+        with self._cache_lock:
+            return list(self._rules.values())
+
+    def _target_state(self, target: str) -> _TargetState:
+        with self._cache_lock:
+            st = self._state.get(target)
+            if st is None:
+                st = self._state[target] = _TargetState()
+            return st
+
+    # -- transactions ----------------------------------------------------------------------
+    @contextmanager
+    def unit_of_work(self) -> Iterator[UnitOfWork]:
+        current: _NatsUnitOfWork | None = getattr(self._local, "uow", None)
+        if current is not None:  # nested: join the outer unit of work
+            yield current
+            return
+        conn = self.db()
+        uow = _NatsUnitOfWork(self, conn)
+        self._local.uow = uow
+        try:
+            with conn.transaction():
+                yield uow
+                uow.flush()
+        finally:
+            self._local.uow = None
+        uow.after_commit()
+
+    # -- relay -----------------------------------------------------------------------------
+    async def _publish_rows(self, rows: Sequence[_OutRow]) -> list[bool]:
+        """Publish outbox rows; returns per row whether its archive copy was a duplicate."""
+        js = self.js
+
+        async def one(row: _OutRow) -> bool:
+            headers = dict(row.headers)
+            headers[MSG_ID] = row.msg_id
+            ack = await js.publish(row.subject, row.body, headers=headers, timeout=10)
+            if not row.queues:
+                return bool(ack.duplicate)
+            headers[H_POSITION] = str(ack.seq)
+            # one queue stream for all targets: the msg id names the target too
+            await asyncio.gather(
+                *(
+                    js.publish(q, row.body, headers={**headers, MSG_ID: f"{row.msg_id}>{q}"})
+                    for q in row.queues
+                )
+            )
+            return bool(ack.duplicate)
+
+        out: list[bool] = []
+        for i in range(0, len(rows), 1000):
+            out += await asyncio.gather(*(one(r) for r in rows[i : i + 1000]))
+        return out
+
+    def relay(self, uow_id: int, rows: Sequence[_OutRow]) -> None:
+        """Publish a committed unit of work's outbox rows, then delete them."""
+        if not rows:
+            return
+        self._run(self._publish_rows(rows))
+        self.db().execute(sql.SQL("DELETE FROM {}.outbox WHERE uow = %s").format(self.s), (uow_id,))
+
+    def sweep_outbox(self, older_than_s: float = SWEEP_AFTER_S, limit: int = 5000) -> int:
+        """Publish outbox rows a crashed (or disconnected) relay left behind. Any worker may
+        run it; rows are claimed with SKIP LOCKED. Returns how many rows were published."""
+        conn = self.db()
+        with conn.transaction():
+            found = conn.execute(
+                sql.SQL(
+                    "SELECT uow, idx, subject, queues, msg_id, headers, body FROM {}.outbox "
+                    "WHERE created < now() - make_interval(secs => %s) ORDER BY uow, idx "
+                    "LIMIT %s FOR UPDATE SKIP LOCKED"
+                ).format(self.s),
+                (older_than_s, limit),
+            ).fetchall()
+            if not found:
+                return 0
+            rows = [
+                _OutRow(
+                    subject=r[2],
+                    queues=[q for q in r[3].split(" ") if q],
+                    msg_id=r[4],
+                    headers=_headers_decoder.decode(r[5]),
+                    body=bytes(r[6]),
+                )
+                for r in found
+            ]
+            self._run(self._publish_rows(rows))
+            with conn.cursor() as cur:
+                cur.executemany(
+                    sql.SQL("DELETE FROM {}.outbox WHERE uow = %s AND idx = %s").format(self.s),
+                    [(r[0], r[1]) for r in found],
+                )
+        log.info("outbox.swept", rows=len(rows))
+        return len(rows)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.sweep_outbox()
+            except Exception as exc:  # services down: try again on the next tick
+                log.warning("outbox.sweep_failed", error=repr(exc))
+
+    def outbox_size(self) -> int:
+        row = self.db().execute(sql.SQL("SELECT count(*) FROM {}.outbox").format(self.s)).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- consume ---------------------------------------------------------------------------
+    async def _fetch(self, target: str, n: int, wait: float) -> list[Msg]:
+        st = self._target_state(target)
+        if st.sub is None:
+            st.sub = await self.js.pull_subscribe_bind(_durable(target), self.queue_stream)
+        try:
+            msgs: list[Msg] = await st.sub.fetch(n, timeout=wait)
+            return msgs
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+
+    def receive(self, target: str, max_events: int | None = None) -> list[Delivery]:
+        cfg = self.target(target)
+        want = cfg.batch_size if max_events is None else max_events
+        if want <= 0:
+            return []
+        st = self._target_state(target)
+        with st.lock:
+            need = want - len(st.buffer)
+            msgs = self._run(self._fetch(target, need, self.fetch_wait_s)) if need > 0 else []
+            now = self.clock()
+            expired: list[tuple[Msg, int]] = []
+            for m in msgs:
+                md = m.metadata
+                seq, delivered = md.sequence.stream, md.num_delivered
+                if delivered > cfg.retry.max_attempts:
+                    expired.append((m, delivered))
+                    continue
+                queued_at = float((m.headers or {}).get(H_QUEUED_AT, now))
+                st.buffer[seq] = _Buffered(m, delivered, queued_at)
+            if expired:
+                self._dead_letter_expired(cfg, expired, now)
+            if not st.buffer:
+                return []
+            if len(st.buffer) < want and cfg.linger_ms:
+                oldest = min(b.queued_at for b in st.buffer.values())
+                if now < oldest + cfg.linger_ms / 1000.0:
+                    return []
+            taken = sorted(st.buffer)[:want]
+            out: list[Delivery] = []
+            with self._held_lock:
+                for seq in taken:
+                    b = st.buffer.pop(seq)
+                    key = (target, seq)
+                    prev = self._held.get(key)
+                    self._delayed.pop(key, None)
+                    if b.delivered == 1:
+                        first = now
+                    elif prev is not None:
+                        first = prev.first_at
+                    else:
+                        first = b.queued_at
+                    self._held[key] = _Held(b.msg, b.delivered, first)
+                    body = b.msg.data
+                    event = decode_event(body)
+                    out.append(
+                        Delivery(
+                            event=event,
+                            target=target,
+                            attempt=b.delivered,
+                            first_attempt_at=first,
+                            last_attempt_at=now,
+                            handle=DeliveryHandle(seq, b.delivered),
+                            position=int((b.msg.headers or {}).get(H_POSITION, 0)),
+                            id_key=id_key(event.id),
+                            content_hash=content_hash(body),
+                        )
+                    )
+            return out
+
+    def _dead_letter_expired(
+        self, cfg: TargetConfig, expired: list[tuple[Msg, int]], now: float
+    ) -> None:
+        """Deliveries past the last attempt (their consumers kept crashing): to the DLQ."""
+        rows = []
+        for m, delivered in expired:
+            error = (
+                f"lease expired without ack after attempt {delivered - 1} of "
+                f"{cfg.retry.max_attempts} (the consumer crashed or ran past "
+                f"lease_s={cfg.lease_s}s)"
+            )
+            rows.append(self._dlq_row(cfg.name, m, delivered - 1, error, now))
+        self._run(self._publish_rows(rows))
+        self._run(_ack_all([m for m, _ in expired]))
+
+    def _dlq_row(self, target: str, m: Msg, attempts: int, error: str, now: float) -> _OutRow:
+        h = m.headers or {}
+        key = (target, m.metadata.sequence.stream)
+        held = self._held.get(key)
+        first = held.first_at if held is not None else float(h.get(H_QUEUED_AT, now))
+        return _OutRow(
+            subject=self.dlq_subject(target),
+            queues=[],
+            msg_id=f"dlq.{target}.{m.metadata.sequence.stream}",
+            headers={
+                H_ERROR: clean_error(error),
+                H_ATTEMPTS: str(attempts),
+                H_FIRST_AT: _f(first),
+                H_LAST_AT: _f(now),
+                H_DEAD_AT: _f(now),
+                H_POSITION: h.get(H_POSITION, "0"),
+            },
+            body=m.data,
+        )
+
+    async def _consumer_info(self, target: str) -> Any:
+        return await self.js.consumer_info(self.queue_stream, _durable(target))
+
+    def pending(self, target: str) -> int:
+        self.target(target)
+        info = self._run(self._consumer_info(target))
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    def next_visible_in(self, target: str) -> float | None:
+        self.target(target)
+        if self._target_state(target).buffer:
+            return 0.0
+        info = self._run(self._consumer_info(target))
+        if info.num_pending:
+            return 0.0
+        if info.num_ack_pending:
+            return 0.05
+        return None
+
+    # -- dead letters ----------------------------------------------------------------------
+    def _to_dead_letter(
+        self, seq: int, subject: str, headers: dict[str, str], body: bytes
+    ) -> DeadLetter:
+        return DeadLetter(
+            id=seq,
+            target=subject[len(self.prefix) + len(".dlq.") :],
+            event=decode_event(body),
+            error=headers.get(H_ERROR, ""),
+            attempts=int(headers.get(H_ATTEMPTS, "1")),
+            first_attempt_at=float(headers.get(H_FIRST_AT, "0")),
+            last_attempt_at=float(headers.get(H_LAST_AT, "0")),
+            dead_lettered_at=float(headers.get(H_DEAD_AT, "0")),
+        )
+
+    def dlq_list(
+        self,
+        target: str | None = None,
+        pattern: dict[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        matcher = compile_pattern(pattern, "--pattern") if pattern is not None else None
+        if target is not None:
+            self.target(target)
+        subject = self.dlq_subject(target) if target is not None else f"{self.prefix}.dlq.>"
+        out: list[DeadLetter] = []
+        for seq, subj, headers, body, _ in self._scan(self.dlq_stream, subject):
+            dl = self._to_dead_letter(seq, subj, headers, body)
+            if matcher is not None and not matcher.matches(dl.event.to_dict()):
+                continue
+            out.append(dl)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def dlq_get(self, entry_id: int) -> DeadLetter:
+        try:
+            raw = self._run(self.js.get_msg(self.dlq_stream, entry_id))
+        except nats.js.errors.NotFoundError:
+            raw = None
+        if (
+            raw is None
+            or raw.data is None
+            or not (raw.subject or "").startswith(f"{self.prefix}.dlq.")
+        ):
+            raise DeadLetterNotFound(
+                f"dead letter {entry_id} does not exist; `paypost dlq list` shows the ids."
+            )
+        return self._to_dead_letter(entry_id, raw.subject or "", dict(raw.headers or {}), raw.data)
+
+    def dlq_redrive(
+        self,
+        target: str | None = None,
+        pattern: dict[str, Any] | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> int:
+        chosen = self.dlq_list(target, pattern)
+        if ids is not None:
+            wanted = set(ids)
+            chosen = [d for d in chosen if d.id in wanted]
+        if not chosen:
+            return 0
+        now = self.clock()
+        rows = []
+        for d in chosen:
+            raw = self._run(self.js.get_msg(self.dlq_stream, d.id))
+            rows.append(
+                _OutRow(
+                    subject=self.queue_subject(d.target),
+                    queues=[],
+                    msg_id=f"{d.event.id}#redrive.{d.id}",
+                    headers={
+                        H_QUEUED_AT: _f(now),
+                        H_POSITION: dict(raw.headers or {}).get(H_POSITION, "0"),
+                    },
+                    body=raw.data or b"",
+                )
+            )
+        with self.unit_of_work() as uow:
+            assert isinstance(uow, _NatsUnitOfWork)
+            uow.rows.extend(rows)
+        # only after the queue copies are published: drop the dead letters
+        for d in chosen:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                self._run(self.js.delete_msg(self.dlq_stream, d.id))
+        return len(chosen)
+
+    # -- archive ---------------------------------------------------------------------------
+    def _scan(
+        self, stream: str, subject: str, start: float | None = None
+    ) -> Iterator[tuple[int, str, dict[str, str], bytes, float]]:
+        """(stream seq, subject, headers, body, server time) of STREAM's messages on
+        SUBJECT, oldest first, through an ephemeral pull consumer (acks off)."""
+        deliver = DeliverPolicy.ALL
+        start_time = None
+        # seek by server time only when the bus clock is the wall clock (tests use fakes)
+        if start is not None and abs(self.clock() - time.time()) < 60:
+            deliver = DeliverPolicy.BY_START_TIME
+            start_time = datetime.fromtimestamp(max(start - 60, 0), UTC)
+        cfg = ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=deliver,
+            opt_start_time=start_time,
+            filter_subject=subject,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        sub = self._run(self.js.pull_subscribe(subject, stream=stream, config=cfg))
+        try:
+            while True:
+                try:
+                    msgs = self._run(sub.fetch(1000, timeout=0.2))
+                except (TimeoutError, nats.errors.TimeoutError):
+                    return
+                last_pending = 1
+                for m in msgs:
+                    md = m.metadata
+                    yield (
+                        md.sequence.stream,
+                        m.subject,
+                        dict(m.headers or {}),
+                        m.data,
+                        md.timestamp.timestamp() if md.timestamp else 0.0,
+                    )
+                    last_pending = md.num_pending
+                if not msgs or last_pending == 0:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                self._run(sub.unsubscribe(), timeout=5)
+
+    def _archived(self, start: float, end: float) -> Iterator[tuple[int, float, bytes]]:
+        for seq, _, headers, body, _ in self._scan(
+            self.archive_stream, self.archive_subject, start
+        ):
+            at = float(headers.get(H_ARCHIVED_AT, "0"))
+            if start <= at < end:
+                yield seq, at, body
+
+    def archive(self, query: ArchiveQuery) -> Iterator[ArchivedEvent]:
+        matcher = compile_pattern(query.pattern, "--pattern") if query.pattern is not None else None
+        for seq, at, body in self._archived(query.start, query.end):
+            event = decode_event(body)
+            if matcher is None or matcher.matches(event.to_dict()):
+                yield ArchivedEvent(position=seq, archived_at=at, event=event)
+
+    def archive_count(self, start: float | None = None, end: float | None = None) -> int:
+        if start is None and end is None:
+            info = self._run(self.js.stream_info(self.archive_stream))
+            return int(info.state.messages)
+        lo = float("-inf") if start is None else start
+        hi = float("inf") if end is None else end
+        return sum(1 for _ in self._archived(lo, hi))
+
+    def replay(
+        self,
+        query: ArchiveQuery,
+        target: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ReplayResult:
+        if target is not None:
+            self.target(target)
+        router = self.router() if target is None else self.router().for_target(target)
+        matcher = compile_pattern(query.pattern, "--pattern") if query.pattern is not None else None
+        total = self.archive_count(query.start, query.end) if progress is not None else 0
+        result = ReplayResult()
+        nonce = secrets.token_hex(6)
+        rows: list[_OutRow] = []
+        now = self.clock()
+
+        def flush() -> None:
+            if rows:
+                with self.unit_of_work() as uow:
+                    assert isinstance(uow, _NatsUnitOfWork)
+                    uow.rows.extend(rows)
+                rows.clear()
+
+        for seq, _, body in self._archived(query.start, query.end):
+            result.scanned += 1
+            event = decode_event(body)
+            if matcher is None or matcher.matches(event.to_dict()):
+                result.matched += 1
+                for t in router.route(event):
+                    rows.append(
+                        _OutRow(
+                            subject=self.queue_subject(t),
+                            queues=[],
+                            msg_id=f"{event.id}#replay.{nonce}.{seq}>{t}",
+                            headers={H_QUEUED_AT: _f(now), H_POSITION: str(seq)},
+                            body=body,
+                        )
+                    )
+                    result.routed[t] = result.routed.get(t, 0) + 1
+            if len(rows) >= 1000:
+                flush()
+            if progress is not None:
+                progress(result.scanned, total)
+        flush()
+        return result
+
+    def purge_archive(self, now: float | None = None) -> int:
+        """Drop archived events older than the retention by the bus clock, except those
+        still queued or dead-lettered. (The archive stream's `max_age` does the same on the
+        server's clock without that exception: queues and the DLQ hold their own copies.)"""
+        if self.config.archive_retention_s is None:
+            return 0
+        cutoff = (self.clock() if now is None else now) - self.config.archive_retention_s
+        referenced = {
+            int(h.get(H_POSITION, "0"))
+            for _, _, h, _, _ in self._scan(self.dlq_stream, f"{self.prefix}.dlq.>")
+        }
+        referenced |= self._queued_positions()
+        doomed = [
+            seq
+            for seq, _, headers, _, _ in self._scan(self.archive_stream, self.archive_subject)
+            if float(headers.get(H_ARCHIVED_AT, "0")) < cutoff and seq not in referenced
+        ]
+        for seq in doomed:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                self._run(self.js.delete_msg(self.archive_stream, seq))
+        window_start = (self.clock() if now is None else now) - self.config.effective_dedup_window_s
+        self.db().execute(
+            sql.SQL("DELETE FROM {}.seen WHERE at < %s").format(self.s), (window_start,)
+        )
+        return len(doomed)
+
+    def _queued_positions(self) -> set[int]:
+        """Archive positions of every event still in a queue (direct gets: O(queued))."""
+        info = self._run(self.js.stream_info(self.queue_stream))
+        out: set[int] = set()
+        if not info.state.messages:
+            return out
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                raw = self._run(self.js.get_msg(self.queue_stream, seq))
+            except nats.js.errors.NotFoundError:
+                continue
+            out.add(int(dict(raw.headers or {}).get(H_POSITION, "0")))
+        return out
+
+    # -- stats -----------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        rows = (
+            self.db()
+            .execute(sql.SQL("SELECT name, sum(n) FROM {}.counters GROUP BY name").format(self.s))
+            .fetchall()
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def stats(self) -> BusStats:
+        now = self.clock()
+        counters = self.counters()
+        out = []
+        dead: dict[str, int] = {}
+        for _, subj, _, _, _ in self._scan(self.dlq_stream, f"{self.prefix}.dlq.>"):
+            name = subj[len(self.prefix) + len(".dlq.") :]
+            dead[name] = dead.get(name, 0) + 1
+        for t in self.targets():
+            info = self._run(self._consumer_info(t.name))
+            with self._held_lock:
+                delayed = sum(
+                    1 for (tn, _), at in self._delayed.items() if tn == t.name and at > now
+                )
+            buffered = len(self._target_state(t.name).buffer)
+            out.append(
+                TargetStats(
+                    name=t.name,
+                    queued=int(info.num_pending or 0) + buffered,
+                    delayed=delayed,
+                    in_flight=max(0, int(info.num_ack_pending or 0) - delayed - buffered),
+                    dead_lettered=dead.get(t.name, 0),
+                    routed_total=counters.get(f"routed:{t.name}", 0),
+                )
+            )
+        return BusStats(
+            targets=out,
+            archived=self.archive_count(),
+            duplicates_dropped=counters.get("duplicates_dropped", 0),
+            id_conflicts=counters.get("id_conflicts", 0),
+        )
+
+    # -- maintenance (tests, `paypost` tooling) --------------------------------------------
+    def destroy(self) -> None:
+        """Delete this bus's streams and PostgreSQL schema (tests and teardown only)."""
+        for name in (self.archive_stream, self.queue_stream, self.dlq_stream):
+            with contextlib.suppress(Exception):
+                self._run(self.js.delete_stream(name))
+        with contextlib.suppress(Exception):
+            self.db().execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(self.s))
+
+
+async def _probe(url: str) -> None:
+    """Raise OSError unless some server of URL (comma-separated) accepts a TCP connection."""
+    last: Exception = OSError(f"no server in {url!r}")
+    for server in url.split(","):
+        parsed = urlsplit(server.strip() if "://" in server else f"nats://{server.strip()}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), 3
+            )
+            writer.close()
+            return
+        except (TimeoutError, OSError) as exc:
+            last = exc
+    raise last
+
+
+async def _ack_all(msgs: Iterable[Msg]) -> None:
+    for m in msgs:
+        await m.ack()
+
+
+class _NatsUnitOfWork(UnitOfWork):
+    def __init__(self, bus: NatsBus, conn: psycopg.Connection[Any]) -> None:
+        self.bus = bus
+        self.conn = conn
+        self.id = secrets.randbits(62)
+        self.rows: list[_OutRow] = []
+        self.counts: dict[str, int] = {}
+        self.acks: dict[tuple[str, int], _Held] = {}
+        self.naks: dict[tuple[str, int], tuple[_Held, float]] = {}
+        self.tracked: set[tuple[str, int, int]] = set()
+        self.callbacks: list[Callable[[], None]] = []
+
+    # -- write-behind: outbox rows and counters are inserted once, at the end ------------
+    def flush(self) -> None:
+        b = self.bus
+        if self.rows:
+            with (
+                self.conn.cursor() as cur,
+                cur.copy(
+                    sql.SQL(
+                        "COPY {}.outbox (uow, idx, subject, queues, msg_id, headers, body) "
+                        "FROM STDIN"
+                    ).format(b.s)
+                ) as copy,
+            ):
+                for i, r in enumerate(self.rows):
+                    copy.write_row(
+                        (
+                            self.id,
+                            i,
+                            r.subject,
+                            " ".join(r.queues),
+                            r.msg_id,
+                            _json.encode(r.headers),
+                            r.body,
+                        )
+                    )
+        counts = [(k, v) for k, v in self.counts.items() if v]
+        if counts:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    sql.SQL("INSERT INTO {}.counters VALUES (%s, %s)").format(b.s), counts
+                )
+
+    def after_commit(self) -> None:
+        b = self.bus
+        try:
+            b.relay(self.id, self.rows)
+        except Exception as exc:
+            # committed: the rows stay in the outbox and the sweeper publishes them
+            log.warning("outbox.relay_failed", rows=len(self.rows), error=repr(exc))
+        with b._held_lock:
+            for key, held in [*self.acks.items(), *((k, h) for k, (h, _) in self.naks.items())]:
+                if b._held.get(key) is held:
+                    del b._held[key]
+        try:
+            b._run(_settle(list(self.acks.values()), list(self.naks.values()), b))
+        except Exception as exc:  # redelivered later; the tracking record skips them
+            log.warning("bus.ack_failed", error=repr(exc))
+        for fn in self.callbacks:
+            fn()
+
+    def _bump(self, name: str, n: int) -> None:
+        if n:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    # -- UnitOfWork ----------------------------------------------------------------------
+    def publish(
+        self,
+        events: Iterable[Event],
+        *,
+        dedup: bool = True,
+        inline: Collection[str] = (),
+        only: Collection[str] | None = None,
+    ) -> PublishResult:
+        b = self.bus
+        now = b.clock()
+        batch = prepare(events)
+        if not dedup:
+            result = PublishResult(published=len(batch))
+            nonce = f"{self.id:x}.{len(self.rows)}"
+            return self._route(
+                batch, now, result, inline, only, lambda p, i: f"{p.event.id}#{nonce}.{i}"
+            )
+        window_start = now - b.config.effective_dedup_window_s
+        seen: dict[int, set[int]] = {}
+        keys = list({p.id_key for p in batch})
+        if keys:
+            for k, h in self.conn.execute(
+                sql.SQL(
+                    "SELECT id_key, content_hash FROM {}.seen WHERE id_key = ANY(%s) AND at >= %s"
+                ).format(b.s),
+                (keys, window_start),
+            ):
+                seen.setdefault(k, set()).add(h)
+        first_versions = {k for k in keys if k not in seen}
+        keep, dups, conflicts = dedup_decide(batch, seen)
+        if keep:
+            with (
+                self.conn.cursor() as cur,
+                cur.copy(
+                    sql.SQL("COPY {}.seen (id_key, content_hash, at) FROM STDIN").format(b.s)
+                ) as copy,
+            ):
+                for p in keep:
+                    copy.write_row((p.id_key, p.content_hash, now))
+        self._bump("duplicates_dropped", dups)
+        self._bump("id_conflicts", conflicts)
+        result = PublishResult(published=len(keep), duplicates_dropped=dups, id_conflicts=conflicts)
+        used: set[int] = set()
+
+        def msg_id(p: PreparedEvent, i: int) -> str:
+            # the event id itself for its first version; a conflicting version by content
+            if p.id_key in first_versions and p.id_key not in used:
+                used.add(p.id_key)
+                return p.event.id
+            return f"{p.event.id}#{p.content_hash & 0xFFFFFFFFFFFFFFFF:x}"
+
+        return self._route(keep, now, result, inline, only, msg_id)
+
+    def _route(
+        self,
+        batch: Sequence[PreparedEvent],
+        now: float,
+        result: PublishResult,
+        inline: Collection[str],
+        only: Collection[str] | None,
+        msg_id: Callable[[PreparedEvent, int], str],
+    ) -> PublishResult:
+        b = self.bus
+        router = b.router()
+        at = _f(now)
+        for i, p in enumerate(batch):
+            queues = []
+            for t in router.route(p.event):
+                if only is not None and t not in only:
+                    continue
+                result.routed[t] = result.routed.get(t, 0) + 1
+                if t in inline:
+                    result.inline.setdefault(t, []).append(p.event)
+                else:
+                    queues.append(b.queue_subject(t))
+            self.rows.append(
+                _OutRow(
+                    subject=b.archive_subject,
+                    queues=queues,
+                    msg_id=msg_id(p, i),
+                    headers={H_ARCHIVED_AT: at, H_QUEUED_AT: at},
+                    body=p.body,
+                )
+            )
+        for t, n in result.routed.items():
+            self._bump(f"routed:{t}", n)
+        return result
+
+    def dead_letter(self, target: str, events: Iterable[Event], error: str) -> int:
+        b = self.bus
+        b.target(target)
+        error = clean_error(error)
+        now = _f(b.clock())
+        n = 0
+        for p in prepare(events):
+            self.rows.append(
+                _OutRow(
+                    subject=b.archive_subject,
+                    queues=[b.dlq_subject(target)],
+                    msg_id=f"{p.event.id}#dlq.{self.id:x}.{len(self.rows)}",
+                    headers={
+                        H_ARCHIVED_AT: now,
+                        H_ERROR: error,
+                        H_ATTEMPTS: "1",
+                        H_FIRST_AT: now,
+                        H_LAST_AT: now,
+                        H_DEAD_AT: now,
+                    },
+                    body=p.body,
+                )
+            )
+            n += 1
+        return n
+
+    def _current(self, d: Delivery) -> _Held | None:
+        key = (d.target, d.handle.queue_id)
+        if key in self.acks or key in self.naks:
+            return None
+        with self.bus._held_lock:
+            held = self.bus._held.get(key)
+        if held is None or held.delivered != d.handle.lease:
+            return None
+        return held
+
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        n = 0
+        for d in deliveries:
+            held = self._current(d)
+            if held is not None:
+                self.acks[(d.target, d.handle.queue_id)] = held
+                n += 1
+        return n
+
+    def nack(self, deliveries: Iterable[Delivery], error: str) -> int:
+        b = self.bus
+        error = clean_error(error)
+        now = b.clock()
+        dead = 0
+        for d in deliveries:
+            held = self._current(d)
+            if held is None:
+                continue
+            cfg = b.target(d.target)
+            key = (d.target, d.handle.queue_id)
+            if held.delivered >= cfg.retry.max_attempts:
+                row = b._dlq_row(d.target, held.msg, held.delivered, error, now)
+                row.headers[H_FIRST_AT] = _f(held.first_at)
+                row.headers[H_LAST_AT] = _f(d.last_attempt_at)
+                self.rows.append(row)
+                self.acks[key] = held
+                dead += 1
+            else:
+                delay = cfg.retry.delay_s(held.delivered, b.rand)
+                self.naks[key] = (held, b._scaled(delay) if delay > 0 else 0.0)
+                self.callbacks.insert(0, _mark_delayed(b, key, now + delay))
+        return dead
+
+    def processed(self, consumer: str, deliveries: Iterable[Delivery]) -> set[tuple[int, int]]:
+        wanted = {d.tracking_key for d in deliveries}
+        if not wanted:
+            return set()
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT id_key, content_hash FROM {}.tracking WHERE consumer = %s "
+                "AND id_key = ANY(%s)"
+            ).format(self.bus.s),
+            (consumer, list({k for k, _ in wanted})),
+        ).fetchall()
+        return {(int(k), int(h)) for k, h in rows} & wanted
+
+    def track(self, consumer: str, deliveries: Iterable[Delivery]) -> None:
+        fresh = []
+        for d in deliveries:
+            key = (consumer, d.id_key, d.content_hash)
+            if key not in self.tracked:
+                self.tracked.add(key)
+                fresh.append(key)
+        if not fresh:
+            return
+        # ON CONFLICT DO NOTHING + count: a concurrent worker that committed the same
+        # tracking key first makes this unit of work fail (its effects roll back).
+        with self.conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {}.tracking SELECT %s, k, h FROM unnest(%s::bigint[], "
+                    "%s::bigint[]) AS u(k, h) ON CONFLICT DO NOTHING"
+                ).format(self.bus.s),
+                (consumer, [k for _, k, _ in fresh], [h for _, _, h in fresh]),
+            )
+            if cur.rowcount != len(fresh):
+                raise ConcurrentDelivery(
+                    f"consumer {consumer!r}: {len(fresh) - cur.rowcount} of {len(fresh)} "
+                    "events were processed by another worker meanwhile (a lease ran out); "
+                    "this batch rolls back and is skipped on redelivery."
+                )
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.callbacks.append(fn)
+
+
+def _mark_delayed(bus: NatsBus, key: tuple[str, int], until: float) -> Callable[[], None]:
+    def mark() -> None:
+        with bus._held_lock:
+            bus._delayed[key] = until
+
+    return mark
+
+
+class ConcurrentDelivery(BusError):
+    """Two workers processed the same delivery; the later transaction rolls back."""
+
+
+async def _settle(acks: list[_Held], naks: list[tuple[_Held, float]], bus: NatsBus) -> None:
+    """Acks and naks; the last ack waits for the server's confirmation, so a caller sees its
+    acks applied on return (the server handles one connection's acks in order)."""
+    for held, delay in naks:
+        await held.msg.nak(delay=delay if delay > 0 else None)
+    for held in acks[:-1]:
+        await held.msg.ack()
+    if acks:
+        await acks[-1].msg.ack_sync(timeout=10)
+    else:
+        await bus.nc.flush(timeout=10)

@@ -1,0 +1,225 @@
+"""The bus conformance suite on NATS JetStream + PostgreSQL (distributed mode, issue 6).
+
+JetStream runs leases (ack_wait), retry delays (nak with delay) and its duplicate window on
+the SERVER's clock, which a fake clock cannot move. So this backend runs the suite with a
+`ScaledClock`: a `FakeClock` whose `advance(s)` also sleeps `s × SCALE` real seconds (plus a
+little slack for the server's timers), and a bus built with `time_scale=SCALE`, which
+multiplies every duration it hands to the server. Linger, delivery times, the archive's time
+range and the dedup window run on the bus clock and need no scaling.
+
+Jumps of the fake clock sleep at most MAX_SLEEP_S (no lease or backoff in the suite is
+longer), so the archive-retention case is decided by `purge_archive` on the bus clock.
+
+One case is restated for JetStream (`test_nack_retries_with_exponential_backoff_then_...`):
+its 1 ms boundaries (`advance(0.999)` → nothing, `advance(0.002)` → delivered) cannot be
+checked against a server timer; the restated case checks the same behaviour with margins.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from bus_suite import NO_JITTER, BusConformance, FakeClock, held
+from psycopg import sql
+
+from paypost.bus import Bus, BusConfig, RetryPolicy, Rule, TargetConfig, UnitOfWork
+from paypost.bus.nats import NatsBus, ServiceUnavailable
+from paypost.events import Event
+
+SCALE = 0.02
+SLACK_S = 0.06
+MAX_SLEEP_S = 3.0
+
+
+class ScaledClock(FakeClock):
+    def advance(self, seconds: float) -> None:
+        super().advance(seconds)
+        real = seconds * SCALE
+        if real >= 0.004:  # a consumer's idle poll stays a poll; a wait for a timer waits
+            # capped: a jump of hours (archive retention) must not wait out the scaled
+            # retention on the server, where the archive stream's max_age would act first
+            time.sleep(min(real, MAX_SLEEP_S) + SLACK_S)
+
+
+class TestNatsBus(BusConformance):
+    @pytest.fixture(autouse=True)
+    def _services(self, nats_url: str, postgres_url: str, pg_schema: str) -> Iterator[None]:
+        self.nats_url = nats_url
+        self.db_url = postgres_url
+        self.prefix = pg_schema  # unique per test; the pg_schema fixture drops <prefix>_bus
+        self.opened: list[NatsBus] = []
+        yield
+        for bus in self.opened:
+            bus.close()
+        cleanup = NatsBus(nats_url, postgres_url, prefix=self.prefix, sweep=False)
+        cleanup.destroy()
+        cleanup.close()
+
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        return ScaledClock()
+
+    def make_bus(self, clock: FakeClock, config: BusConfig | None = None) -> Bus:
+        bus = NatsBus(
+            self.nats_url,
+            self.db_url,
+            config,
+            prefix=self.prefix,
+            clock=clock,
+            time_scale=SCALE,
+            fetch_wait_s=0.01,
+        )
+        bus.db().execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {}.test_effects (event_id TEXT NOT NULL)").format(
+                bus.s
+            )
+        )
+        self.opened.append(bus)
+        return bus
+
+    def reopen(self, bus: Bus) -> Bus:
+        assert isinstance(bus, NatsBus)
+        bus.close()  # the old process is gone (its unacked deliveries wait out their lease)
+        return self.make_bus(bus.clock, bus.config)  # type: ignore[arg-type]
+
+    def apply_effect(self, uow: UnitOfWork, event: Event) -> None:
+        assert isinstance(uow.conn, psycopg.Connection)
+        schema = f"{self.prefix}_bus"
+        uow.conn.execute(
+            sql.SQL("INSERT INTO {}.test_effects VALUES (%s)").format(sql.Identifier(schema)),
+            (event.id,),
+        )
+
+    def effect_counts(self, bus: Bus) -> Counter[str]:
+        assert isinstance(bus, NatsBus)
+        rows = (
+            bus.db()
+            .execute(sql.SQL("SELECT event_id FROM {}.test_effects").format(bus.s))
+            .fetchall()
+        )
+        return Counter(r[0] for r in rows)
+
+    # JetStream restatement (see the module docs): same behaviour, margins instead of 1 ms.
+    def test_nack_retries_with_exponential_backoff_then_dead_letters(
+        self, bus: Bus, clock: FakeClock
+    ) -> None:
+        bus.publish([held(1)])
+        start = clock()
+        (d1,) = bus.receive("holds")
+        assert d1.attempt == 1
+        assert bus.nack([d1], "ValueError: account closed") == 0
+        assert bus.receive("holds") == []  # backing off (1 s × scale on the server)
+        clock.advance(1.0)
+        (d2,) = _receive_soon(bus, "holds")
+        assert d2.attempt == 2
+        bus.nack([d2], "ValueError: account closed")
+        assert bus.receive("holds") == []  # second backoff: 2 s
+        clock.advance(2.0)
+        (d3,) = _receive_soon(bus, "holds")
+        assert d3.attempt == 3
+        assert d3.first_attempt_at == start
+        assert bus.nack([d3], "ValueError: account closed (last)") == 1
+        assert bus.pending("holds") == 0
+        (dead,) = bus.dlq_list(target="holds")
+        assert dead.event.id == "held-1"
+        assert dead.error == "ValueError: account closed (last)"
+        assert dead.attempts == 3
+        assert dead.first_attempt_at == start
+        assert dead.dead_lettered_at == clock()
+        assert bus.dlq_get(dead.id) == dead
+
+    # The fault simulation sleeps through many scaled clock jumps (~12 s per seed here).
+    @pytest.mark.slow
+    @pytest.mark.parametrize("seed", range(6))
+    def test_simulated_faults_keep_effects_once_and_lose_nothing(
+        self, clock: FakeClock, seed: int
+    ) -> None:
+        super().test_simulated_faults_keep_effects_once_and_lose_nothing(clock, seed)
+
+
+def _receive_soon(bus: Bus, target: str, tries: int = 50) -> list[object]:
+    for _ in range(tries):
+        got = bus.receive(target)
+        if got:
+            return list(got)
+        time.sleep(0.01)
+    return []
+
+
+def test_unreachable_nats_names_the_setting(postgres_url: str) -> None:
+    with pytest.raises(ServiceUnavailable, match=r"PAYPOST_BUS_URL=nats://127\.0\.0\.1:1"):
+        NatsBus("nats://127.0.0.1:1", postgres_url, prefix="t_unreachable")
+
+
+def test_unreachable_postgres_names_the_setting(nats_url: str) -> None:
+    with pytest.raises(ServiceUnavailable, match="PAYPOST_DB_URL=postgresql://postgres@"):
+        NatsBus(nats_url, "postgresql://postgres:secret@127.0.0.1:1/test", prefix="t_unreach")
+
+
+def test_relay_crash_after_commit_is_published_once_by_the_sweeper(
+    nats_url: str, postgres_url: str, pg_schema: str
+) -> None:
+    """A worker commits (effects + outbox) and dies before its relay publishes: another
+    worker's sweeper publishes the rows; a second sweep of the same rows (a relay that died
+    after publishing, before deleting) is dropped by Nats-Msg-Id."""
+    bus = NatsBus(nats_url, postgres_url, prefix=pg_schema, sweep=False)
+    try:
+        bus.put_target(TargetConfig(name="holds", retry=NO_JITTER))
+        bus.put_rule(
+            Rule(name="holds", pattern={"detail-type": ["TransactionHeld"]}, target="holds")
+        )
+        original = bus.relay
+        bus.relay = lambda uow_id, rows: None  # type: ignore[method-assign]
+        bus.publish([held(1), held(2)])
+        bus.relay = original  # type: ignore[method-assign]
+        assert bus.pending("holds") == 0 and bus.outbox_size() == 2
+        conn = bus.db()
+        rows = conn.execute(
+            sql.SQL("SELECT subject, queues, msg_id, headers, body FROM {}.outbox").format(bus.s)
+        ).fetchall()
+        assert bus.sweep_outbox(older_than_s=0) == 2
+        assert bus.outbox_size() == 0
+        # the same rows again (as if the first relay died between publish and delete)
+        with conn.cursor() as cur:
+            cur.executemany(
+                sql.SQL(
+                    "INSERT INTO {}.outbox (uow, idx, subject, queues, msg_id, headers, body) "
+                    "VALUES (1, %s, %s, %s, %s, %s, %s)"
+                ).format(bus.s),
+                [(i, *r) for i, r in enumerate(rows)],
+            )
+        assert bus.sweep_outbox(older_than_s=0) == 2
+        assert bus.pending("holds") == 2
+        assert [d.event.id for d in bus.receive("holds")] == ["held-1", "held-2"]
+        assert bus.archive_count() == 2
+    finally:
+        bus.destroy()
+        bus.close()
+
+
+def test_retry_policy_reaches_the_server_as_nak_delay(
+    nats_url: str, postgres_url: str, pg_schema: str
+) -> None:
+    """Real time, no scaling: a nacked event comes back after its backoff, not before."""
+    bus = NatsBus(nats_url, postgres_url, prefix=pg_schema, fetch_wait_s=0.01)
+    try:
+        retry = RetryPolicy(max_attempts=3, base_delay_s=0.3, max_delay_s=1.0, jitter=False)
+        bus.put_target(TargetConfig(name="holds", retry=retry))
+        bus.put_rule(Rule(name="h", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
+        bus.publish([held(uuid.uuid4().int % 1000)])
+        batch = bus.receive("holds")
+        nacked_at = time.monotonic()
+        bus.nack(batch, "boom")
+        again = []
+        while not again:
+            again = bus.receive("holds")
+        assert time.monotonic() - nacked_at >= 0.25
+        assert again[0].attempt == 2
+    finally:
+        bus.destroy()
+        bus.close()
