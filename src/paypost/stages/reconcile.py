@@ -207,6 +207,10 @@ CREATE TABLE IF NOT EXISTS reconcile_outcomes (
     event_id TEXT NOT NULL,
     reason TEXT
 );
+CREATE TABLE IF NOT EXISTS reconcile_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reconcile_breaks (
     break_id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -296,7 +300,7 @@ def backfill_from_archive(conn: sqlite3.Connection, progress: Progress | None = 
     the accepted authorizations recorded."""
     if conn.execute("SELECT 1 FROM reconcile_inbound LIMIT 1").fetchone() is not None:
         return 0
-    if conn.execute("SELECT 1 FROM reconcile_outcomes WHERE state = 'backfilled'").fetchone():
+    if conn.execute("SELECT 1 FROM reconcile_meta WHERE key = 'backfilled'").fetchone():
         return 0
     if not _table_exists(conn, "bus_archive"):
         return 0
@@ -324,8 +328,8 @@ def backfill_from_archive(conn: sqlite3.Connection, progress: Progress | None = 
             progress("backfilling from the archive", accepted, 0)
     # Remember that the archive was read (a database with no authorization at all).
     conn.execute(
-        "INSERT INTO reconcile_outcomes (tenant, auth_id, state, event_id, reason) "
-        "VALUES ('', '', 'backfilled', '', 'reconcile_inbound filled from the archive')"
+        "INSERT OR REPLACE INTO reconcile_meta (key, value) VALUES ('backfilled', ?)",
+        (f"{accepted} accepted authorizations read from the archive at {now_text()}",),
     )
     return accepted
 
