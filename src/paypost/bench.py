@@ -253,6 +253,7 @@ def run_shard(
     *,
     ready: Callable[[], None] = lambda: None,
     progress: Callable[[int], None] = lambda n: None,
+    cache_mb: int | None = None,
 ) -> ShardReport:
     """Set up a Job on DATA_DIR, call READY (the clock starts when every shard is ready),
     run SOURCES through it, check the answer."""
@@ -261,6 +262,8 @@ def run_shard(
 
     refdata = demo_refdata(events, master, seed).refdata
     job = Job(data_dir, refdata, bench_rulebook(refdata), settings, master)
+    if cache_mb is not None:
+        job.bus.conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")
     try:
         ready()
         started = time.perf_counter()
@@ -297,6 +300,7 @@ def _shard_process(
     seed: int,
     mode: str,
     batch_size: int | None,
+    cache_mb: int | None,
     barrier: Any,
     counter: Any,
     results: Any,
@@ -325,6 +329,7 @@ def _shard_process(
             PipelineSettings(mode=mode, batch_size=batch_size),  # type: ignore[arg-type]
             ready=lambda: barrier.wait(),
             progress=progress,
+            cache_mb=cache_mb,
         )
         results.put(msgspec.json.encode(report))
     except BaseException as exc:  # reported to the parent, which fails with the reason
@@ -387,6 +392,7 @@ def run_throughput(
     *,
     progress: Callable[[int], None] = lambda n: None,
     in_process: bool = False,
+    cache_mb: int | None = None,
 ) -> ThroughputRun:
     """Run SOURCES through SHARDS shard processes (module docs, step 2)."""
     groups = shard_sources(sources, shards)
@@ -402,6 +408,7 @@ def run_throughput(
                 seed,
                 settings,
                 progress=progress,
+                cache_mb=cache_mb,
             )
             seconds = time.perf_counter() - started
         return ThroughputRun(seconds, [report], rss.peak_total, rss.peak_single)
@@ -422,6 +429,7 @@ def run_throughput(
                 seed,
                 settings.mode,
                 settings.batch_size,
+                cache_mb,
                 barrier,
                 counter,
                 results,
@@ -642,6 +650,8 @@ class BenchOptions:
     limit: bool = True
     data_dir: Path | None = None
     in_process: bool = False
+    #: SQLite page cache per shard connection, MB (None: paypost's default, 64 MB)
+    cache_mb: int | None = None
 
 
 def run_bench(
@@ -698,6 +708,7 @@ def run_bench(
             shards,
             progress=on_progress,
             in_process=options.in_process,
+            cache_mb=options.cache_mb,
         )
         for s in sources:
             if s.path is not None:

@@ -82,6 +82,14 @@ def bench(
             "directory.",
         ),
     ] = False,
+    cache_mb: Annotated[
+        int | None,
+        typer.Option(
+            "--cache-mb",
+            min=1,
+            help="SQLite page cache per shard, MB (default: paypost's 64 MB).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data.")] = 7,
     data_dir: Annotated[
         Path | None,
@@ -122,6 +130,7 @@ def bench(
         latency_seconds=latency_seconds,
         limit=limit,
         data_dir=data_dir,
+        cache_mb=cache_mb,
     )
     progress = Progress(
         SpinnerColumn(),
