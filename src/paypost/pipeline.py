@@ -25,6 +25,7 @@ with backoff, then dead-letter with the error), the alert channel is a durable q
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gc
 import time
@@ -202,6 +203,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
+# The fused path's tracking record: each unit of work that ran the stages in-process records
+# the archive positions of everything it published. A delivery of one of those events to a
+# stage's durable queue (a replay, a redrive) is then recognised as already processed.
+FUSED_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS pipeline_fused (start INTEGER PRIMARY KEY, end INTEGER NOT NULL)"
+)
+
 COUNTERS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS pipeline_counters ("
     "name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID"
@@ -279,6 +287,8 @@ class Pipeline:
         rate = self.settings.posting_rate_limit_per_s
         self.buffer = TokenBucket(rate, clock) if rate else None
         self._installed = False
+        # Inside a fused unit of work: actions that must come after its tracking range.
+        self._deferred: list[Callable[[], object]] | None = None
 
     # -- set-up ----------------------------------------------------------------------------
     def install(self) -> None:
@@ -292,6 +302,7 @@ class Pipeline:
             ensure_outbox_schema(conn)
             reconcile_stage.ensure_schema(conn)
             conn.execute(COUNTERS_SCHEMA)
+            conn.execute(FUSED_SCHEMA)
             ledger_sqlite.create_accounts_in(conn, self.ledger_accounts())
         for target in self.settings.targets():
             self.bus.put_target(target)
@@ -339,9 +350,8 @@ class Pipeline:
         result = asm.assemble(events, store, now_us=int(self.clock() * 1e6))
         done = asm.finish(result, store, partial(ledger_sqlite.post_batch_in, uow.conn))
         add_to_outbox(uow.conn, done.records)
-        dead = 0
         for letter in done.dead_letters:
-            dead += uow.dead_letter(ASSEMBLER, letter.events, letter.reason)
+            self._later(partial(uow.dead_letter, ASSEMBLER, letter.events, letter.reason))
         if done.dead_letters:
             _bump(uow.conn, {"dead_lettered": len(done.dead_letters)})
         return done.events
@@ -390,7 +400,7 @@ class Pipeline:
                     **{"correlation-id": event.correlation_id},
                     error=repr(exc),
                 )
-                uow.publish([event], dedup=False, only={name})
+                self._later(partial(uow.publish, [event], dedup=False, only={name}))
                 outcome.handed_to_queue += 1
         metrics.add(len(events), time.perf_counter() - started)
         return outputs
@@ -414,13 +424,39 @@ class Pipeline:
                     produced.setdefault(target, []).extend(evs)
             pending = produced
 
+    def _later(self, action: Callable[[], object]) -> None:
+        """Run ACTION after the fused unit of work's tracking range is recorded (so an event
+        it hands to a durable queue or a DLQ is not mistaken for one already processed), or
+        now on the durable path."""
+        if self._deferred is None:
+            action()
+        else:
+            self._deferred.append(action)
+
+    @contextlib.contextmanager
+    def _fused(self, uow: UnitOfWork) -> Iterator[None]:
+        """Record the archive positions published inside the block as processed in-process."""
+        start = uow.next_position()
+        self._deferred = []
+        try:
+            yield
+            end = uow.next_position() - 1
+            if end >= start:
+                uow.conn.execute("INSERT INTO pipeline_fused VALUES (?, ?)", (start, end))
+            deferred = self._deferred
+        finally:
+            self._deferred = None
+        for action in deferred:
+            action()
+
     def process_batch(self, batch: ingest_stage.IngestBatch) -> BatchOutcome:
         """One ingest batch, end to end, in ONE unit of work (see the module docs)."""
         outcome = BatchOutcome(events_in=len(batch.events))
         with self.bus.unit_of_work() as uow:
             ingest_stage.SqliteIngestStore(uow.conn).apply(batch)
-            published = uow.publish(batch.events, dedup=True, inline=self.inline)
-            self.dispatch(uow, published, outcome)
+            with self._fused(uow):
+                published = uow.publish(batch.events, dedup=True, inline=self.inline)
+                self.dispatch(uow, published, outcome)
             _bump(uow.conn, outcome.counts)
         return outcome
 
@@ -431,7 +467,8 @@ class Pipeline:
         caller's unit of work (the reconciler's patch for an authorization that was accepted
         but never posted, FR10). The events are not archived again; their outputs are."""
         outcome = BatchOutcome(events_in=len(events))
-        self.dispatch(uow, PublishResult(inline={target: list(events)}), outcome)
+        with self._fused(uow):
+            self.dispatch(uow, PublishResult(inline={target: list(events)}), outcome)
         _bump(uow.conn, outcome.counts)
         return outcome
 
@@ -441,7 +478,10 @@ class Pipeline:
         handler = self.handlers[name]
 
         def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
-            outputs = handler([d.event for d in deliveries], uow)
+            fresh = _not_fused(uow.conn, deliveries)
+            if not fresh:
+                return
+            outputs = handler([d.event for d in fresh], uow)
             counts: dict[str, int] = {}
             _count(outputs, counts)
             _bump(uow.conn, counts)
@@ -580,6 +620,28 @@ class RunTotals:
             if seen >= target:
                 return seconds * 1000
         return ordered[-1][0] * 1000
+
+
+def _not_fused(conn: Any, deliveries: Sequence[Delivery]) -> list[Delivery]:
+    """DELIVERIES minus those whose archive position a fused unit of work already processed
+    (a replay or redrive of an event the in-process stages handled: effects once)."""
+    if not deliveries:
+        return []
+    low = min(d.position for d in deliveries)
+    high = max(d.position for d in deliveries)
+    ranges = conn.execute(
+        "SELECT start, end FROM pipeline_fused WHERE start <= ? AND end >= ? ORDER BY start",
+        (high, low),
+    ).fetchall()
+    if not ranges:
+        return list(deliveries)
+    starts = [r[0] for r in ranges]
+    fresh = []
+    for d in deliveries:
+        i = bisect.bisect_right(starts, d.position) - 1
+        if i < 0 or d.position > ranges[i][1]:
+            fresh.append(d)
+    return fresh
 
 
 def _count(events: Iterable[Event], counts: dict[str, int]) -> None:

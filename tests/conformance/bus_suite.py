@@ -148,6 +148,15 @@ class BusConformance(abc.ABC):
         assert bus.pending("audit") == 0
         assert self.ids(bus.receive("holds")) == ["held-1"]
 
+    def test_next_position_brackets_what_a_unit_of_work_publishes(self, bus: Bus) -> None:
+        with bus.unit_of_work() as uow:
+            start = uow.next_position()
+            uow.publish([held(1), held(2)], dedup=False)
+            end = uow.next_position()
+        assert end - start == 2
+        archived = bus.archive(ArchiveQuery(start=0, end=T0 + 10))
+        assert [a.position for a in archived] == [start, start + 1]
+
     def test_dead_letter_without_a_delivery(self, bus: Bus) -> None:
         with bus.unit_of_work() as uow:
             assert uow.dead_letter("holds", [held(1), held(2)], "sequence incomplete") == 2

@@ -551,6 +551,15 @@ class UnitOfWork(abc.ABC):
     def track(self, consumer: str, deliveries: Iterable[Delivery]) -> None:
         """Record that CONSUMER processed DELIVERIES (idempotent)."""
 
+    def next_position(self) -> int:
+        """The archive position the next event published in this unit of work will get.
+
+        Positions are allocated in order inside a unit of work, so the events a caller
+        publishes between two calls occupy exactly that range: a fused in-process consumer
+        records such a range as its tracking record (DESIGN §3.1: where the source has a
+        monotonic position, record the position)."""
+        raise NotImplementedError(f"{type(self).__name__} has no archive positions")
+
     @abc.abstractmethod
     def on_commit(self, fn: Callable[[], None]) -> None:
         """Run FN after a successful commit (in-memory effects; notifications)."""

@@ -443,6 +443,9 @@ class _MemoryUnitOfWork(UnitOfWork):
             else:
                 self.enqueue(t, pos, now)
 
+    def next_position(self) -> int:
+        return self.bus._next_position
+
     def dead_letter(self, target: str, events: Iterable[Event], error: str) -> int:
         error = clean_error(error)
         b = self.bus

@@ -823,6 +823,10 @@ class _SqliteUnitOfWork(UnitOfWork):
                 )
         return dead
 
+    def next_position(self) -> int:
+        (pos,) = self.conn.execute("SELECT value FROM bus_meta WHERE key='archive_next'").fetchone()
+        return int(pos)
+
     def dead_letter(self, target: str, events: Iterable[Event], error: str) -> int:
         error = clean_error(error)
         b, conn = self.bus, self.conn
