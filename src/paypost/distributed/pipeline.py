@@ -1,0 +1,260 @@
+"""paypost's stages on the distributed backbone: NATS JetStream + PostgreSQL (issue 6).
+
+The same rules (`paypost.pipeline.RULES_TABLE`), targets and pure stage functions as the
+embedded pipeline; what differs is where state lives and how a batch moves:
+
+- every stage consumes its own durable queue (`<p>.q.<stage>`) in its own unit of work —
+  ONE PostgreSQL transaction with the stage's effects (dedup index, leg store, ledger,
+  posting outbox, counters), its tracking record and the outbox of its output events; the
+  bus relays the outputs to JetStream after commit (see `paypost.bus.nats`);
+- no fused in-process hops: any worker of any stage can take any event, so workers scale
+  out by running more of them (`paypost worker --stage STAGE`);
+- an ingest batch commits its checkpoint, quarantine and sealed vault rows with the outbox
+  of its AuthorizationApproved events (the source's tracking record), so a crashed ingest
+  resumes after its last batch and publishes nothing twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import msgspec
+from psycopg import sql
+
+from paypost.bus.consumer import Consumer, TokenBucket
+from paypost.bus.core import Delivery, UnitOfWork
+from paypost.bus.nats import NatsBus
+from paypost.events import Event
+from paypost.ledger.model import Account
+from paypost.ledger.postgres import PostgresLedger
+from paypost.logs import get_logger
+from paypost.pipeline import (
+    ACCOUNT_INTERFACE,
+    ASSEMBLER,
+    DEDUP,
+    ENRICH,
+    NOTIFICATIONS,
+    RULES,
+    RULES_TABLE,
+    STAGE_ORDER,
+    STANDARDIZE,
+    PipelineSettings,
+    StageHandler,
+    _count,
+)
+from paypost.refdata.model import RefData
+from paypost.stages import assembler as asm
+from paypost.stages import assembler_pg, posting_file_pg
+from paypost.stages import dedup as dedup_stage
+from paypost.stages import ingest as ingest_stage
+from paypost.stages.enrich import enrich
+from paypost.stages.post import create_legs, internal_accounts
+from paypost.stages.rules import RuleBook, apply_rules
+from paypost.stages.standardize import standardize
+
+from . import state
+
+log = get_logger("paypost.distributed")
+
+#: what `paypost worker --stage` accepts: the stages plus the alert channel
+WORKER_STAGES: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS)
+
+
+class DistributedPipeline:
+    """The stage handlers over PostgreSQL state, consuming from a `NatsBus`."""
+
+    def __init__(
+        self,
+        bus: NatsBus,
+        refdata: RefData,
+        rulebook: RuleBook,
+        settings: PipelineSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.bus = bus
+        self.prefix = bus.prefix
+        self.state_schema = state.state_schema(bus.prefix)
+        self.assembly_schema = f"{bus.prefix}_assembly"
+        self.postings_schema = f"{bus.prefix}_postings"
+        self.refdata = refdata
+        self.rulebook = rulebook
+        self.settings = settings or PipelineSettings()
+        self.clock = clock
+        self.sleep = sleep
+        self.ledger = PostgresLedger(bus.db_url, prefix=f"{bus.prefix}_ledger")
+        self._ledger_lock = threading.Lock()
+        self.handlers: dict[str, StageHandler] = {
+            DEDUP: self._dedup,
+            STANDARDIZE: lambda events, uow: standardize(events),
+            ENRICH: lambda events, uow: enrich(events, self.refdata),
+            RULES: lambda events, uow: apply_rules(events, self.rulebook),
+            ACCOUNT_INTERFACE: self._account_interface,
+            ASSEMBLER: self._assembler,
+        }
+        rate = self.settings.posting_rate_limit_per_s
+        self.buffer = TokenBucket(rate, clock) if rate else None
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def install(self) -> None:
+        """Tables, ledger accounts, targets and rules (idempotent; run by a job before its
+        workers, and harmless when several run it)."""
+        conn = self.bus.db()
+        with conn.transaction():
+            state.ensure_schema(conn, self.state_schema)
+            assembler_pg.ensure_schema(conn, self.assembly_schema)
+            posting_file_pg.ensure_outbox_schema(conn, self.postings_schema)
+        self.ledger.create_accounts(self.ledger_accounts())
+        for target in self.settings.targets():
+            self.bus.put_target(target)
+        for rule in RULES_TABLE:
+            self.bus.put_rule(rule)
+
+    def ledger_accounts(self) -> list[Account]:
+        currencies: dict[str, set[str]] = {
+            t: {s.home_currency} for t, s in self.refdata.tenants.items()
+        }
+        all_ccy = {c for pair in self.refdata.rates for c in pair}
+        accounts: list[Account] = []
+        for a in self.refdata.accounts.values():
+            currencies.setdefault(a.tenant, set()).add(a.currency)
+            accounts.append(Account(id=a.id, tenant=a.tenant, kind="customer", currency=a.currency))
+        for tenant, ccys in sorted(currencies.items()):
+            accounts += internal_accounts(tenant, sorted(ccys | all_ccy))
+        return accounts
+
+    # -- stage handlers (thin: the pure stages decide, PostgreSQL stores) ------------------
+    def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        index = state.PostgresDedupIndex(uow.conn, self.state_schema)
+        result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
+        index.apply(result.effects)
+        return result.outputs
+
+    def _account_interface(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        bucket = self.buffer
+        remaining = len(events)
+        while bucket is not None and remaining > 0:  # the posting buffer (FR7)
+            remaining -= bucket.take(remaining)
+            if remaining:
+                self.sleep(max(bucket.wait_s(), 0.001))
+        return create_legs(events, self.settings.posting)
+
+    def _assembler(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        store = assembler_pg.PostgresLegStore(uow.conn, self.assembly_schema)
+        result = asm.assemble(events, store, now_us=int(self.clock() * 1e6))
+        done = asm.finish(result, store, partial(self.ledger.post_batch_in, uow.conn))
+        posting_file_pg.add_to_outbox(uow.conn, done.records, self.postings_schema)
+        for letter in done.dead_letters:
+            uow.dead_letter(ASSEMBLER, letter.events, letter.reason)
+        if done.dead_letters:
+            state.bump_counters(
+                uow.conn, self.state_schema, {"dead_lettered": len(done.dead_letters)}
+            )
+        return done.events
+
+    # -- consumers -------------------------------------------------------------------------
+    def stage_consumer(self, name: str, concurrency: int | None = None) -> Consumer:
+        """A durable consumer of stage NAME (`paypost worker --stage NAME`)."""
+        if name == NOTIFICATIONS:
+            consumer = self.notifications_consumer()
+        else:
+            handler = self.handlers[name]
+            schema = self.state_schema
+
+            def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
+                outputs = handler([d.event for d in deliveries], uow)
+                counts: dict[str, int] = {}
+                _count(outputs, counts)
+                state.bump_counters(uow.conn, schema, counts)
+                if outputs:
+                    uow.publish(outputs, dedup=False)
+
+            consumer = Consumer(self.bus, name, handle, sleep=self.sleep)
+        if concurrency is not None:
+            consumer.config = msgspec.structs.replace(consumer.config, concurrency=concurrency)
+        return consumer
+
+    def notifications_consumer(self) -> Consumer:
+        def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
+            for d in deliveries:
+                ev = d.event
+                log.error(
+                    "alert",
+                    alert=ev.detail_type,
+                    event_id=ev.id,
+                    tenant=ev.tenant,
+                    **{"correlation-id": ev.correlation_id},
+                    detail=ev.detail,
+                )
+
+        return Consumer(self.bus, NOTIFICATIONS, handle, sleep=self.sleep)
+
+    def expire_sequences(self) -> int:
+        """Posting sequences incomplete after the timeout: alert and dead-letter (FR8)."""
+        timeout_us = int(self.settings.assembly_timeout_s * 1e6)
+        with self.bus.unit_of_work() as uow:
+            store = assembler_pg.PostgresLegStore(uow.conn, self.assembly_schema)
+            result = asm.expire(store, now_us=int(self.clock() * 1e6), timeout_us=timeout_us)
+            for letter in result.dead_letters:
+                uow.dead_letter(ASSEMBLER, letter.events, letter.reason)
+            if result.alerts:
+                uow.publish(result.alerts, dedup=False)
+            state.bump_counters(
+                uow.conn, self.state_schema, {"dead_lettered": len(result.dead_letters)}
+            )
+        return len(result.dead_letters)
+
+    # -- ingest (the publisher) ------------------------------------------------------------
+    def load_checkpoint(self, source: str) -> ingest_stage.Checkpoint | None:
+        return state.PostgresIngestStore(self.bus.db(), self.state_schema).load_checkpoint(source)
+
+    def publish_batch(self, batch: ingest_stage.IngestBatch) -> int:
+        """One ingest batch: checkpoint + quarantine + vault rows + its events' outbox, in ONE
+        transaction. Returns the events published (dedup drops re-read ones)."""
+        with self.bus.unit_of_work() as uow:
+            state.PostgresIngestStore(uow.conn, self.state_schema).apply(batch)
+            result = uow.publish(batch.events, dedup=True)
+        return result.published
+
+    # -- observing a run -------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return state.read_counters(self.bus.db(), self.state_schema)
+
+    def ingest_totals(self) -> dict[str, int]:
+        out = {"records": 0, "approved": 0, "declined": 0, "timed_out": 0, "quarantined": 0}
+        for cp in state.PostgresIngestStore(self.bus.db(), self.state_schema).checkpoints():
+            counters = msgspec.to_builtins(cp.counters)
+            for k in out:
+                out[k] += int(counters.get(k, 0))
+        return out
+
+    def in_flight(self) -> int:
+        """Events still on their way: queued or leased in a stage queue, or in the outbox."""
+        return sum(self.bus.pending(n) for n in STAGE_ORDER) + self.bus.outbox_size()
+
+    def trial_balances(self) -> dict[str, dict[str, int]]:
+        with self._ledger_lock:
+            out: dict[str, dict[str, int]] = {}
+            for tenant in sorted(self.refdata.tenants):
+                trial = self.ledger.trial_balance(tenant)
+                out[tenant] = {line.currency: line.net for line in trial.lines}
+            return out
+
+    def posted_entries(self) -> dict[str, int]:
+        """Journal entries per tenant (each authorization posts one entry)."""
+        conn = self.bus.db()
+        out: dict[str, int] = {}
+        for tenant in sorted(self.refdata.tenants):
+            schema = self.ledger.schema(tenant)
+            row = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}.ledger_entries").format(sql.Identifier(schema))
+            ).fetchone()
+            out[tenant] = int(row[0]) if row else 0
+        return out

@@ -1,0 +1,383 @@
+"""Stage state on PostgreSQL (distributed mode, issue 6): any worker can process any event.
+
+PostgreSQL ports of the state that is SQLite-only in the embedded default, with the SAME
+stage logic (the pure stages in `paypost.stages` decide; these classes only store):
+
+- `PostgresDedupIndex`: the `DedupIndex` port of the dedup stage (FR3);
+- `PostgresIngestStore`: ingest checkpoints, quarantine and sealed vault rows (FR1, FR11);
+- pipeline counters: append-only deltas summed on read (no hot row shared by workers);
+- the pipeline's configuration documents (reference data version, rules text) that a job
+  publishes and workers load at start: one source of truth for every worker. Holder
+  personal data stays sealed at rest (`HolderCipher`, as in the SQLite refdata store).
+
+Every class works on the caller's connection inside the caller's transaction and never
+commits (the unit of work of `NatsBus` commits effects, tracking record and outbox together).
+All tables live in one schema, `<prefix>_state`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from paypost.config import UserError
+from paypost.refdata.model import (
+    Account,
+    Branch,
+    MerchantInfo,
+    RateQuote,
+    RefData,
+    RefDataVersion,
+    TenantSettings,
+)
+from paypost.refdata.store import HolderCipher
+from paypost.stages.dedup import DedupEffects, KeySighting, SeenEvent, _parked_row
+from paypost.stages.ingest import Checkpoint, IngestBatch, assert_no_clear_pan
+
+Conn = psycopg.Connection[Any]
+
+_NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,40}")
+
+
+def state_schema(prefix: str) -> str:
+    name = f"{prefix}_state"
+    if not _NAME_RE.fullmatch(name):
+        raise UserError(
+            f"prefix {prefix!r} must be a lowercase identifier (letters, digits, _), so that "
+            f"{name!r} is a valid PostgreSQL schema name."
+        )
+    return name
+
+
+_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.dedup_keys (
+    ts BIGINT NOT NULL, key BIGINT NOT NULL, tenant TEXT NOT NULL, event_id TEXT NOT NULL,
+    PRIMARY KEY (ts, key));
+CREATE TABLE IF NOT EXISTS {s}.dedup_events (
+    id_key BIGINT PRIMARY KEY, id_check BIGINT NOT NULL, content_hash BIGINT NOT NULL,
+    ts BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.dedup_watermarks (
+    tenant TEXT PRIMARY KEY, high_water BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.dedup_parked (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,
+    input_event_id TEXT NOT NULL, tenant TEXT NOT NULL, reason TEXT NOT NULL,
+    business_key TEXT NOT NULL, original_event_id TEXT, transmission_time TEXT NOT NULL,
+    parked_at TEXT NOT NULL, event TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.ingest_checkpoints (
+    source TEXT PRIMARY KEY, position BIGINT NOT NULL, line BIGINT, state BYTEA NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS {s}.ingest_quarantine (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, source TEXT NOT NULL,
+    tenant TEXT NOT NULL, position BIGINT NOT NULL, line BIGINT, kind TEXT NOT NULL,
+    reason TEXT NOT NULL, record TEXT NOT NULL,
+    quarantined_at TIMESTAMPTZ NOT NULL DEFAULT now(), UNIQUE (source, position, kind));
+CREATE TABLE IF NOT EXISTS {s}.vault_pans (
+    token TEXT PRIMARY KEY, tenant TEXT NOT NULL, key_id TEXT NOT NULL, nonce BYTEA NOT NULL,
+    ciphertext BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.pipeline_counters (name TEXT NOT NULL, value BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.pipeline_config (name TEXT PRIMARY KEY, doc BYTEA NOT NULL)
+"""
+
+
+def ensure_schema(conn: Conn, schema: str) -> None:
+    """Create the state tables if missing (no commit)."""
+    s = sql.Identifier(schema)
+    for stmt in _SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(sql.SQL(stmt.strip()).format(s=s))
+
+
+# --------------------------------------------------------------------------------------------
+# Dedup index (FR3)
+
+
+class PostgresDedupIndex:
+    """The `DedupIndex` port on PostgreSQL. A business key two workers record at once clashes
+    on the primary key: the later transaction fails and its redelivery parks the duplicate."""
+
+    def __init__(self, conn: Conn, schema: str) -> None:
+        self.conn = conn
+        self.s = sql.Identifier(schema)
+
+    def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]:
+        if not id_keys:
+            return {}
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT id_key, id_check, content_hash FROM {}.dedup_events WHERE id_key = ANY(%s)"
+            ).format(self.s),
+            (list(id_keys),),
+        )
+        return {int(k): SeenEvent(int(c), int(h)) for k, c, h in rows}
+
+    def seen_keys(self, keys: Collection[tuple[int, int]]) -> dict[int, KeySighting]:
+        if not keys:
+            return {}
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT k.key, k.event_id, k.ts FROM unnest(%s::bigint[], %s::bigint[]) "
+                "AS u(ts, key) JOIN {}.dedup_keys AS k ON k.ts = u.ts AND k.key = u.key"
+            ).format(self.s),
+            ([t for t, _ in keys], [k for _, k in keys]),
+        )
+        return {int(key): KeySighting(str(eid), int(ts)) for key, eid, ts in rows}
+
+    def high_water(self, tenants: Collection[str]) -> dict[str, int]:
+        if not tenants:
+            return {}
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT tenant, high_water FROM {}.dedup_watermarks WHERE tenant = ANY(%s)"
+            ).format(self.s),
+            (list(tenants),),
+        )
+        return {str(t): int(h) for t, h in rows}
+
+    def apply(self, effects: DedupEffects) -> None:
+        s = self.s
+        with self.conn.cursor() as cur:
+            if effects.keys:
+                # plain INSERT: a clash means another worker recorded the key meanwhile
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {}.dedup_keys (ts, key, tenant, event_id) "
+                        "VALUES (%s, %s, %s, %s)"
+                    ).format(s),
+                    effects.keys,
+                )
+            if effects.events:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {}.dedup_events (id_key, id_check, content_hash, ts) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                    ).format(s),
+                    effects.events,
+                )
+            if effects.high_water:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {}.dedup_watermarks AS w (tenant, high_water) "
+                        "VALUES (%s, %s) ON CONFLICT (tenant) DO UPDATE SET high_water = "
+                        "GREATEST(w.high_water, excluded.high_water)"
+                    ).format(s),
+                    sorted(effects.high_water.items()),  # one lock order: no deadlock
+                )
+            if effects.parked:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {}.dedup_parked (event_id, input_event_id, tenant, reason,"
+                        " business_key, original_event_id, transmission_time, parked_at, event)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                    ).format(s),
+                    [_parked_row(ev) for ev in effects.parked],
+                )
+
+
+def count_parked(conn: Conn, schema: str) -> dict[str, int]:
+    rows = conn.execute(
+        sql.SQL("SELECT reason, count(*) FROM {}.dedup_parked GROUP BY reason").format(
+            sql.Identifier(schema)
+        )
+    )
+    return {str(r): int(n) for r, n in rows}
+
+
+# --------------------------------------------------------------------------------------------
+# Ingest store (checkpoints = the source's tracking record, quarantine, vault)
+
+_CHECKPOINT = msgspec.json.Decoder(Checkpoint)
+
+
+class PostgresIngestStore:
+    """The `IngestStore` port on PostgreSQL (never commits)."""
+
+    def __init__(self, conn: Conn, schema: str) -> None:
+        self.conn = conn
+        self.s = sql.Identifier(schema)
+
+    def load_checkpoint(self, source: str) -> Checkpoint | None:
+        row = self.conn.execute(
+            sql.SQL("SELECT state FROM {}.ingest_checkpoints WHERE source = %s").format(self.s),
+            (source,),
+        ).fetchone()
+        return None if row is None else _CHECKPOINT.decode(bytes(row[0]))
+
+    def apply(self, batch: IngestBatch) -> None:
+        if batch.checkpoint is None:
+            raise ValueError("an IngestBatch without checkpoint cannot be applied")
+        if batch.scrub_rows is not None:
+            raise UserError(
+                "the table feed (ingest_authorizations) is an embedded-mode source; in "
+                "distributed mode ingest files (iso8583, jsonl, csv)."
+            )
+        assert_no_clear_pan(batch)
+        s = self.s
+        with self.conn.cursor() as cur:
+            if batch.sealed_pans:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {}.vault_pans (token, tenant, key_id, nonce, ciphertext) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                    ).format(s),
+                    [
+                        (e.token, e.tenant, e.key_id, e.nonce, e.ciphertext)
+                        for e in batch.sealed_pans
+                    ],
+                )
+            if batch.quarantined:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {}.ingest_quarantine (source, tenant, position, line, kind,"
+                        " reason, record) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT DO NOTHING"
+                    ).format(s),
+                    [
+                        (q.source, q.tenant, q.position, q.line, q.kind, q.reason, q.record)
+                        for q in batch.quarantined
+                    ],
+                )
+            cp = batch.checkpoint
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {}.ingest_checkpoints (source, position, line, state) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (source) DO UPDATE SET "
+                    "position = excluded.position, line = excluded.line, "
+                    "state = excluded.state, updated_at = now()"
+                ).format(s),
+                (cp.source, cp.position, cp.line, msgspec.json.encode(cp)),
+            )
+
+    def checkpoints(self) -> list[Checkpoint]:
+        rows = self.conn.execute(sql.SQL("SELECT state FROM {}.ingest_checkpoints").format(self.s))
+        return [_CHECKPOINT.decode(bytes(r[0])) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline counters: append-only deltas (a hot counter row would serialize every worker)
+
+
+def bump_counters(conn: Conn, schema: str, counts: Mapping[str, int]) -> None:
+    rows = [(k, v) for k, v in counts.items() if v]
+    if rows:
+        with conn.cursor() as cur:
+            cur.executemany(
+                sql.SQL("INSERT INTO {}.pipeline_counters VALUES (%s, %s)").format(
+                    sql.Identifier(schema)
+                ),
+                rows,
+            )
+
+
+def read_counters(conn: Conn, schema: str) -> dict[str, int]:
+    rows = conn.execute(
+        sql.SQL("SELECT name, sum(value) FROM {}.pipeline_counters GROUP BY name").format(
+            sql.Identifier(schema)
+        )
+    )
+    return {str(n): int(v) for n, v in rows}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration documents: reference data and rules, published by a job, loaded by workers
+
+_PERSONAL = {"holder_name", "holder_address"}
+
+
+class _RefDataDoc(msgspec.Struct, kw_only=True):
+    version: RefDataVersion
+    tenants: list[TenantSettings]
+    branches: list[Branch]
+    rates: list[RateQuote]
+    merchants: list[MerchantInfo]
+    accounts: list[dict[str, Any]]  # public fields only
+    holders: list[tuple[str, bytes, bytes]]  # account id, nonce, sealed personal data
+
+
+def _put_doc(conn: Conn, schema: str, name: str, doc: bytes) -> None:
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.pipeline_config VALUES (%s, %s) ON CONFLICT (name) "
+            "DO UPDATE SET doc = excluded.doc"
+        ).format(sql.Identifier(schema)),
+        (name, doc),
+    )
+
+
+def _get_doc(conn: Conn, schema: str, name: str) -> bytes | None:
+    row = conn.execute(
+        sql.SQL("SELECT doc FROM {}.pipeline_config WHERE name = %s").format(
+            sql.Identifier(schema)
+        ),
+        (name,),
+    ).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def save_refdata(conn: Conn, schema: str, refdata: RefData, cipher: HolderCipher) -> None:
+    """Publish REFDATA as the current reference data (holder data sealed)."""
+    vid = refdata.version.id
+    accounts, holders = [], []
+    for a in refdata.accounts.values():
+        accounts.append({k: v for k, v in msgspec.to_builtins(a).items() if k not in _PERSONAL})
+        nonce, sealed = cipher.seal(vid, a)
+        holders.append((a.id, nonce, sealed))
+    doc = _RefDataDoc(
+        version=refdata.version,
+        tenants=list(refdata.tenants.values()),
+        branches=list(refdata.branches.values()),
+        rates=list(refdata.rates.values()),
+        merchants=list(refdata.merchants.values()),
+        accounts=accounts,
+        holders=holders,
+    )
+    _put_doc(conn, schema, "refdata", msgspec.msgpack.encode(doc))
+
+
+def load_refdata(conn: Conn, schema: str, cipher: HolderCipher) -> RefData | None:
+    """The current reference data (holders decrypted in memory), None if none published."""
+    raw = _get_doc(conn, schema, "refdata")
+    if raw is None:
+        return None
+    doc = msgspec.msgpack.decode(raw, type=_RefDataDoc)
+    vid = doc.version.id
+    public = {str(a["id"]): a for a in doc.accounts}
+    accounts = []
+    for account_id, nonce, sealed in doc.holders:
+        personal = cipher.open(vid, account_id, nonce, sealed)
+        fields = dict(public[account_id])
+        fields["holder_name"] = personal.holder_name
+        fields["holder_address"] = personal.holder_address
+        accounts.append(msgspec.convert(fields, Account))
+    return RefData(
+        version=doc.version,
+        tenants=doc.tenants,
+        accounts=accounts,
+        branches=doc.branches,
+        rates=doc.rates,
+        merchants=doc.merchants,
+    )
+
+
+class PipelineDoc(msgspec.Struct, frozen=True, kw_only=True):
+    """What every worker must agree on besides reference data."""
+
+    rules_text: str
+    rules_source: str
+    mode: str = "near-realtime"
+    batch_size: int | None = None
+    posting_rate_limit_per_s: float | None = None
+
+
+def save_pipeline_doc(conn: Conn, schema: str, doc: PipelineDoc) -> None:
+    _put_doc(conn, schema, "pipeline", msgspec.json.encode(doc))
+
+
+def load_pipeline_doc(conn: Conn, schema: str) -> PipelineDoc | None:
+    raw = _get_doc(conn, schema, "pipeline")
+    return None if raw is None else msgspec.json.decode(raw, type=PipelineDoc)
