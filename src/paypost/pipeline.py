@@ -84,6 +84,7 @@ ALERT_TYPES: tuple[str, ...] = (
     "ValidationFailed",
     "PostingSequenceIncomplete",
     "PostingLegConflict",
+    "ReconciliationBreakDetected",
 )
 
 RULES_TABLE: tuple[Rule, ...] = (
