@@ -287,3 +287,21 @@ def test_run_names_a_missing_input(tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert "nope.log" in str(result.exception) or "nope.log" in result.output
+
+
+def test_nfr7_every_log_line_is_json_with_tenant_and_correlation_id(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from paypost.cli import _register, app
+
+    _register()
+    result = CliRunner().invoke(
+        app, ["demo", "--events", "800", "--data-dir", str(tmp_path), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "logs" / "paypost.jsonl").read_text().splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]
+    assert {r["event"] for r in records} >= {"ingest.batch", "alert"}
+    for r in records:
+        assert r.get("tenant") and r.get("correlation-id"), r

@@ -459,6 +459,23 @@ def _masked_record_text(data: Any) -> str:
 # Readers
 
 
+def _log_batch(config: SourceConfig, batch: IngestBatch, position: int, **where: int) -> None:
+    """One structured line per batch. Its correlation-id names the batch by the checkpoint it
+    commits (`source@position`), so every line about the batch can be found with it."""
+    log.info(
+        "ingest.batch",
+        source=config.name,
+        tenant=config.tenant,
+        **{"correlation-id": f"{config.name}@{position}"},
+        **where,
+        events=len(batch.events),
+        records=batch.counts.records,
+        declined=batch.counts.declined,
+        quarantined=batch.counts.quarantined,
+        timed_out=batch.counts.timed_out,
+    )
+
+
 class _ReaderBase:
     """What every reader has: its source, the edge tokenizer, the checkpoint, quarantining."""
 
@@ -551,17 +568,7 @@ class _FileReader(_ReaderBase):
             counters=counters,
         )
         batch.checkpoint = self.checkpoint
-        log.info(
-            "ingest.batch",
-            source=self.config.name,
-            tenant=self.config.tenant,
-            line=line,
-            events=len(batch.events),
-            records=batch.counts.records,
-            declined=batch.counts.declined,
-            quarantined=batch.counts.quarantined,
-            timed_out=batch.counts.timed_out,
-        )
+        _log_batch(self.config, batch, offset, line=line)
         return batch
 
     def _pending_list(self) -> list[PendingRequest]:
@@ -1198,16 +1205,7 @@ class TableFeedReader(_ReaderBase):
                 source=self.config.name, position=last, line=0, counters=counters
             )
             batch.checkpoint = self.checkpoint
-            log.info(
-                "ingest.batch",
-                source=self.config.name,
-                tenant=self.config.tenant,
-                row=last,
-                events=len(batch.events),
-                records=batch.counts.records,
-                declined=batch.counts.declined,
-                quarantined=batch.counts.quarantined,
-            )
+            _log_batch(self.config, batch, last, row=last)
             yield batch
 
 
