@@ -9,6 +9,7 @@ def register(app: typer.Typer) -> None:
     from paypost.cli import bench as bench_cli
     from paypost.cli import (
         bus,
+        distributed,
         generate,
         ingest,
         iso20022,
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench_cli.bench)
     app.command("ingest")(ingest.ingest)
     app.command("reconcile")(reconcile.reconcile)
+    distributed.register(app)  # worker, serve --backend distributed (docs/deployment.md)
     # Looking into state.
     app.add_typer(ledger.app, name="ledger")
     app.add_typer(parked.app, name="parked")

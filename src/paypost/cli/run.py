@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from paypost.cli.common import DataDirOption, JsonOption, console, emit_json, err_console
+from paypost.cli.distributed import BackendOption, check_backend, run_distributed_job
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.logs import configure_logging
 from paypost.pipeline import MODES, STAGE_ORDER, Mode, PipelineSettings
@@ -167,6 +168,7 @@ def demo(
     posting_rate: RateOption = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data.")] = 7,
     as_json: JsonOption = False,
+    backend: BackendOption = "embedded",
 ) -> None:
     """Generate realistic authorizations and post them through the whole pipeline.
 
@@ -198,6 +200,20 @@ def demo(
         settings = PipelineSettings(
             mode=_mode(mode), batch_size=batch_size, posting_rate_limit_per_s=posting_rate
         )
+        if check_backend(backend) == "distributed":
+            run_distributed_job(
+                refdata,
+                book,
+                default_rules_text(),
+                "<default rules>",
+                settings,
+                master,
+                [(s.config, s.path) for s in inputs.sources if s.path is not None],
+                total=events,
+                as_json=as_json,
+                notices=notices,
+            )
+            return
         job = Job(data_dir, refdata, book, settings, master)
         try:
             with _StageProgress(events, interactive or not as_json) as progress:
@@ -244,6 +260,7 @@ def run(
     batch_size: BatchOption = None,
     posting_rate: RateOption = None,
     as_json: JsonOption = False,
+    backend: BackendOption = "embedded",
 ) -> None:
     """Post your own authorizations through the whole pipeline (resumable, idempotent).
 
@@ -297,6 +314,20 @@ def run(
         )
         for path in auth_log
     ]
+    if check_backend(backend) == "distributed":
+        run_distributed_job(
+            refdata,
+            book,
+            rules.read_text(encoding="utf-8") if rules is not None else default_rules_text(),
+            str(rules) if rules is not None else "<default rules>",
+            settings,
+            master,
+            [(s.config, s.path) for s in sources if s.path is not None],
+            total=0,
+            as_json=as_json,
+            notices=notices,
+        )
+        return
     job = Job(data_dir, refdata, book, settings, master)
     try:
         with _StageProgress(0, not as_json) as progress:
