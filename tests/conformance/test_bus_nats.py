@@ -10,9 +10,11 @@ range and the dedup window run on the bus clock and need no scaling.
 Jumps of the fake clock sleep at most MAX_SLEEP_S (no lease or backoff in the suite is
 longer), so the archive-retention case is decided by `purge_archive` on the bus clock.
 
-One case is restated for JetStream (`test_nack_retries_with_exponential_backoff_then_...`):
-its 1 ms boundaries (`advance(0.999)` → nothing, `advance(0.002)` → delivered) cannot be
-checked against a server timer; the restated case checks the same behaviour with margins.
+One case cannot hold and is skipped with its reason (`next_position`: archive sequences
+are assigned by the server after commit). One case is restated for JetStream
+(`test_nack_retries_with_exponential_backoff_then_...`): its 1 ms boundaries
+(`advance(0.999)` → nothing, `advance(0.002)` → delivered) cannot be checked against a
+server timer; the restated case checks the same behaviour with margins.
 """
 
 from __future__ import annotations
@@ -132,6 +134,14 @@ class TestNatsBus(BusConformance):
         assert dead.first_attempt_at == start
         assert dead.dead_lettered_at == clock()
         assert bus.dlq_get(dead.id) == dead
+
+    def test_next_position_brackets_what_a_unit_of_work_publishes(self, bus: Bus) -> None:
+        pytest.skip(
+            "JetStream assigns archive sequences on the server when the relay publishes, after "
+            "the PostgreSQL commit, so a unit of work cannot know them. No distributed consumer "
+            "needs them: there is no fused in-process path, and tracking records key on (event "
+            "id, content hash)."
+        )
 
     # The fault simulation sleeps through many scaled clock jumps (~12 s per seed here).
     @pytest.mark.slow

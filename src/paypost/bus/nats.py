@@ -8,7 +8,7 @@ JetStream (all streams file-backed, `replicas` copies each):
 - `<P>_QUEUE`, subjects `<p>.q.<target>`: the per-target durable queues (work-queue
   retention: a message leaves when acked). One durable pull consumer per target,
   `ack_wait` = the target's lease, `max_ack_pending` = its max_in_flight. Header
-  `Paypost-Position` = the event's archive sequence.
+  `Paypost-Archive-Id` names the archive copy; `Delivery.position` is the queue sequence.
 - `<P>_DLQ`, subjects `<p>.dlq.<target>`: dead letters with the reason in headers; the
   dead letter's id is its stream sequence.
 
@@ -116,7 +116,7 @@ DB_URL_SETTING = "PAYPOST_DB_URL"
 
 H_ARCHIVED_AT = "Paypost-Archived-At"
 H_QUEUED_AT = "Paypost-Queued-At"
-H_POSITION = "Paypost-Position"
+H_ARCHIVE_ID = "Paypost-Archive-Id"  # the archive copy's Nats-Msg-Id
 H_ERROR = "Paypost-Error"
 H_ATTEMPTS = "Paypost-Attempts"
 H_FIRST_AT = "Paypost-First-At"
@@ -214,7 +214,7 @@ def _redact_url(url: str) -> str:
 @dataclass
 class _OutRow:
     """One message to publish after commit. `queues` non-empty and `subject` the archive
-    subject: archive first, then one copy per queue subject with the archive position."""
+    subject: the archive copy, plus one copy per queue subject naming it."""
 
     subject: str
     queues: list[str]
@@ -314,7 +314,7 @@ class NatsBus(Bus):
         except BaseException:
             self._loop.stop()
             raise
-        self.js = self.nc.jetstream()
+        self.js = self.nc.jetstream(publish_async_max_pending=20000)
         try:
             conn = self.db()
             with conn.transaction():
@@ -559,25 +559,24 @@ class NatsBus(Bus):
         """Publish outbox rows; returns per row whether its archive copy was a duplicate."""
         js = self.js
 
-        async def one(row: _OutRow) -> bool:
-            headers = dict(row.headers)
-            headers[MSG_ID] = row.msg_id
-            ack = await js.publish(row.subject, row.body, headers=headers, timeout=10)
-            if not row.queues:
-                return bool(ack.duplicate)
-            headers[H_POSITION] = str(ack.seq)
-            # one queue stream for all targets: the msg id names the target too
-            await asyncio.gather(
-                *(
-                    js.publish(q, row.body, headers={**headers, MSG_ID: f"{row.msg_id}>{q}"})
-                    for q in row.queues
-                )
-            )
-            return bool(ack.duplicate)
-
+        # Async publishes (one shared reply inbox, acks collected as they come), archive and
+        # queue copies at once; a queue copy names its archive copy (Paypost-Archive-Id).
         out: list[bool] = []
-        for i in range(0, len(rows), 1000):
-            out += await asyncio.gather(*(one(r) for r in rows[i : i + 1000]))
+        for i in range(0, len(rows), 2000):
+            firsts: list[asyncio.Future[Any]] = []
+            rest: list[asyncio.Future[Any]] = []
+            for row in rows[i : i + 2000]:
+                headers = dict(row.headers)
+                headers[MSG_ID] = row.msg_id
+                firsts.append(await js.publish_async(row.subject, row.body, headers=headers))
+                if row.queues:
+                    headers[H_ARCHIVE_ID] = row.msg_id
+                    for q in row.queues:
+                        # one queue stream for all targets: the msg id names the target too
+                        headers[MSG_ID] = f"{row.msg_id}>{q}"
+                        rest.append(await js.publish_async(q, row.body, headers=dict(headers)))
+            acks = await asyncio.wait_for(asyncio.gather(*firsts, *rest), 30)
+            out += [bool(a.duplicate) for a in acks[: len(firsts)]]
         return out
 
     def relay(self, uow_id: int, rows: Sequence[_OutRow]) -> None:
@@ -695,7 +694,7 @@ class NatsBus(Bus):
                             first_attempt_at=first,
                             last_attempt_at=now,
                             handle=DeliveryHandle(seq, b.delivered),
-                            position=int((b.msg.headers or {}).get(H_POSITION, 0)),
+                            position=seq,  # its sequence in the queue stream
                             id_key=id_key(event.id),
                             content_hash=content_hash(body),
                         )
@@ -732,7 +731,7 @@ class NatsBus(Bus):
                 H_FIRST_AT: _f(first),
                 H_LAST_AT: _f(now),
                 H_DEAD_AT: _f(now),
-                H_POSITION: h.get(H_POSITION, "0"),
+                H_ARCHIVE_ID: h.get(H_ARCHIVE_ID, ""),
             },
             body=m.data,
         )
@@ -829,7 +828,7 @@ class NatsBus(Bus):
                     msg_id=f"{d.event.id}#redrive.{d.id}",
                     headers={
                         H_QUEUED_AT: _f(now),
-                        H_POSITION: dict(raw.headers or {}).get(H_POSITION, "0"),
+                        H_ARCHIVE_ID: dict(raw.headers or {}).get(H_ARCHIVE_ID, ""),
                     },
                     body=raw.data or b"",
                 )
@@ -888,17 +887,18 @@ class NatsBus(Bus):
             with contextlib.suppress(Exception):
                 self._run(sub.unsubscribe(), timeout=5)
 
-    def _archived(self, start: float, end: float) -> Iterator[tuple[int, float, bytes]]:
+    def _archived(self, start: float, end: float) -> Iterator[tuple[int, float, bytes, str]]:
+        """(archive seq, archived at, body, archive id) in [START, END) by the bus clock."""
         for seq, _, headers, body, _ in self._scan(
             self.archive_stream, self.archive_subject, start
         ):
             at = float(headers.get(H_ARCHIVED_AT, "0"))
             if start <= at < end:
-                yield seq, at, body
+                yield seq, at, body, headers.get(MSG_ID, "")
 
     def archive(self, query: ArchiveQuery) -> Iterator[ArchivedEvent]:
         matcher = compile_pattern(query.pattern, "--pattern") if query.pattern is not None else None
-        for seq, at, body in self._archived(query.start, query.end):
+        for seq, at, body, _ in self._archived(query.start, query.end):
             event = decode_event(body)
             if matcher is None or matcher.matches(event.to_dict()):
                 yield ArchivedEvent(position=seq, archived_at=at, event=event)
@@ -934,7 +934,7 @@ class NatsBus(Bus):
                     uow.rows.extend(rows)
                 rows.clear()
 
-        for seq, _, body in self._archived(query.start, query.end):
+        for seq, _, body, archive_id in self._archived(query.start, query.end):
             result.scanned += 1
             event = decode_event(body)
             if matcher is None or matcher.matches(event.to_dict()):
@@ -945,7 +945,7 @@ class NatsBus(Bus):
                             subject=self.queue_subject(t),
                             queues=[],
                             msg_id=f"{event.id}#replay.{nonce}.{seq}>{t}",
-                            headers={H_QUEUED_AT: _f(now), H_POSITION: str(seq)},
+                            headers={H_QUEUED_AT: _f(now), H_ARCHIVE_ID: archive_id},
                             body=body,
                         )
                     )
@@ -965,14 +965,15 @@ class NatsBus(Bus):
             return 0
         cutoff = (self.clock() if now is None else now) - self.config.archive_retention_s
         referenced = {
-            int(h.get(H_POSITION, "0"))
+            h.get(H_ARCHIVE_ID, "")
             for _, _, h, _, _ in self._scan(self.dlq_stream, f"{self.prefix}.dlq.>")
         }
-        referenced |= self._queued_positions()
+        referenced |= self._queued_archive_ids()
         doomed = [
             seq
             for seq, _, headers, _, _ in self._scan(self.archive_stream, self.archive_subject)
-            if float(headers.get(H_ARCHIVED_AT, "0")) < cutoff and seq not in referenced
+            if float(headers.get(H_ARCHIVED_AT, "0")) < cutoff
+            and headers.get(MSG_ID, "") not in referenced
         ]
         for seq in doomed:
             with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -983,10 +984,10 @@ class NatsBus(Bus):
         )
         return len(doomed)
 
-    def _queued_positions(self) -> set[int]:
-        """Archive positions of every event still in a queue (direct gets: O(queued))."""
+    def _queued_archive_ids(self) -> set[str]:
+        """Archive ids of every event still in a queue (direct gets: O(queued))."""
         info = self._run(self.js.stream_info(self.queue_stream))
-        out: set[int] = set()
+        out: set[str] = set()
         if not info.state.messages:
             return out
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
@@ -994,7 +995,7 @@ class NatsBus(Bus):
                 raw = self._run(self.js.get_msg(self.queue_stream, seq))
             except nats.js.errors.NotFoundError:
                 continue
-            out.add(int(dict(raw.headers or {}).get(H_POSITION, "0")))
+            out.add(dict(raw.headers or {}).get(H_ARCHIVE_ID, ""))
         return out
 
     # -- stats -----------------------------------------------------------------------------

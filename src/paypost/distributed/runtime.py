@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 import yaml
+from psycopg import sql
 
 from paypost.bus.consumer import Consumer
 from paypost.bus.nats import NatsBus
@@ -393,3 +394,20 @@ class DistributedJob:
             self.workers.pipeline.bus.close()
         self.pipeline.close()
         self.bus.close()
+
+
+def destroy(settings: DistributedSettings) -> None:
+    """Delete EVERYTHING under the settings' prefix: streams and every PostgreSQL schema named
+    `<prefix>_…` (tests and benchmarks; never in production)."""
+    bus = open_bus(settings, sweep=False)
+    try:
+        bus.destroy()
+        conn = bus.db()
+        rows = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+            (settings.prefix.replace("_", "\\_") + "\\_%",),
+        ).fetchall()
+        for (name,) in rows:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    finally:
+        bus.close()
