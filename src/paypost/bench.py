@@ -643,7 +643,7 @@ class BenchOptions:
     backend: str = "embedded"
     mode: Mode = "batch"
     batch_size: int | None = None
-    shards: int = 0  # 0: one per CPU core (whole tenants per shard)
+    shards: int = 0  # 0: one per tenant (whole tenants per shard, never more than tenants)
     seed: int = 7
     latency_rate: float = 1000.0
     latency_seconds: float = 3.0
@@ -684,8 +684,6 @@ def run_bench(
         )
     upstream = Path(tempfile.mkdtemp(prefix="paypost-bench-upstream-"))
     os.chmod(upstream, 0o700)
-    cpus = os.cpu_count() or 1
-    shards = options.shards or cpus
     settings = PipelineSettings(mode=options.mode, batch_size=options.batch_size)
     try:
         on_phase("generating authorizations (not timed)", None)
@@ -697,6 +695,8 @@ def run_bench(
             upstream,
             in_process=options.in_process,
         )
+        # Default: one shard per tenant (whole tenants per shard; the OS spreads them).
+        shards = options.shards or len({s.config.tenant for s in sources})
         on_phase("ingest → posted", options.events)
         run = run_throughput(
             root,

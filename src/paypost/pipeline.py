@@ -288,6 +288,8 @@ class Pipeline:
         rate = self.settings.posting_rate_limit_per_s
         self.buffer = TokenBucket(rate, clock) if rate else None
         self._installed = False
+        self._writer: PostingFileWriter | None = None
+        self._writer_size = -1
         # Inside a fused unit of work: actions that must come after its tracking range.
         self._deferred: list[Callable[[], object]] | None = None
 
@@ -546,7 +548,24 @@ class Pipeline:
         """Append posted entries to the bank's posting file (batches, fsync, idempotent)."""
         if self.posting_file is None:
             return 0
-        return export_outbox(self.conn, PostingFileWriter(self.posting_file))
+        writer = self._posting_writer()
+        try:
+            written = export_outbox(self.conn, writer)
+        except BaseException:
+            self._writer = None  # reopen (and recover the file's tail) next time
+            raise
+        self._writer_size = _file_size(self.posting_file)
+        return written
+
+    def _posting_writer(self) -> PostingFileWriter:
+        """The posting file's writer, kept between exports: opening one scans the whole file
+        (its batch ids), which made periodic exports quadratic in the file's size (measured:
+        0.4 s per open at 1M records; 200 opens in a 1M near-realtime run). Reopened whenever
+        the file is not as this writer left it (another writer, e.g. `paypost reconcile`)."""
+        assert self.posting_file is not None
+        if self._writer is None or _file_size(self.posting_file) != self._writer_size:
+            self._writer = PostingFileWriter(self.posting_file)
+        return self._writer
 
     def counters(self) -> dict[str, int]:
         return read_counters(self.conn)
@@ -654,6 +673,13 @@ def _count(events: Iterable[Event], counts: dict[str, int]) -> None:
         elif e.detail_type in flags:
             key = f"flag:{e.detail_type}"
             counts[key] = counts.get(key, 0) + 1
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ def bench(
             "--shards",
             min=0,
             help="Worker processes, each with its own SQLite database holding whole tenants "
-            "(0: one per CPU core).",
+            "(0: one per tenant).",
         ),
     ] = 0,
     latency_rate: Annotated[
