@@ -339,7 +339,7 @@ class NatsBus(Bus):
             # nats-py retries a first connect forever when reconnects are unlimited: probe
             await _probe(self.nats_url)
             return await nats.connect(
-                self.nats_url,
+                servers=[u.strip() for u in self.nats_url.split(",") if u.strip()],
                 connect_timeout=3,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
