@@ -143,9 +143,10 @@ def wait_jetstream(url: str, timeout: float = 30.0) -> None:
 
 
 def spawn_workers(
-    settings: DistributedSettings, tmp: Path, n: int
+    settings: DistributedSettings, tmp: Path, n: int, fused: bool = False
 ) -> list[subprocess.Popen[bytes]]:
-    """N `paypost serve --backend distributed` processes (each: one worker per stage)."""
+    """N `paypost serve --backend distributed` processes (each: one worker per stage, or
+    with FUSED the fused worker plus one per later stage)."""
     env = dict(os.environ)
     env.update(
         PAYPOST_BUS_URL=settings.bus_url,
@@ -162,6 +163,7 @@ def spawn_workers(
                 [
                     *(sys.executable, "-c", "from paypost.cli import main; main()", "serve"),
                     *("--backend", "distributed", "--data-dir", str(tmp / f"w{i}")),
+                    "--fused" if fused else "--per-stage",
                 ],
                 env=env,
                 stdout=log,
@@ -230,6 +232,7 @@ def run_pipeline(
     workers: int,
     fault: Callable[[list[subprocess.Popen[bytes]]], None] | None = None,
     fault_at: float = 0.25,
+    fused: bool = False,
 ) -> Outcome:
     """Ingest the generated inputs, let WORKERS processes post them, call FAULT once about
     FAULT_AT of the approved authorizations are terminal, wait for completion."""
@@ -248,7 +251,7 @@ def run_pipeline(
             master_key=KEY,
             in_process_workers=False,
         )
-        procs = spawn_workers(settings, tmp, workers)
+        procs = spawn_workers(settings, tmp, workers, fused)
         try:
             started = time.perf_counter()
             sources = [(s.config, s.path) for s in inputs.sources if s.path is not None]
@@ -339,6 +342,20 @@ def test_kill_9_one_worker_mid_run(
         procs[0].kill()  # SIGKILL: no cleanup, its leased batches come back after the lease
 
     assert_exactly_once(run_pipeline(s, tmp_path, workers=3, fault=kill_one), baseline)
+
+
+def test_kill_9_one_fused_worker_mid_run(
+    baseline: Outcome, nats_url: str, postgres_url: str, tmp_path: Path, cleanup: list[Any]
+) -> None:
+    """The fused worker (every stage in one transaction): same ledger after a kill -9."""
+    s = settings_for(nats_url, postgres_url)
+    cleanup.append(s)
+
+    def kill_one(procs: list[subprocess.Popen[bytes]]) -> None:
+        procs[1].kill()
+
+    outcome = run_pipeline(s, tmp_path, workers=2, fault=kill_one, fused=True)
+    assert_exactly_once(outcome, baseline)
 
 
 def test_nats_server_stopped_for_10_s_and_started_again(

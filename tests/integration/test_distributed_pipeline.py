@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from paypost.demo import demo_inputs
-from paypost.distributed.runtime import DistributedJob, DistributedSettings, load_settings
+from paypost.distributed.runtime import (
+    DistributedJob,
+    DistributedSettings,
+    destroy,
+    load_settings,
+)
 from paypost.pipeline import PipelineSettings
 from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
@@ -28,7 +33,9 @@ def settings(nats_url: str, postgres_url: str, pg_schema: str) -> Iterator[Distr
     bus.close()
 
 
-def make_job(settings: DistributedSettings, events: int, seed: int = 3) -> tuple[Any, Any]:
+def make_job(
+    settings: DistributedSettings, events: int, seed: int = 3, fused: bool = False
+) -> tuple[Any, Any]:
     cm = demo_inputs(events, KEY, seed=seed, mode="near-realtime")
     inputs = cm.__enter__()
     refdata = inputs.generated.refdata
@@ -42,6 +49,7 @@ def make_job(settings: DistributedSettings, events: int, seed: int = 3) -> tuple
         rules_source="<default>",
         pipeline_settings=PipelineSettings(mode="near-realtime"),
         master_key=KEY,
+        fused=fused,
     )
     return job, (cm, inputs)
 
@@ -65,6 +73,27 @@ def test_every_authorization_posted_once_with_a_zero_trial_balance(
     finally:
         job.close()
         cm.__exit__(None, None, None)
+
+
+def test_fused_workers_post_the_same_as_per_stage_workers(
+    settings: DistributedSettings, nats_url: str, postgres_url: str
+) -> None:
+    """`serve --fused`: every stage of a batch in one transaction; same outcome."""
+    outcomes = []
+    for fused, prefix in ((False, settings.prefix), (True, settings.prefix + "_f")):
+        s = DistributedSettings(bus_url=nats_url, db_url=postgres_url, prefix=prefix)
+        job, (cm, inputs) = make_job(s, 800, seed=9, fused=fused)
+        try:
+            rep = job.run([(x.config, x.path) for x in inputs.sources], timeout_s=120)
+            assert rep.complete and rep.trial_balance_zero
+            assert rep.posted == rep.journal_entries and rep.terminal() == rep.approved
+            outcomes.append((rep.approved, rep.posted, rep.held, rep.rejected))
+        finally:
+            job.close()
+            cm.__exit__(None, None, None)
+            if fused:
+                destroy(s)
+    assert outcomes[0] == outcomes[1]
 
 
 def test_settings_precedence_and_errors(tmp_path: Path) -> None:

@@ -539,12 +539,12 @@ class NatsBus(Bus):
     # -- transactions ----------------------------------------------------------------------
     @contextmanager
     def unit_of_work(self) -> Iterator[UnitOfWork]:
-        current: _NatsUnitOfWork | None = getattr(self._local, "uow", None)
+        current: NatsUnitOfWork | None = getattr(self._local, "uow", None)
         if current is not None:  # nested: join the outer unit of work
             yield current
             return
         conn = self.db()
-        uow = _NatsUnitOfWork(self, conn)
+        uow = NatsUnitOfWork(self, conn)
         self._local.uow = uow
         try:
             with conn.transaction():
@@ -834,7 +834,7 @@ class NatsBus(Bus):
                 )
             )
         with self.unit_of_work() as uow:
-            assert isinstance(uow, _NatsUnitOfWork)
+            assert isinstance(uow, NatsUnitOfWork)
             uow.rows.extend(rows)
         # only after the queue copies are published: drop the dead letters
         for d in chosen:
@@ -930,7 +930,7 @@ class NatsBus(Bus):
         def flush() -> None:
             if rows:
                 with self.unit_of_work() as uow:
-                    assert isinstance(uow, _NatsUnitOfWork)
+                    assert isinstance(uow, NatsUnitOfWork)
                     uow.rows.extend(rows)
                 rows.clear()
 
@@ -1070,7 +1070,7 @@ async def _ack_all(msgs: Iterable[Msg]) -> None:
         await m.ack()
 
 
-class _NatsUnitOfWork(UnitOfWork):
+class NatsUnitOfWork(UnitOfWork):
     def __init__(self, bus: NatsBus, conn: psycopg.Connection[Any]) -> None:
         self.bus = bus
         self.conn = conn
@@ -1131,6 +1131,20 @@ class _NatsUnitOfWork(UnitOfWork):
             log.warning("bus.ack_failed", error=repr(exc))
         for fn in self.callbacks:
             fn()
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: on an exception, the database changes AND the outbox rows
+        and counters added inside it are undone (the fused pipeline isolates a failing
+        stage with it)."""
+        rows, counts = len(self.rows), dict(self.counts)
+        try:
+            with self.conn.transaction():
+                yield
+        except BaseException:
+            del self.rows[rows:]
+            self.counts = counts
+            raise
 
     def _bump(self, name: str, n: int) -> None:
         if n:

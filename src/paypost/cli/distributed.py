@@ -109,8 +109,8 @@ def worker(
         str,
         typer.Option(
             "--stage",
-            help="dedup, standardize, enrich, rules, account-interface, assembler or "
-            "notifications.",
+            help="dedup, standardize, enrich, rules, account-interface, assembler, "
+            "notifications, or pipeline (all stages fused on the dedup queue).",
         ),
     ],
     concurrency: Annotated[
@@ -136,6 +136,14 @@ def worker(
 
 def serve(
     backend: BackendOption = "distributed",
+    fused: Annotated[
+        bool,
+        typer.Option(
+            "--fused/--per-stage",
+            help="--fused: one worker takes each authorization batch through every stage in "
+            "one transaction (fewer broker hops, faster); --per-stage: one worker per stage.",
+        ),
+    ] = False,
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", min=1, help="Batches in flight per stage.")
     ] = None,
@@ -146,14 +154,14 @@ def serve(
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
 ) -> None:
     """Run every stage's worker in this one process (distributed backend, for convenience)."""
-    from paypost.distributed.pipeline import WORKER_STAGES
+    from paypost.distributed.pipeline import serve_stages
 
     if check_backend(backend) != "distributed":
         raise UserError(
             "`paypost serve --backend embedded` is `paypost run` / `paypost demo`: the embedded "
             "pipeline runs inside the job. Use --backend distributed for workers."
         )
-    _serve_stages(WORKER_STAGES, concurrency, config, bus_url, db_url, prefix, data_dir)
+    _serve_stages(serve_stages(fused), concurrency, config, bus_url, db_url, prefix, data_dir)
 
 
 def register(app: typer.Typer) -> None:

@@ -26,7 +26,7 @@ from psycopg import sql
 
 from paypost.bus.consumer import Consumer, TokenBucket
 from paypost.bus.core import Delivery, UnitOfWork
-from paypost.bus.nats import NatsBus
+from paypost.bus.nats import NatsBus, NatsUnitOfWork
 from paypost.events import Event
 from paypost.ledger.model import Account
 from paypost.ledger.postgres import PostgresLedger
@@ -59,8 +59,20 @@ from . import state
 
 log = get_logger("paypost.distributed")
 
-#: what `paypost worker --stage` accepts: the stages plus the alert channel
-WORKER_STAGES: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS)
+#: the fused worker: consumes the dedup queue and runs every stage in one unit of work
+FUSED = "pipeline"
+
+#: what `paypost worker --stage` accepts: the stages, the alert channel, the fused worker
+WORKER_STAGES: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS, FUSED)
+
+#: the workers `paypost serve` runs: one per stage (`--fused`: FUSED replaces DEDUP's)
+PER_STAGE: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS)
+
+
+def serve_stages(fused: bool) -> tuple[str, ...]:
+    """The workers of `paypost serve`: one per stage, or the fused worker on the dedup queue
+    plus one per later stage (those take only what the fused worker hands off: retries)."""
+    return (FUSED, *PER_STAGE[1:]) if fused else PER_STAGE
 
 
 class DistributedPipeline:
@@ -162,6 +174,8 @@ class DistributedPipeline:
     # -- consumers -------------------------------------------------------------------------
     def stage_consumer(self, name: str, concurrency: int | None = None) -> Consumer:
         """A durable consumer of stage NAME (`paypost worker --stage NAME`)."""
+        if name == FUSED:
+            return self.fused_consumer(concurrency)
         if name == NOTIFICATIONS:
             consumer = self.notifications_consumer()
         else:
@@ -180,6 +194,64 @@ class DistributedPipeline:
         if concurrency is not None:
             consumer.config = msgspec.structs.replace(consumer.config, concurrency=concurrency)
         return consumer
+
+    def fused_consumer(self, concurrency: int | None = None) -> Consumer:
+        """A consumer of the dedup queue that runs EVERY stage on its batch in ONE unit of
+        work (the embedded pipeline's fused dispatch, on PostgreSQL): downstream events are
+        archived but skip the queue round trip. A stage that fails on an event hands that
+        event to the stage's durable queue (retries, DLQ), where per-stage workers take it.
+        It shares the dedup stage's tracking record, so an event is processed once whether
+        a fused or a dedup worker takes it."""
+        inline = frozenset(self.handlers)
+        schema = self.state_schema
+
+        def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
+            assert isinstance(uow, NatsUnitOfWork)
+            counts: dict[str, int] = {}
+            pending: dict[str, list[Event]] = {DEDUP: [d.event for d in deliveries]}
+            while pending:
+                produced: dict[str, list[Event]] = {}
+                for name in STAGE_ORDER:
+                    events = pending.pop(name, None)
+                    if not events:
+                        continue
+                    outputs = self._run_isolated(uow, name, events)
+                    if not outputs:
+                        continue
+                    _count(outputs, counts)
+                    result = uow.publish(outputs, dedup=False, inline=inline)
+                    for target, evs in result.inline.items():
+                        produced.setdefault(target, []).extend(evs)
+                pending = produced
+            state.bump_counters(uow.conn, schema, counts)
+
+        consumer = Consumer(self.bus, DEDUP, handle, name=DEDUP, sleep=self.sleep)
+        if concurrency is not None:
+            consumer.config = msgspec.structs.replace(consumer.config, concurrency=concurrency)
+        return consumer
+
+    def _run_isolated(self, uow: NatsUnitOfWork, name: str, events: list[Event]) -> list[Event]:
+        handler = self.handlers[name]
+        try:
+            with uow.savepoint():
+                return handler(events, uow)
+        except Exception as exc:
+            log.warning("stage.batch_failed", stage=name, events=len(events), error=repr(exc))
+        outputs: list[Event] = []
+        for event in events:
+            try:
+                with uow.savepoint():
+                    outputs += handler([event], uow)
+            except Exception as exc:
+                log.error(
+                    "stage.event_failed",
+                    stage=name,
+                    event_id=event.id,
+                    tenant=event.tenant,
+                    error=repr(exc),
+                )
+                uow.publish([event], dedup=False, only={name})  # its durable queue
+        return outputs
 
     def notifications_consumer(self) -> Consumer:
         def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:

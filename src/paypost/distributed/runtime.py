@@ -32,7 +32,7 @@ from paypost.stages import ingest as ingest_stage
 from paypost.stages.rules import RuleBook, parse_rules, variables_from_tenants
 
 from . import state
-from .pipeline import WORKER_STAGES, DistributedPipeline
+from .pipeline import WORKER_STAGES, DistributedPipeline, serve_stages
 
 log = get_logger("paypost.distributed")
 
@@ -349,6 +349,7 @@ class DistributedJob:
     pipeline_settings: PipelineSettings
     master_key: bytes
     in_process_workers: bool = True
+    fused: bool = False
     workers: WorkerSet | None = None
 
     def __post_init__(self) -> None:
@@ -379,7 +380,7 @@ class DistributedJob:
             worker_pipeline = DistributedPipeline(
                 worker_bus, self.refdata, self.rulebook, self.pipeline_settings
             )
-            self.workers = WorkerSet(worker_pipeline, WORKER_STAGES).start()
+            self.workers = WorkerSet(worker_pipeline, serve_stages(self.fused)).start()
         before = self.pipeline.ingest_totals()["approved"]
         ingest_sources(self.pipeline, sources, self.keys, on_batch)
         this_run = self.pipeline.ingest_totals()["approved"] - before
