@@ -498,9 +498,10 @@ class PacedReader:
 
     def batches(self, final: bool = False) -> Iterator[ingest_stage.IngestBatch]:
         for batch in self.inner.batches(final=final):
-            if self.schedule.records >= self.stop_after:
+            if self.schedule.authorizations >= self.stop_after:
                 return
-            due = self.schedule.next_due(batch.counts.records)
+            c = batch.counts  # authorizations (a record is a log line: request or response)
+            due = self.schedule.next_due(c.approved + c.declined + c.timed_out + c.quarantined)
             wait = due - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
@@ -512,12 +513,13 @@ class PacedReader:
 class _Schedule:
     rate: float
     start: float
-    records: int = 0
+    authorizations: int = 0
     due: list[float] = field(default_factory=list)
 
     def next_due(self, n: int) -> float:
-        at = self.start + self.records / self.rate
-        self.records += n
+        """When a batch of N authorizations is due: after the ones before it."""
+        at = self.start + self.authorizations / self.rate
+        self.authorizations += n
         return at
 
 
@@ -533,21 +535,26 @@ class LatencyRun:
         return percentile(self.latencies_ms, q)
 
 
-def run_latency(
-    data_dir: Path, master: bytes, seed: int, rate: float, seconds: float, scratch: Path
-) -> LatencyRun:
-    """Realtime mode at RATE authorizations/s for SECONDS (module docs, step 4)."""
+def latency_shard(
+    data_dir: Path,
+    sources: Sequence[Source],
+    refdata_events: int,
+    master: bytes,
+    seed: int,
+    rate: float,
+    wanted: int,
+    *,
+    ready: Callable[[], None] = lambda: None,
+) -> tuple[list[float], float, list[str]]:
+    """One shard of the latency run: SOURCES in realtime mode, paced to RATE authorizations/s
+    until WANTED of them; returns (latencies in ms, seconds, problems)."""
     from paypost.demo import demo_refdata
 
-    wanted = max(1, int(rate * seconds))
-    # ~4% declines: generate a little more and stop the schedule at WANTED records.
-    sources = generate_sources(
-        int(wanted * 1.1) + 50, master, seed + 1, "realtime", scratch, in_process=True
-    )
-    refdata = demo_refdata(int(wanted * 1.1) + 50, master, seed + 1).refdata
+    refdata = demo_refdata(refdata_events, master, seed).refdata
     job = Job(data_dir, refdata, bench_rulebook(refdata), PipelineSettings(mode="realtime"), master)
     latencies: list[float] = []
     try:
+        ready()
         schedule = _Schedule(rate=rate, start=time.perf_counter() + 0.05)
         totals = RunTotals()
 
@@ -558,7 +565,7 @@ def run_latency(
                 latencies.append((done - due) * 1000)
 
         for source in sources:
-            if schedule.records >= wanted:
+            if schedule.authorizations >= wanted:
                 break
             reader = ingest_stage.open_reader(source.config, job.keys, path=source.path)
             paced = PacedReader(reader, schedule, wanted)
@@ -572,7 +579,120 @@ def run_latency(
         _, problems = check_shard(job, totals, elapsed, "realtime")
     finally:
         job.close()
-    return LatencyRun(rate, len(latencies), elapsed, latencies, problems)
+    return latencies, elapsed, problems
+
+
+def _latency_process(
+    data_dir: str,
+    sources: list[tuple[bytes, str]],
+    refdata_events: int,
+    master: bytes,
+    seed: int,
+    rate: float,
+    wanted: int,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """Worker process entry point (spawned): one latency shard."""
+    from paypost.logs import configure_logging
+
+    log = Path(data_dir) / "logs"
+    log.mkdir(parents=True, exist_ok=True)
+    configure_logging("info", json=True, stream=(log / "paypost.jsonl").open("a"))
+    decoder = msgspec.json.Decoder(ingest_stage.SourceConfig)
+    srcs = [Source(config=decoder.decode(c), path=Path(p)) for c, p in sources]
+    try:
+        out = latency_shard(
+            Path(data_dir),
+            srcs,
+            refdata_events,
+            master,
+            seed,
+            rate,
+            wanted,
+            ready=lambda: barrier.wait(),
+        )
+        results.put(
+            msgspec.json.encode({"latencies": out[0], "seconds": out[1], "problems": out[2]})
+        )
+    except BaseException as exc:
+        barrier.abort()
+        results.put(msgspec.json.encode({"error": repr(exc)}))
+        raise
+
+
+def run_latency(
+    data_dir: Path,
+    master: bytes,
+    seed: int,
+    rate: float,
+    seconds: float,
+    scratch: Path,
+    shards: int = 0,
+) -> LatencyRun:
+    """Realtime mode at RATE authorizations/s in all for SECONDS (module docs, step 4),
+    sharded like the throughput run (SHARDS 0: one per tenant), the load split evenly."""
+    wanted = max(1, int(rate * seconds))
+    # Generate enough for the busiest tenant to reach its share (tenants are near equal).
+    refdata_events = int(wanted * 1.3) + 150
+    sources = generate_sources(
+        refdata_events, master, seed + 1, "realtime", scratch, in_process=True
+    )
+    groups = shard_sources(sources, shards or len({s.config.tenant for s in sources}))
+    share_rate = rate / len(groups)
+    share = max(1, wanted // len(groups))
+    if len(groups) == 1:
+        lat, secs, found = latency_shard(
+            data_dir, groups[0], refdata_events, master, seed + 1, share_rate, share
+        )
+        return LatencyRun(rate, len(lat), secs, lat, found)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(len(groups))
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_latency_process,
+            name=f"paypost-bench-latency-{i}",
+            args=(
+                str(data_dir / f"shard-{i}"),
+                [(msgspec.json.encode(s.config), str(s.path)) for s in group],
+                refdata_events,
+                master,
+                seed + 1,
+                share_rate,
+                share,
+                barrier,
+                results,
+            ),
+        )
+        for i, group in enumerate(groups)
+    ]
+    for p in procs:
+        p.start()
+    latencies: list[float] = []
+    problems: list[str] = []
+    longest = 0.0
+    deadline = time.monotonic() + 600 + seconds
+    pending = len(procs)
+    while pending:
+        try:
+            raw = msgspec.json.decode(results.get(timeout=0.2))
+        except Exception:  # queue.Empty
+            alive = any(p.is_alive() for p in procs)
+            if (not alive and results.empty()) or time.monotonic() > deadline:
+                problems.append("a latency shard process died without a report")
+                break
+            continue
+        pending -= 1
+        if "error" in raw:
+            problems.append(f"latency shard: {raw['error']}")
+            continue
+        latencies += raw["latencies"]
+        longest = max(longest, raw["seconds"])
+        problems += raw["problems"]
+    for p in procs:
+        p.join(timeout=60)
+    return LatencyRun(rate, len(latencies), longest, latencies, problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,7 +765,7 @@ class BenchOptions:
     batch_size: int | None = None
     shards: int = 0  # 0: one per tenant (whole tenants per shard, never more than tenants)
     seed: int = 7
-    latency_rate: float = 1000.0
+    latency_rate: float = 500.0
     latency_seconds: float = 3.0
     limit: bool = True
     data_dir: Path | None = None
@@ -729,6 +849,7 @@ def run_bench(
                 options.latency_rate,
                 options.latency_seconds,
                 upstream,
+                options.shards,
             )
             problems += [f"latency run: {p}" for p in latency.problems]
         per_auth_bytes = archived_bytes / approved if approved else 0.0

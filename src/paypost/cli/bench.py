@@ -62,8 +62,13 @@ def bench(
     ] = 0,
     latency_rate: Annotated[
         float,
-        typer.Option("--latency-rate", min=0, help="Offered load of the latency run, auth/s."),
-    ] = 1000.0,
+        typer.Option(
+            "--latency-rate",
+            min=0,
+            help="Offered load of the latency run, authorizations/s in all (split over the "
+            "shards).",
+        ),
+    ] = 500.0,
     latency_seconds: Annotated[
         float,
         typer.Option("--latency-seconds", min=0, help="Length of the latency run (0: skip it)."),
