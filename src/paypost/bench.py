@@ -789,6 +789,7 @@ def run_bench(
         )
     if options.events < 1:
         raise UserError("--events must be at least 1.")
+    commit = git_commit()  # of the code that runs (taken before anything else happens)
     master = os.urandom(BENCH_KEY_BYTES)
     own_dir = options.data_dir is None
     root = (
@@ -902,7 +903,7 @@ def run_bench(
             database_bytes=sum(r.database_bytes for r in reports),
             correct=not problems,
             problems=problems,
-            commit=git_commit(),
+            commit=commit,
             machine=model,
             cpus=ncpu,
             date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
