@@ -96,6 +96,47 @@ def test_fused_workers_post_the_same_as_per_stage_workers(
     assert outcomes[0] == outcomes[1]
 
 
+def test_fused_dedup_failure_is_retried_not_lost(settings: DistributedSettings) -> None:
+    """A dedup failure inside the fused worker (e.g. two workers racing on one business key)
+    must not hand the event back to the queue the fused worker itself tracks: it is retried
+    and processed, not skipped as already done."""
+    from paypost.distributed.pipeline import DEDUP, DistributedPipeline, serve_stages
+    from paypost.distributed.runtime import (
+        WorkerSet,
+        ingest_sources,
+        open_bus,
+        wait_for_completion,
+    )
+
+    job, (cm, inputs) = make_job(settings, 300, seed=4, fused=True)
+    job.in_process_workers = False
+    bus = open_bus(settings)
+    pipeline = DistributedPipeline(bus, job.refdata, job.rulebook, job.pipeline_settings)
+    real = pipeline.handlers[DEDUP]
+    failed: list[str] = []
+
+    def flaky(events: list[Any], uow: Any) -> list[Any]:
+        if len(failed) < 3:  # the first batch fails, then each of its first two events once
+            failed.append(events[0].id)
+            raise RuntimeError("duplicate key value violates unique constraint (simulated)")
+        return real(events, uow)
+
+    pipeline.handlers[DEDUP] = flaky
+    workers = WorkerSet(pipeline, serve_stages(True)).start()
+    try:
+        ingest_sources(job.pipeline, [(x.config, x.path) for x in inputs.sources], job.keys)
+        approved = job.pipeline.ingest_totals()["approved"]
+        rep = wait_for_completion(job.pipeline, 0.0, approved, timeout_s=90)
+        assert failed and rep.complete, rep
+        assert rep.terminal() == rep.approved and rep.posted == rep.journal_entries
+    finally:
+        workers.close()
+        pipeline.close()
+        bus.close()
+        job.close()
+        cm.__exit__(None, None, None)
+
+
 def test_settings_precedence_and_errors(tmp_path: Path) -> None:
     cfg = tmp_path / "paypost.yaml"
     cfg.write_text("bus_url: nats://file:4222\ndb_url: postgresql://file/db\nprefix: fromfile\n")

@@ -232,6 +232,13 @@ class DistributedPipeline:
 
     def _run_isolated(self, uow: NatsUnitOfWork, name: str, events: list[Event]) -> list[Event]:
         handler = self.handlers[name]
+        if name == DEDUP:
+            # The fused consumer IS the dedup queue's consumer: a hand-off to that queue would
+            # come back already in its tracking record and be skipped (lost). So a dedup
+            # failure fails the unit of work; the consumer retries event by event, then
+            # nacks the one that still fails (backoff, DLQ).
+            with uow.savepoint():
+                return handler(events, uow)
         try:
             with uow.savepoint():
                 return handler(events, uow)

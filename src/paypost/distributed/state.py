@@ -62,8 +62,8 @@ CREATE TABLE IF NOT EXISTS {s}.dedup_keys (
 CREATE TABLE IF NOT EXISTS {s}.dedup_events (
     id_key BIGINT PRIMARY KEY, id_check BIGINT NOT NULL, content_hash BIGINT NOT NULL,
     ts BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS {s}.dedup_watermarks (
-    tenant TEXT PRIMARY KEY, high_water BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.dedup_watermarks (tenant TEXT NOT NULL, high_water BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS dedup_watermarks_max ON {s}.dedup_watermarks (tenant, high_water);
 CREATE TABLE IF NOT EXISTS {s}.dedup_parked (
     seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,
     input_event_id TEXT NOT NULL, tenant TEXT NOT NULL, reason TEXT NOT NULL,
@@ -133,7 +133,8 @@ class PostgresDedupIndex:
             return {}
         rows = self.conn.execute(
             sql.SQL(
-                "SELECT tenant, high_water FROM {}.dedup_watermarks WHERE tenant = ANY(%s)"
+                "SELECT tenant, max(high_water) FROM {}.dedup_watermarks WHERE tenant = ANY(%s) "
+                "GROUP BY tenant"
             ).format(self.s),
             (list(tenants),),
         )
@@ -160,13 +161,13 @@ class PostgresDedupIndex:
                     effects.events,
                 )
             if effects.high_water:
+                # append-only marks, max() on read: an upserted row per tenant would be locked
+                # from the dedup stage to the commit and serialize every worker of the tenant
                 cur.executemany(
                     sql.SQL(
-                        "INSERT INTO {}.dedup_watermarks AS w (tenant, high_water) "
-                        "VALUES (%s, %s) ON CONFLICT (tenant) DO UPDATE SET high_water = "
-                        "GREATEST(w.high_water, excluded.high_water)"
+                        "INSERT INTO {}.dedup_watermarks (tenant, high_water) VALUES (%s, %s)"
                     ).format(s),
-                    sorted(effects.high_water.items()),  # one lock order: no deadlock
+                    list(effects.high_water.items()),
                 )
             if effects.parked:
                 cur.executemany(

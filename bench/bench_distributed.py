@@ -1,0 +1,128 @@
+"""Distributed throughput: generated authorizations → NATS JetStream + PostgreSQL → ledger.
+
+    .venv/bin/python bench/bench_distributed.py --events 50000 --workers 2 --fused
+
+Starts WORKERS `paypost serve --backend distributed` processes, ingests the generated logs
+(this process is the publisher), waits until every approved authorization is in a terminal
+state, checks the answer (complete, one journal entry per posted authorization, zero trial
+balance) BEFORE printing any figure, then deletes the run's streams and schemas. Generation
+is not timed. Needs the services of docs/deployment.md (PAYPOST_BUS_URL, PAYPOST_DB_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+from paypost.demo import demo_inputs
+from paypost.distributed.runtime import (
+    DistributedJob,
+    destroy,
+    ingest_sources,
+    load_settings,
+    wait_for_completion,
+)
+from paypost.pipeline import PipelineSettings
+from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
+
+KEY = bytes(range(32))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    ap.add_argument("--fused", action="store_true", help="serve --fused")
+    ap.add_argument("--mode", default="batch")
+    args = ap.parse_args()
+    settings = load_settings(prefix=f"bench_{uuid.uuid4().hex[:8]}")
+    with demo_inputs(args.events, KEY, seed=1, mode=args.mode) as inputs:
+        refdata = inputs.generated.refdata
+        text = default_rules_text()
+        book = parse_rules(text, "<default>", variables_from_tenants(refdata.tenants.values()))
+        job = DistributedJob(
+            settings=settings,
+            refdata=refdata,
+            rulebook=book,
+            rules_text=text,
+            rules_source="<default>",
+            pipeline_settings=PipelineSettings(mode=args.mode),  # type: ignore[arg-type]
+            master_key=KEY,
+            in_process_workers=False,
+        )
+        env = dict(os.environ)
+        env.update(
+            PAYPOST_BUS_URL=settings.bus_url,
+            PAYPOST_DB_URL=settings.db_url,
+            PAYPOST_PREFIX=settings.prefix,
+            PAYPOST_VAULT_KEY=base64.b64encode(KEY).decode(),
+        )
+        logdir = Path("/tmp") / settings.prefix
+        logdir.mkdir(exist_ok=True)
+        procs = [
+            subprocess.Popen(
+                [
+                    *(sys.executable, "-c", "from paypost.cli import main; main()", "serve"),
+                    *("--backend", "distributed", "--data-dir", str(logdir / f"w{i}")),
+                    "--fused" if args.fused else "--per-stage",
+                ],
+                env=env,
+                stdout=(logdir / f"w{i}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(args.workers)
+        ]
+        peak = 0.0
+        try:
+            time.sleep(3)  # let the workers load the configuration (not timed)
+            started = time.perf_counter()
+            sources = [(s.config, s.path) for s in inputs.sources if s.path is not None]
+            ingest_sources(job.pipeline, sources, job.keys)
+            ingest_s = time.perf_counter() - started
+            approved = job.pipeline.ingest_totals()["approved"]
+
+            def on_poll(rep: object) -> None:
+                nonlocal peak
+                rss = sum(psutil.Process(p.pid).memory_info().rss for p in procs)
+                peak = max(peak, rss / 2**20)
+
+            rep = wait_for_completion(
+                job.pipeline, started, approved, timeout_s=3600, poll_s=1.0, on_poll=on_poll
+            )
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
+            job.close()
+        ok = (
+            rep.complete
+            and rep.trial_balance_zero
+            and rep.posted == rep.journal_entries
+            and rep.terminal() == rep.approved
+        )
+        destroy(settings)
+    if not ok:
+        print(f"WRONG ANSWER, no figure: {rep}")
+        sys.exit(1)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"events={args.events} approved={rep.approved} posted={rep.posted} "
+        f"workers={args.workers} fused={args.fused} mode={args.mode}\n"
+        f"ingest (publisher) {ingest_s:.1f} s; end to end {rep.seconds:.1f} s = "
+        f"{rep.approved / rep.seconds:,.0f} approved authorizations/s\n"
+        f"peak RSS: workers {peak:.0f} MB (sum), publisher {own:.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()
