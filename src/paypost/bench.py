@@ -271,6 +271,7 @@ def run_shard(
             sources, on_batch=lambda b, o, s: progress(b.counts.approved + b.counts.declined)
         )
         seconds = time.perf_counter() - started
+        peak = peak_rss_mb()  # the pipeline's peak: before the checks read the posting file
         summary, problems = check_shard(job, totals, seconds, settings.mode)
         archived, archived_bytes, on_disk = _storage_stats(job)
         return ShardReport(
@@ -281,7 +282,7 @@ def run_shard(
             records=totals.records,
             stage_per_event_us={n: m.per_event_us for n, m in job.pipeline.metrics.items()},
             latency=totals.batch_latency_s,
-            peak_rss_mb=peak_rss_mb(),
+            peak_rss_mb=peak,
             archived_events=archived,
             archived_bytes=archived_bytes,
             database_bytes=on_disk,
@@ -338,45 +339,17 @@ def _shard_process(
         raise
 
 
-class RssSampler:
-    """Peak resident memory of this process and its children (sum), sampled every 100 ms."""
-
-    def __init__(self, interval_s: float = 0.1) -> None:
-        self.interval_s = interval_s
-        self.peak_total = 0.0
-        self.peak_single = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def sample(self) -> None:
-        me = psutil.Process()
-        total = 0.0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                rss = p.memory_info().rss / (1024 * 1024)
-            except psutil.Error:
-                continue
-            total += rss
-            self.peak_single = max(self.peak_single, rss)
-        self.peak_total = max(self.peak_total, total)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
+def _rss_mb() -> float:
+    rss: float = psutil.Process().memory_info().rss / (1024 * 1024)
+    return rss
 
 
 @dataclass
 class ThroughputRun:
     seconds: float
     reports: list[ShardReport]
+    #: sum over the shard processes of their peak RSS while running, plus this process's
+    #: RSS: an upper bound of the peak of the sum
     peak_rss_total_mb: float
     peak_rss_single_mb: float
 
@@ -397,21 +370,18 @@ def run_throughput(
     """Run SOURCES through SHARDS shard processes (module docs, step 2)."""
     groups = shard_sources(sources, shards)
     if in_process and len(groups) == 1:
-        with RssSampler() as rss:
-            started = time.perf_counter()
-            report = run_shard(
-                0,
-                data_dir / "shard-0",
-                groups[0],
-                events,
-                master,
-                seed,
-                settings,
-                progress=progress,
-                cache_mb=cache_mb,
-            )
-            seconds = time.perf_counter() - started
-        return ThroughputRun(seconds, [report], rss.peak_total, rss.peak_single)
+        report = run_shard(
+            0,
+            data_dir / "shard-0",
+            groups[0],
+            events,
+            master,
+            seed,
+            settings,
+            progress=progress,
+            cache_mb=cache_mb,
+        )
+        return ThroughputRun(report.seconds, [report], report.peak_rss_mb, report.peak_rss_mb)
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(groups) + 1)
     counter = ctx.Value("q", 0)
@@ -441,42 +411,44 @@ def run_throughput(
         p.start()
     reports: list[ShardReport] = []
     errors: list[str] = []
-    with RssSampler() as rss:
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=600)
-        seen = 0
-        pending = len(procs)
-        while pending:
-            try:
-                blob_out = results.get(timeout=0.2)
-            except Exception:  # queue.Empty
-                if not any(p.is_alive() for p in procs) and results.empty():
-                    errors.append("a shard process died without a report")
-                    break
-                blob_out = None
-            now_seen = counter.value
-            if now_seen != seen:
-                progress(now_seen - seen)
-                seen = now_seen
-            if blob_out is None:
-                continue
-            pending -= 1
-            raw = msgspec.json.decode(blob_out)
-            if "error" in raw:
-                errors.append(f"shard {raw['shard']}: {raw['error']}")
-                continue
-            report = msgspec.convert(raw, ShardReport)
-            reports.append(report)
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait(timeout=600)
+    seen = 0
+    pending = len(procs)
+    while pending:
+        try:
+            blob_out = results.get(timeout=0.2)
+        except Exception:  # queue.Empty
+            if not any(p.is_alive() for p in procs) and results.empty():
+                errors.append("a shard process died without a report")
+                break
+            blob_out = None
         now_seen = counter.value
         if now_seen != seen:
             progress(now_seen - seen)
+            seen = now_seen
+        if blob_out is None:
+            continue
+        pending -= 1
+        raw = msgspec.json.decode(blob_out)
+        if "error" in raw:
+            errors.append(f"shard {raw['shard']}: {raw['error']}")
+            continue
+        report = msgspec.convert(raw, ShardReport)
+        reports.append(report)
+    now_seen = counter.value
+    if now_seen != seen:
+        progress(now_seen - seen)
     for p in procs:
         p.join(timeout=60)
     if errors:
         raise BenchFailed("; ".join(errors))
     seconds = max(r.seconds for r in reports)
     return ThroughputRun(
-        seconds, sorted(reports, key=lambda r: r.shard), rss.peak_total, rss.peak_single
+        seconds,
+        sorted(reports, key=lambda r: r.shard),
+        sum(r.peak_rss_mb for r in reports) + _rss_mb(),
+        max(r.peak_rss_mb for r in reports),
     )
 
 
@@ -870,7 +842,7 @@ def run_bench(
                 stage_samples.setdefault(n, []).extend(xs)
         p50 = {n: round(percentile(xs, 0.5), 2) for n, xs in stage_samples.items()}
         p99 = {n: round(percentile(xs, 0.99), 2) for n, xs in stage_samples.items()}
-        peak = max(run.peak_rss_total_mb, max(r.peak_rss_mb for r in reports))
+        peak = run.peak_rss_total_mb
         model, ncpu = machine()
         result = BenchResult(
             backend=options.backend,
@@ -891,9 +863,7 @@ def run_bench(
                 round(latency.events / latency.seconds, 1) if latency and latency.seconds else 0.0
             ),
             peak_rss_mb=round(peak, 1),
-            peak_rss_mb_per_process=round(
-                max(run.peak_rss_single_mb, max(r.peak_rss_mb for r in reports)), 1
-            ),
+            peak_rss_mb_per_process=round(run.peak_rss_single_mb, 1),
             limit_rows=options.events if options.limit else 0,
             limit_row_bytes=round(per_auth_bytes),
             limit_rows_per_second=round(limit_rps, 1),
