@@ -4,7 +4,10 @@ Same `Bus` interface and conformance suite as the embedded backends. Layout, per
 
 JetStream (all streams file-backed, `replicas` copies each):
 - `<P>_ARCHIVE`, subject `<p>.archive`: every published event once (limits retention,
-  `max_age` = the archive retention). Header `Paypost-Archived-At` holds the bus clock.
+  `max_age` = the archive retention), in SEGMENTS: one message per unit of work (up to 256
+  events / 512 KB each) listing (archive id, archived at by the bus clock, event). The
+  archive id is the event's `Nats-Msg-Id`; queue and DLQ copies name it in
+  `Paypost-Archive-Id`.
 - `<P>_QUEUE`, subjects `<p>.q.<target>`: the per-target durable queues (work-queue
   retention: a message leaves when acked). One durable pull consumer per target,
   `ack_wait` = the target's lease, `max_ack_pending` = its max_in_flight. Header
@@ -17,9 +20,10 @@ tracking records, counters (append-only deltas: no hot row shared by workers) an
 transactional OUTBOX.
 
 Routing is publisher-side: the publisher runs the compiled rules (`Router`, the same code as
-every backend) and writes one archive copy plus one queue copy per matched target. Per event
-that costs one routing evaluation in the publisher (an index lookup by detail-type; a full
-pattern match only for content filters) and 1 + k JetStream messages for k matched targets.
+every backend) and writes one queue copy per matched target, plus the event in its unit of
+work's archive segment. Per event that costs one routing evaluation in the publisher (an
+index lookup by detail-type; a full pattern match only for content filters), k JetStream
+messages for k matched targets, and its share of one archive segment message.
 
 Exactly-once in effect across NATS + PostgreSQL. A unit of work is ONE PostgreSQL transaction
 holding the stage's effects (`uow.conn`), its tracking record and the outbox rows of its
@@ -114,7 +118,8 @@ T = TypeVar("T")
 BUS_URL_SETTING = "PAYPOST_BUS_URL"
 DB_URL_SETTING = "PAYPOST_DB_URL"
 
-H_ARCHIVED_AT = "Paypost-Archived-At"
+H_ARCHIVED_AT = "Paypost-Archived-At"  # of a segment: its oldest event
+H_EVENTS = "Paypost-Events"  # events in an archive segment
 H_QUEUED_AT = "Paypost-Queued-At"
 H_ARCHIVE_ID = "Paypost-Archive-Id"  # the archive copy's Nats-Msg-Id
 H_ERROR = "Paypost-Error"
@@ -123,6 +128,7 @@ H_FIRST_AT = "Paypost-First-At"
 H_LAST_AT = "Paypost-Last-At"
 H_DEAD_AT = "Paypost-Dead-At"
 MSG_ID = "Nats-Msg-Id"
+POSITION_STRIDE = 1_000_000  # archive position = segment seq × stride + index in segment
 
 #: relay re-publish protection when the dedup window is longer (server memory per id)
 MAX_MSG_ID_WINDOW_S = 86400.0
@@ -221,6 +227,42 @@ class _OutRow:
     msg_id: str
     headers: dict[str, str]
     body: bytes
+
+
+SEGMENT_MAX_EVENTS = 256
+SEGMENT_MAX_BYTES = 512 * 1024  # JetStream's default max message size is 1 MB
+_segment_encoder = msgspec.msgpack.Encoder()
+_segment_decoder = msgspec.msgpack.Decoder(list[tuple[str, float, bytes]])
+
+
+@dataclass
+class _Segment:
+    """Archived events of one unit of work, published as ONE archive message (an archive
+    copy per event would cost a JetStream message each: ~50 µs of nats-py apiece, the
+    biggest cost of a fused batch). Entries: (archive id, archived at, encoded event)."""
+
+    id: str
+    entries: list[tuple[str, float, bytes]] = field(default_factory=list)
+    size: int = 0
+
+    def full(self, extra: int) -> bool:
+        return bool(self.entries) and (
+            len(self.entries) >= SEGMENT_MAX_EVENTS or self.size + extra > SEGMENT_MAX_BYTES
+        )
+
+    def add(self, entry_id: str, at: float, body: bytes) -> None:
+        self.entries.append((entry_id, at, body))
+        self.size += len(body) + len(entry_id) + 16
+
+    def row(self, subject: str) -> _OutRow:
+        oldest = min(at for _, at, _ in self.entries)
+        return _OutRow(
+            subject=subject,
+            queues=[],
+            msg_id=self.id,
+            headers={H_ARCHIVED_AT: _f(oldest), H_EVENTS: str(len(self.entries))},
+            body=_segment_encoder.encode(self.entries),
+        )
 
 
 @dataclass
@@ -556,27 +598,20 @@ class NatsBus(Bus):
 
     # -- relay -----------------------------------------------------------------------------
     async def _publish_rows(self, rows: Sequence[_OutRow]) -> list[bool]:
-        """Publish outbox rows; returns per row whether its archive copy was a duplicate."""
+        """Publish outbox rows (one message each); returns per row whether JetStream dropped
+        it as a duplicate of its Nats-Msg-Id."""
         js = self.js
 
-        # Async publishes (one shared reply inbox, acks collected as they come), archive and
-        # queue copies at once; a queue copy names its archive copy (Paypost-Archive-Id).
+        # Async publishes: one shared reply inbox, acks collected as they come.
         out: list[bool] = []
         for i in range(0, len(rows), 2000):
-            firsts: list[asyncio.Future[Any]] = []
-            rest: list[asyncio.Future[Any]] = []
+            futures: list[asyncio.Future[Any]] = []
             for row in rows[i : i + 2000]:
                 headers = dict(row.headers)
                 headers[MSG_ID] = row.msg_id
-                firsts.append(await js.publish_async(row.subject, row.body, headers=headers))
-                if row.queues:
-                    headers[H_ARCHIVE_ID] = row.msg_id
-                    for q in row.queues:
-                        # one queue stream for all targets: the msg id names the target too
-                        headers[MSG_ID] = f"{row.msg_id}>{q}"
-                        rest.append(await js.publish_async(q, row.body, headers=dict(headers)))
-            acks = await asyncio.wait_for(asyncio.gather(*firsts, *rest), 30)
-            out += [bool(a.duplicate) for a in acks[: len(firsts)]]
+                futures.append(await js.publish_async(row.subject, row.body, headers=headers))
+            acks = await asyncio.wait_for(asyncio.gather(*futures), 30)
+            out += [bool(a.duplicate) for a in acks]
         return out
 
     def relay(self, uow_id: int, rows: Sequence[_OutRow]) -> None:
@@ -888,25 +923,24 @@ class NatsBus(Bus):
                 self._run(sub.unsubscribe(), timeout=5)
 
     def _archived(self, start: float, end: float) -> Iterator[tuple[int, float, bytes, str]]:
-        """(archive seq, archived at, body, archive id) in [START, END) by the bus clock."""
-        for seq, _, headers, body, _ in self._scan(
-            self.archive_stream, self.archive_subject, start
-        ):
-            at = float(headers.get(H_ARCHIVED_AT, "0"))
-            if start <= at < end:
-                yield seq, at, body, headers.get(MSG_ID, "")
+        """(position, archived at, body, archive id) in [START, END) by the bus clock; the
+        position of the i-th event of archive segment `seq` is seq × 1,000,000 + i."""
+        for seq, _, _, body, _ in self._scan(self.archive_stream, self.archive_subject, start):
+            for i, (entry_id, at, event) in enumerate(_segment_decoder.decode(body)):
+                if start <= at < end:
+                    yield seq * POSITION_STRIDE + i, at, event, entry_id
 
     def archive(self, query: ArchiveQuery) -> Iterator[ArchivedEvent]:
         matcher = compile_pattern(query.pattern, "--pattern") if query.pattern is not None else None
-        for seq, at, body, _ in self._archived(query.start, query.end):
+        for pos, at, body, _ in self._archived(query.start, query.end):
             event = decode_event(body)
             if matcher is None or matcher.matches(event.to_dict()):
-                yield ArchivedEvent(position=seq, archived_at=at, event=event)
+                yield ArchivedEvent(position=pos, archived_at=at, event=event)
 
     def archive_count(self, start: float | None = None, end: float | None = None) -> int:
         if start is None and end is None:
-            info = self._run(self.js.stream_info(self.archive_stream))
-            return int(info.state.messages)
+            # counted in PostgreSQL with the outbox rows that carry them (and by purge)
+            return self.counters().get("archived", 0)
         lo = float("-inf") if start is None else start
         hi = float("inf") if end is None else end
         return sum(1 for _ in self._archived(lo, hi))
@@ -934,7 +968,7 @@ class NatsBus(Bus):
                     uow.rows.extend(rows)
                 rows.clear()
 
-        for seq, _, body, archive_id in self._archived(query.start, query.end):
+        for _, _, body, archive_id in self._archived(query.start, query.end):
             result.scanned += 1
             event = decode_event(body)
             if matcher is None or matcher.matches(event.to_dict()):
@@ -944,7 +978,7 @@ class NatsBus(Bus):
                         _OutRow(
                             subject=self.queue_subject(t),
                             queues=[],
-                            msg_id=f"{event.id}#replay.{nonce}.{seq}>{t}",
+                            msg_id=f"{archive_id}#replay.{nonce}>{t}",
                             headers={H_QUEUED_AT: _f(now), H_ARCHIVE_ID: archive_id},
                             body=body,
                         )
@@ -969,20 +1003,32 @@ class NatsBus(Bus):
             for _, _, h, _, _ in self._scan(self.dlq_stream, f"{self.prefix}.dlq.>")
         }
         referenced |= self._queued_archive_ids()
-        doomed = [
-            seq
-            for seq, _, headers, _, _ in self._scan(self.archive_stream, self.archive_subject)
-            if float(headers.get(H_ARCHIVED_AT, "0")) < cutoff
-            and headers.get(MSG_ID, "") not in referenced
-        ]
-        for seq in doomed:
+        dropped = 0
+        for seq, _, headers, body, _ in self._scan(self.archive_stream, self.archive_subject):
+            if float(headers.get(H_ARCHIVED_AT, "0")) >= cutoff:
+                continue
+            entries = _segment_decoder.decode(body)
+            kept = [e for e in entries if e[1] >= cutoff or e[0] in referenced]
+            if len(kept) == len(entries):
+                continue
+            if kept:  # rewrite the segment with what must stay (same archive ids)
+                seg = _Segment(f"{headers.get(MSG_ID, seq)}~{secrets.token_hex(4)}")
+                for e in kept:
+                    seg.add(*e)
+                self._run(self._publish_rows([seg.row(self.archive_subject)]))
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 self._run(self.js.delete_msg(self.archive_stream, seq))
+            dropped += len(entries) - len(kept)
+        if dropped:
+            self.db().execute(
+                sql.SQL("INSERT INTO {}.counters VALUES ('archived', %s)").format(self.s),
+                (-dropped,),
+            )
         window_start = (self.clock() if now is None else now) - self.config.effective_dedup_window_s
         self.db().execute(
             sql.SQL("DELETE FROM {}.seen WHERE at < %s").format(self.s), (window_start,)
         )
-        return len(doomed)
+        return dropped
 
     def _queued_archive_ids(self) -> set[str]:
         """Archive ids of every event still in a queue (direct gets: O(queued))."""
@@ -1076,6 +1122,7 @@ class NatsUnitOfWork(UnitOfWork):
         self.conn = conn
         self.id = secrets.randbits(62)
         self.rows: list[_OutRow] = []
+        self.segments: list[_Segment] = []
         self.counts: dict[str, int] = {}
         self.acks: dict[tuple[str, int], _Held] = {}
         self.naks: dict[tuple[str, int], tuple[_Held, float]] = {}
@@ -1085,6 +1132,10 @@ class NatsUnitOfWork(UnitOfWork):
     # -- write-behind: outbox rows and counters are inserted once, at the end ------------
     def flush(self) -> None:
         b = self.bus
+        if self.segments:
+            archived = sum(len(seg.entries) for seg in self.segments)
+            self._bump("archived", archived)
+            self.rows[:0] = [seg.row(b.archive_subject) for seg in self.segments]
         if self.rows:
             with (
                 self.conn.cursor() as cur,
@@ -1137,12 +1188,17 @@ class NatsUnitOfWork(UnitOfWork):
         """A nested transaction: on an exception, the database changes AND the outbox rows
         and counters added inside it are undone (the fused pipeline isolates a failing
         stage with it)."""
-        rows, counts = len(self.rows), dict(self.counts)
+        rows, counts, segments = len(self.rows), dict(self.counts), len(self.segments)
+        last = (len(self.segments[-1].entries), self.segments[-1].size) if self.segments else None
         try:
             with self.conn.transaction():
                 yield
         except BaseException:
             del self.rows[rows:]
+            del self.segments[segments:]
+            if last is not None:
+                del self.segments[-1].entries[last[0] :]
+                self.segments[-1].size = last[1]
             self.counts = counts
             raise
 
@@ -1204,6 +1260,14 @@ class NatsUnitOfWork(UnitOfWork):
 
         return self._route(keep, now, result, inline, only, msg_id)
 
+    def _archive(self, entry_id: str, at: float, body: bytes) -> None:
+        """Add one event to this unit of work's archive segments (see `_Segment`)."""
+        seg = self.segments[-1] if self.segments else None
+        if seg is None or seg.full(len(body)):
+            seg = _Segment(f"seg.{self.id:x}.{len(self.segments)}")
+            self.segments.append(seg)
+        seg.add(entry_id, at, body)
+
     def _route(
         self,
         batch: Sequence[PreparedEvent],
@@ -1216,8 +1280,10 @@ class NatsUnitOfWork(UnitOfWork):
         b = self.bus
         router = b.router()
         at = _f(now)
+        rows = self.rows
         for i, p in enumerate(batch):
-            queues = []
+            entry_id = msg_id(p, i)
+            self._archive(entry_id, now, p.body)
             for t in router.route(p.event):
                 if only is not None and t not in only:
                     continue
@@ -1225,16 +1291,17 @@ class NatsUnitOfWork(UnitOfWork):
                 if t in inline:
                     result.inline.setdefault(t, []).append(p.event)
                 else:
-                    queues.append(b.queue_subject(t))
-            self.rows.append(
-                _OutRow(
-                    subject=b.archive_subject,
-                    queues=queues,
-                    msg_id=msg_id(p, i),
-                    headers={H_ARCHIVED_AT: at, H_QUEUED_AT: at},
-                    body=p.body,
-                )
-            )
+                    q = b.queue_subject(t)
+                    # one queue stream for all targets: the msg id names the target too
+                    rows.append(
+                        _OutRow(
+                            subject=q,
+                            queues=[],
+                            msg_id=f"{entry_id}>{q}",
+                            headers={H_QUEUED_AT: at, H_ARCHIVE_ID: entry_id},
+                            body=p.body,
+                        )
+                    )
         for t, n in result.routed.items():
             self._bump(f"routed:{t}", n)
         return result
@@ -1243,16 +1310,19 @@ class NatsUnitOfWork(UnitOfWork):
         b = self.bus
         b.target(target)
         error = clean_error(error)
-        now = _f(b.clock())
+        clock = b.clock()
+        now = _f(clock)
         n = 0
         for p in prepare(events):
+            entry_id = f"{p.event.id}#dlq.{self.id:x}.{len(self.rows)}"
+            self._archive(entry_id, clock, p.body)
             self.rows.append(
                 _OutRow(
-                    subject=b.archive_subject,
-                    queues=[b.dlq_subject(target)],
-                    msg_id=f"{p.event.id}#dlq.{self.id:x}.{len(self.rows)}",
+                    subject=b.dlq_subject(target),
+                    queues=[],
+                    msg_id=f"{entry_id}>dlq",
                     headers={
-                        H_ARCHIVED_AT: now,
+                        H_ARCHIVE_ID: entry_id,
                         H_ERROR: error,
                         H_ATTEMPTS: "1",
                         H_FIRST_AT: now,
