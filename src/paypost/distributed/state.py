@@ -119,6 +119,14 @@ class PostgresDedupIndex:
     def seen_keys(self, keys: Collection[tuple[int, int]]) -> dict[int, KeySighting]:
         if not keys:
             return {}
+        # Two workers holding both copies of a duplicate would both find the key unseen and
+        # one would fail on the primary key (a whole-batch retry). A transaction-scoped
+        # advisory lock per business key, taken in key order (no deadlock), makes the
+        # second wait for the first's commit and then see its key: it parks the duplicate.
+        self.conn.execute(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS u(k)",
+            (sorted({k for _, k in keys}),),
+        )
         rows = self.conn.execute(
             sql.SQL(
                 "SELECT k.key, k.event_id, k.ts FROM unnest(%s::bigint[], %s::bigint[]) "
