@@ -25,7 +25,9 @@ What one run does, in order:
    (paypost authorizations/s ÷ limit rows/s) says how close paypost runs to its storage.
 
 Nothing here weakens durability or skips a stage: the bench drives the same `Job` as
-`paypost demo`.
+`paypost demo`. `--backend distributed` (`run_distributed`) publishes the same input into NATS
+JetStream and times fused `paypost serve --backend distributed` workers over PostgreSQL to the
+same checked answer (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -699,6 +701,153 @@ def storage_limit(path: Path, rows: int, row_bytes: int, batch: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# The distributed backend (NATS JetStream + PostgreSQL, DESIGN §4)
+
+
+@dataclass
+class DistributedRun:
+    seconds: float
+    approved: int
+    posted: int
+    workers: int
+    peak_rss_total_mb: float
+    peak_rss_single_mb: float
+    problems: list[str]
+
+
+def run_distributed(
+    root: Path,
+    sources: Sequence[Source],
+    events: int,
+    master: bytes,
+    seed: int,
+    settings: PipelineSettings,
+    workers: int,
+    *,
+    progress: Callable[[int], None] = lambda n: None,
+) -> DistributedRun:
+    """Ingest SOURCES into the distributed backbone and time them to posted: WORKERS
+    `paypost serve --backend distributed --fused` processes consume (each runs every stage of
+    a batch in one PostgreSQL transaction), this process publishes. Uses PAYPOST_BUS_URL /
+    PAYPOST_DB_URL (default: NATS and PostgreSQL on 127.0.0.1) under a fresh prefix that is
+    destroyed afterwards."""
+    import base64
+    import subprocess
+    import sys
+    import uuid
+
+    from paypost.demo import demo_refdata
+    from paypost.distributed.runtime import (
+        DistributedJob,
+        RunReport,
+        destroy,
+        ingest_sources,
+        load_settings,
+        wait_for_completion,
+    )
+
+    dsettings = load_settings(prefix=f"bench_{uuid.uuid4().hex[:8]}")
+    refdata = demo_refdata(events, master, seed).refdata
+    try:
+        job = DistributedJob(
+            settings=dsettings,
+            refdata=refdata,
+            rulebook=bench_rulebook(refdata),
+            rules_text=default_rules_text(),
+            rules_source="<default rules>",
+            pipeline_settings=settings,
+            master_key=master,
+            in_process_workers=False,
+        )
+    except Exception as exc:
+        raise UserError(
+            f"--backend distributed: cannot reach NATS JetStream / PostgreSQL ({exc!r}); start "
+            "them (docs/deployment.md) and set PAYPOST_BUS_URL / PAYPOST_DB_URL."
+        ) from None
+    env = dict(os.environ)
+    env.update(
+        PAYPOST_BUS_URL=dsettings.bus_url,
+        PAYPOST_DB_URL=dsettings.db_url,
+        PAYPOST_PREFIX=dsettings.prefix,
+        PAYPOST_VAULT_KEY=base64.b64encode(master).decode(),
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    peak_total = peak_single = 0.0
+    problems: list[str] = []
+    try:
+        for i in range(workers):
+            wdir = root / f"worker-{i}"
+            wdir.mkdir(parents=True, exist_ok=True)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *(sys.executable, "-c", "from paypost.cli import main; main()"),
+                        *("serve", "--backend", "distributed", "--fused"),
+                        *("--data-dir", str(wdir)),
+                    ],
+                    env=env,
+                    stdout=(wdir / "worker.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        time.sleep(3)  # the workers load the published configuration (not timed)
+        started = time.perf_counter()
+        ingest_sources(
+            job.pipeline,
+            [(s.config, s.path) for s in sources if s.path is not None],
+            job.keys,
+            on_batch=progress,
+        )
+        approved = job.pipeline.ingest_totals()["approved"]
+
+        def on_poll(rep: RunReport) -> None:
+            nonlocal peak_total, peak_single
+            sizes = []
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    sizes.append(psutil.Process(p.pid).memory_info().rss / 2**20)
+            peak_total = max(peak_total, sum(sizes) + _rss_mb())
+            peak_single = max([peak_single, *sizes])
+            for p in procs:
+                if p.poll() is not None:
+                    raise BenchFailed(
+                        f"a distributed worker exited with status {p.returncode}; see "
+                        f"{root}/worker-*/worker.log"
+                    )
+
+        rep = wait_for_completion(
+            job.pipeline, started, approved, timeout_s=3600, poll_s=0.5, on_poll=on_poll
+        )
+        seconds = time.perf_counter() - started
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        job.close()
+    try:
+        if not rep.complete:
+            problems.append(
+                f"not complete: {rep.terminal()} of {rep.approved} approved in a terminal "
+                f"state, {rep.in_flight} in flight"
+            )
+        if rep.dead_lettered:
+            problems.append(f"{rep.dead_lettered} dead-lettered")
+        if rep.journal_entries != rep.posted:
+            problems.append(f"{rep.journal_entries} journal entries for {rep.posted} posted")
+        if not rep.trial_balance_zero:
+            problems.append(f"trial balance is not zero: {rep.trial_balance}")
+    finally:
+        destroy(dsettings)
+    return DistributedRun(
+        seconds, rep.approved, rep.posted, workers, peak_total, peak_single, problems
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # The whole bench
 
 
@@ -754,11 +903,8 @@ def run_bench(
 ) -> BenchResult:
     """The whole bench (module docs). Raises BenchFailed only when it cannot run at all; a
     wrong answer comes back with `correct=False` and the problems."""
-    if options.backend != "embedded":
-        raise UserError(
-            f"--backend {options.backend}: the distributed backend (NATS JetStream + PostgreSQL, "
-            "DESIGN §4) has no pipeline runner yet; run `paypost bench --backend embedded`."
-        )
+    if options.backend not in BACKENDS:
+        raise UserError(f"--backend {options.backend!r}: use one of {', '.join(BACKENDS)}.")
     if options.events < 1:
         raise UserError("--events must be at least 1.")
     commit = git_commit()  # of the code that runs (taken before anything else happens)
@@ -791,6 +937,23 @@ def run_bench(
         # Default: one shard per tenant (whole tenants per shard; the OS spreads them).
         shards = options.shards or len({s.config.tenant for s in sources})
         on_phase("ingest → posted", options.events)
+        if options.backend == "distributed":
+            return _distributed_result(
+                options,
+                run_distributed(
+                    root,
+                    sources,
+                    options.events,
+                    master,
+                    options.seed,
+                    settings,
+                    options.shards or 2,
+                    progress=on_progress,
+                ),
+                commit,
+                own_dir,
+                root,
+            )
         run = run_throughput(
             root,
             sources,
@@ -890,6 +1053,53 @@ def run_bench(
         shutil.rmtree(upstream, ignore_errors=True)
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _distributed_result(
+    options: BenchOptions, run: DistributedRun, commit: str, own_dir: bool, root: Path
+) -> BenchResult:
+    """The distributed run's figures: per-stage times live in the workers' logs, and the
+    realtime latency run and the storage limit are embedded-only (reported as 0)."""
+    eps = run.approved / run.seconds if run.seconds > 0 else 0.0
+    model, ncpu = machine()
+    result = BenchResult(
+        backend="distributed",
+        mode=options.mode,
+        events=options.events,
+        approved=run.approved,
+        posted=run.posted,
+        seconds=round(run.seconds, 3),
+        events_per_second=round(eps, 1),
+        shards=run.workers,
+        stage_p50_us={},
+        stage_p99_us={},
+        e2e_latency_p50_ms=0.0,
+        e2e_latency_p99_ms=0.0,
+        latency_offered_per_second=0.0,
+        latency_events=0,
+        latency_achieved_per_second=0.0,
+        peak_rss_mb=round(run.peak_rss_total_mb, 1),
+        peak_rss_mb_per_process=round(run.peak_rss_single_mb, 1),
+        limit_rows=0,
+        limit_row_bytes=0,
+        limit_rows_per_second=0.0,
+        limit_ratio=0.0,
+        archived_events=0,
+        archived_bytes_per_authorization=0.0,
+        database_bytes=0,
+        correct=not run.problems,
+        problems=run.problems,
+        commit=commit,
+        machine=model,
+        cpus=ncpu,
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        data_dir="" if own_dir else str(root),
+    )
+    result.within_budget = {
+        "seconds": run.seconds * 1_000_000 / max(options.events, 1) <= 300.0,
+        "peak_rss": run.peak_rss_total_mb < BUDGET_PEAK_RSS_MB,
+    }
+    return result
 
 
 # --------------------------------------------------------------------------------------------

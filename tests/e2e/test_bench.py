@@ -91,9 +91,23 @@ def test_shards_hold_whole_tenants(tmp_path: Path) -> None:
     assert len(shard_sources(sources, 8)) == len(sources)  # never more shards than tenants
 
 
-def test_distributed_backend_says_what_it_needs() -> None:
-    with pytest.raises(UserError, match="distributed"):
-        run_bench(BenchOptions(events=10, backend="distributed"))
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(UserError, match="backend"):
+        run_bench(BenchOptions(events=10, backend="kafka"))
+
+
+def test_bench_distributed_is_correct(
+    tmp_path: Path, nats_url: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same harness over NATS JetStream + PostgreSQL (two fused worker processes)."""
+    monkeypatch.setenv("PAYPOST_BUS_URL", nats_url)
+    monkeypatch.setenv("PAYPOST_DB_URL", postgres_url)
+    result = run_bench(
+        BenchOptions(events=1500, backend="distributed", shards=2, data_dir=tmp_path / "b")
+    )
+    assert result.correct, result.problems
+    assert result.backend == "distributed" and result.shards == 2
+    assert 0.95 * result.approved < result.posted <= result.approved
 
 
 def test_cli_json_and_record(tmp_path: Path) -> None:

@@ -56,8 +56,8 @@ def bench(
         typer.Option(
             "--shards",
             min=0,
-            help="Worker processes, each with its own SQLite database holding whole tenants "
-            "(0: one per tenant).",
+            help="Embedded: shard processes, each with its own SQLite database holding whole "
+            "tenants (0: one per tenant). Distributed: fused worker processes (0: 2).",
         ),
     ] = 0,
     latency_rate: Annotated[
@@ -149,11 +149,14 @@ def bench(
     )
     current: list[TaskID] = []
 
-    def on_phase(phase: str, total: int | None) -> None:
+    def finish_phase() -> None:
         if current:
             task = current[-1]
             t = progress.tasks[task]
             progress.update(task, total=t.total or 1, completed=t.total or 1)
+
+    def on_phase(phase: str, total: int | None) -> None:
+        finish_phase()
         current.append(progress.add_task(phase, total=total))
 
     def on_progress(n: int) -> None:
@@ -162,7 +165,7 @@ def bench(
 
     with progress:
         result = run_bench(options, on_phase=on_phase, on_progress=on_progress)
-        on_phase("done", 1)
+        finish_phase()
     if record_to:
         record(result, RESULTS_FILE)
     if as_json:
@@ -212,6 +215,9 @@ def bench(
                 f"{result.commit} · {result.cpus} × {result.machine} · {result.date}",
             ),
         ]
+        if result.backend == "distributed":
+            skip = ("stage p50", "stage p99", "realtime latency", "storage limit", "archive")
+            rows = [r for r in rows if not r[0].startswith(skip)]
         for what, value in rows:
             table.add_row(what, value)
         console.print(table)
