@@ -68,3 +68,53 @@ def test_demo_distributed_posts_every_authorization(
         bus = NatsBus(nats_url, postgres_url, prefix=pg_schema, sweep=False)
         bus.destroy()
         bus.close()
+
+
+def test_cluster_stats_dead_letters_redrive_and_replay(
+    nats_url: str, postgres_url: str, pg_schema: str
+) -> None:
+    from paypost.bus import RetryPolicy, Rule, TargetConfig
+    from paypost.bus.nats import NatsBus
+    from paypost.events import TransactionHeld, new_event
+
+    env = {"PAYPOST_BUS_URL": nats_url, "PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}
+    bus = NatsBus(nats_url, postgres_url, prefix=pg_schema)
+    try:
+        bus.put_target(TargetConfig(name="holds", retry=RetryPolicy(max_attempts=1)))
+        bus.put_rule(Rule(name="h", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
+        events = [
+            new_event(
+                TransactionHeld(reason="review", stage="rules"),
+                source="paypost.test",
+                tenant="t1",
+                id=f"held-{i}",
+                time="2026-11-21T00:00:00.000Z",
+            )
+            for i in range(3)
+        ]
+        bus.publish(events)
+        bus.nack(bus.receive("holds", 1), "ValueError: account closed")
+
+        stats = runner.invoke(app, ["cluster", "stats", "--json"], env=env)
+        assert stats.exit_code == 0, stats.output
+        holds = {t["name"]: t for t in json.loads(stats.stdout)["targets"]}["holds"]
+        assert (holds["queued"], holds["dead_lettered"]) == (2, 1)
+
+        dead = runner.invoke(app, ["cluster", "dlq-list", "--json"], env=env)
+        (entry,) = json.loads(dead.stdout)
+        assert entry["error"] == "ValueError: account closed" and entry["target"] == "holds"
+
+        redrive = runner.invoke(app, ["cluster", "dlq-redrive", "--target", "holds"], env=env)
+        assert "redriven: 1" in redrive.stdout
+        assert bus.pending("holds") == 3
+
+        replay = runner.invoke(
+            app,
+            ["cluster", "replay", "--from", "2000-01-01", "--to", "2100-01-01", "--json"],
+            env=env,
+        )
+        assert json.loads(replay.stdout)["routed"] == {"holds": 3}
+        assert bus.pending("holds") == 6
+    finally:
+        bus.destroy()
+        bus.close()
