@@ -187,12 +187,16 @@ class StageMetrics:
     seconds: float = 0.0
     #: processing time per event of each batch (µs): batch time / batch size
     per_event_us: list[float] = field(default_factory=list)
+    #: the same in CPU time of the thread (not inflated when other processes share the cores)
+    cpu_per_event_us: list[float] = field(default_factory=list)
 
-    def add(self, n: int, seconds: float) -> None:
+    def add(self, n: int, seconds: float, cpu_seconds: float | None = None) -> None:
         if n:
             self.events += n
             self.seconds += seconds
             self.per_event_us.append(seconds * 1e6 / n)
+            if cpu_seconds is not None:
+                self.cpu_per_event_us.append(cpu_seconds * 1e6 / n)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -382,10 +386,13 @@ class Pipeline:
         metrics = self.metrics[name]
         conn = uow.conn
         started = time.perf_counter()
+        cpu_started = time.thread_time()
         try:
             with _savepoint(conn, "stage"):
                 outputs = handler(events, uow)
-            metrics.add(len(events), time.perf_counter() - started)
+            metrics.add(
+                len(events), time.perf_counter() - started, time.thread_time() - cpu_started
+            )
             return outputs
         except Exception as exc:
             log.warning("stage.batch_failed", stage=name, events=len(events), error=repr(exc))
@@ -405,7 +412,7 @@ class Pipeline:
                 )
                 self._later(partial(uow.publish, [event], dedup=False, only={name}))
                 outcome.handed_to_queue += 1
-        metrics.add(len(events), time.perf_counter() - started)
+        metrics.add(len(events), time.perf_counter() - started, time.thread_time() - cpu_started)
         return outputs
 
     def dispatch(self, uow: UnitOfWork, published: PublishResult, outcome: BatchOutcome) -> None:

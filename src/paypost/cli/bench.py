@@ -185,6 +185,7 @@ def bench(
             ),
             ("stage p50 per event", _us(result.stage_p50_us)),
             ("stage p99 per event", _us(result.stage_p99_us)),
+            ("stage p99 CPU per event", _us(result.stage_cpu_p99_us)),
             (
                 "realtime latency p50 / p99",
                 f"{result.e2e_latency_p50_ms:.2f} / {result.e2e_latency_p99_ms:.2f} ms at "
