@@ -119,6 +119,11 @@ def bench(
 
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    if record_to and not RESULTS_FILE.parent.is_dir():
+        raise UserError(
+            f"--record appends to {RESULTS_FILE}, but there is no {RESULTS_FILE.parent}/ "
+            "directory here; run it from the paypost repository's root."
+        )
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
     # The generated data holds expected alerts (e.g. ValidationFailed): shard workers log to
