@@ -62,6 +62,8 @@ def test_demo_distributed_posts_every_authorization(
         assert summary["every_approved_in_one_terminal_state"]
         assert summary["posted"] == summary["journal_entries"] > 0
         assert summary["trial_balance_zero"]
+        lines = (data_dir / "postings" / "postings.csv").read_text().splitlines()
+        assert sum(1 for line in lines if line.startswith("D,")) == summary["posted"]
     finally:
         from paypost.bus.nats import NatsBus
 

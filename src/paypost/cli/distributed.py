@@ -345,6 +345,7 @@ def run_distributed_job(
     as_json: bool,
     notices: list[str],
     external_workers: bool = False,
+    data_dir: Path | None = None,
 ) -> None:
     from paypost.distributed.runtime import DistributedJob, RunReport, load_settings
 
@@ -380,6 +381,10 @@ def run_distributed_job(
                 on_batch=lambda n: progress.advance(ingest, n),
                 on_poll=on_poll,
             )
+        if data_dir is not None:  # the bank's posting file, as on the embedded backend
+            path = data_dir / "postings" / "postings.csv"
+            exported = job.pipeline.export_postings(path)
+            notices.append(f"posting file: {path} ({exported:,} records appended)")
     finally:
         job.close()
     out: dict[str, Any] = rep.to_dict()

@@ -212,6 +212,7 @@ def demo(
                 total=events,
                 as_json=as_json,
                 notices=notices,
+                data_dir=data_dir,
             )
             return
         job = Job(data_dir, refdata, book, settings, master)
@@ -326,6 +327,7 @@ def run(
             total=0,
             as_json=as_json,
             notices=notices,
+            data_dir=data_dir,
         )
         return
     job = Job(data_dir, refdata, book, settings, master)

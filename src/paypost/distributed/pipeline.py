@@ -20,8 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import msgspec
+import psycopg
 from psycopg import sql
 
 from paypost.bus.consumer import Consumer, TokenBucket
@@ -52,6 +54,7 @@ from paypost.stages import dedup as dedup_stage
 from paypost.stages import ingest as ingest_stage
 from paypost.stages.enrich import enrich
 from paypost.stages.post import create_legs, internal_accounts
+from paypost.stages.posting_file import PostingFileWriter
 from paypost.stages.rules import RuleBook, apply_rules
 from paypost.stages.standardize import standardize
 
@@ -301,6 +304,15 @@ class DistributedPipeline:
             state.PostgresIngestStore(uow.conn, self.state_schema).apply(batch)
             result = uow.publish(batch.events, dedup=True)
         return result.published
+
+    # -- outputs ---------------------------------------------------------------------------
+    def export_postings(self, path: Path) -> int:
+        """Move committed posting records from PostgreSQL to the bank's posting file PATH
+        (claim, write + fsync, delete: idempotent by batch id). Run by one process (the
+        job); returns how many records were written."""
+        writer = PostingFileWriter(path)
+        with psycopg.connect(self.bus.db_url) as conn:
+            return posting_file_pg.export_outbox(conn, writer, schema=self.postings_schema)
 
     # -- observing a run -------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
