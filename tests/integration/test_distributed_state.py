@@ -125,3 +125,20 @@ def test_published_refdata_round_trips_with_holder_data_sealed(
     loaded = state.load_refdata(conn, pg_schema, cipher)
     assert loaded is not None and loaded.version_id == refdata.version_id
     assert loaded.accounts == refdata.accounts
+
+
+def test_prune_forgets_old_keys_and_late_ones_stay_safe(pg_index: Callable[[], Any]) -> None:
+    from paypost.stages.dedup import DedupConfig
+
+    auth = dedup_cases.auth_event
+    index = pg_index()
+    cfg = DedupConfig(window_seconds=60)
+    for ev in (
+        [auth(stan="1", at="2026-11-21T10:00:00Z")],
+        [auth(stan="2", at="2026-11-21T10:05:00Z")],
+    ):
+        result = check_duplicates(ev, index, cfg)
+        index.apply(result.effects)
+    assert state.prune_dedup(index.conn, index.schema, "uk-bank", 60) == 2
+    late = check_duplicates([auth(stan="1", at="2026-11-21T10:00:00Z", source_ref="b")], index, cfg)
+    assert late.outputs[0].detail["reason"] == "late"  # never accepted twice

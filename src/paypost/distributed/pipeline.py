@@ -293,6 +293,16 @@ class DistributedPipeline:
             )
         return len(result.dead_letters)
 
+    def prune_dedup(self) -> int:
+        """Forget dedup keys and ids outside every tenant's window (maintenance)."""
+        window = self.settings.dedup.window_seconds
+        conn = self.bus.db()
+        n = 0
+        for tenant in sorted(self.refdata.tenants):
+            with conn.transaction():
+                n += state.prune_dedup(conn, self.state_schema, tenant, window)
+        return n
+
     # -- ingest (the publisher) ------------------------------------------------------------
     def load_checkpoint(self, source: str) -> ingest_stage.Checkpoint | None:
         return state.PostgresIngestStore(self.bus.db(), self.state_schema).load_checkpoint(source)

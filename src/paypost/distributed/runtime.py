@@ -25,14 +25,14 @@ from paypost.bus.consumer import Consumer
 from paypost.bus.nats import NatsBus
 from paypost.config import UserError
 from paypost.logs import get_logger
-from paypost.pipeline import ASSEMBLER, STAGE_ORDER, Mode, PipelineSettings
+from paypost.pipeline import ASSEMBLER, DEDUP, STAGE_ORDER, Mode, PipelineSettings
 from paypost.refdata.model import RefData
 from paypost.refdata.store import HolderCipher
 from paypost.stages import ingest as ingest_stage
 from paypost.stages.rules import RuleBook, parse_rules, variables_from_tenants
 
 from . import state
-from .pipeline import WORKER_STAGES, DistributedPipeline, serve_stages
+from .pipeline import FUSED, WORKER_STAGES, DistributedPipeline, serve_stages
 
 log = get_logger("paypost.distributed")
 
@@ -179,27 +179,46 @@ class WorkerSet:
     threads: list[threading.Thread] = field(default_factory=list)
     consumers: dict[str, Consumer] = field(default_factory=dict)
     expire_every_s: float = 10.0
+    prune_every_s: float = 3600.0
+    _ticks: list[threading.Event] = field(default_factory=list)
 
     def start(self) -> WorkerSet:
         for stage in self.stages:
             consumer = self.pipeline.stage_consumer(stage, self.concurrency)
             self.consumers[stage] = consumer
-            t = threading.Thread(target=self._run, args=(stage, consumer), name=f"worker-{stage}")
+            tick = threading.Event()
+            self._ticks.append(tick)
+            t = threading.Thread(
+                target=self._run, args=(stage, consumer, tick), name=f"worker-{stage}"
+            )
             t.start()
             self.threads.append(t)
+        ticker = threading.Thread(target=self._tick, name="worker-ticker", daemon=True)
+        ticker.start()
         return self
 
-    def _run(self, stage: str, consumer: Consumer) -> None:
-        last_expire = time.monotonic()
+    def _tick(self) -> None:
+        """Every `expire_every_s` (and at stop), interrupt the consumers' loops so they can
+        run their periodic maintenance even when their queue is idle."""
+        while not self.stop.wait(self.expire_every_s):
+            for tick in self._ticks:
+                tick.set()
+        for tick in self._ticks:
+            tick.set()
+
+    def _run(self, stage: str, consumer: Consumer, tick: threading.Event) -> None:
+        last_prune = time.monotonic()
         while not self.stop.is_set():
             try:
-                if stage == ASSEMBLER:
-                    consumer.run(stop=self.stop, max_batches=200)
-                    if time.monotonic() - last_expire > self.expire_every_s:
-                        self.pipeline.expire_sequences()
-                        last_expire = time.monotonic()
-                else:
-                    consumer.run(stop=self.stop)
+                consumer.run(stop=tick)
+                tick.clear()
+                if self.stop.is_set():
+                    break
+                if stage == ASSEMBLER:  # posting sequences past their timeout (FR8)
+                    self.pipeline.expire_sequences()
+                elif stage in (DEDUP, FUSED) and time.monotonic() - last_prune > self.prune_every_s:
+                    self.pipeline.prune_dedup()
+                    last_prune = time.monotonic()
             except Exception as exc:
                 log.warning("worker.restart", stage=stage, error=repr(exc))
                 self.stop.wait(1.0)

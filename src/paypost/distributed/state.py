@@ -103,6 +103,7 @@ class PostgresDedupIndex:
 
     def __init__(self, conn: Conn, schema: str) -> None:
         self.conn = conn
+        self.schema = schema
         self.s = sql.Identifier(schema)
 
     def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]:
@@ -186,6 +187,42 @@ class PostgresDedupIndex:
                     ).format(s),
                     [_parked_row(ev) for ev in effects.parked],
                 )
+
+
+def prune_dedup(conn: Conn, schema: str, tenant: str, window_seconds: int) -> int:
+    """Forget TENANT's business keys older than its high-water mark minus the window, and
+    event ids older than every tenant's horizon; compact the tenant's watermark rows to one.
+    Safe for the same reason as the SQLite prune: such authorizations are parked as "late"
+    before any lookup. A maintenance step (workers run it periodically). Returns rows
+    deleted (keys and ids)."""
+    s = sql.Identifier(schema)
+    row = conn.execute(
+        sql.SQL("SELECT max(high_water) FROM {}.dedup_watermarks WHERE tenant = %s").format(s),
+        (tenant,),
+    ).fetchone()
+    if row is None or row[0] is None:
+        return 0
+    high = int(row[0])
+    n = conn.execute(
+        sql.SQL("DELETE FROM {}.dedup_keys WHERE tenant = %s AND ts < %s").format(s),
+        (tenant, high - window_seconds),
+    ).rowcount
+    low = conn.execute(
+        sql.SQL(
+            "SELECT min(h) FROM (SELECT max(high_water) AS h FROM {}.dedup_watermarks "
+            "GROUP BY tenant) AS t"
+        ).format(s)
+    ).fetchone()
+    if low is not None and low[0] is not None:
+        n += conn.execute(
+            sql.SQL("DELETE FROM {}.dedup_events WHERE ts < %s").format(s),
+            (int(low[0]) - window_seconds,),
+        ).rowcount
+    conn.execute(
+        sql.SQL("DELETE FROM {}.dedup_watermarks WHERE tenant = %s AND high_water < %s").format(s),
+        (tenant, high),
+    )
+    return n
 
 
 def count_parked(conn: Conn, schema: str) -> dict[str, int]:
