@@ -104,6 +104,10 @@ class BenchResult(msgspec.Struct, kw_only=True):
     database_bytes: int
     correct: bool
     problems: list[str] = msgspec.field(default_factory=list)
+    #: CPU (user + system, all shards) and storage writes per approved authorization: less
+    #: noisy than the wall clock on a shared machine
+    cpu_us_per_authorization: float = 0.0
+    written_bytes_per_authorization: float = 0.0
     #: per-stage CPU time per event (thread CPU: not inflated by other processes)
     stage_cpu_p50_us: dict[str, float] = msgspec.field(default_factory=dict)
     stage_cpu_p99_us: dict[str, float] = msgspec.field(default_factory=dict)
@@ -204,6 +208,9 @@ class ShardReport:
     archived_bytes: int
     database_bytes: int
     problems: list[str] = field(default_factory=list)
+    #: CPU seconds (user + system) and bytes written to storage during the run
+    cpu_seconds: float = 0.0
+    written_bytes: int = 0
 
 
 def check_shard(job: Job, totals: RunTotals, seconds: float, mode: str) -> tuple[Any, list[str]]:
@@ -272,11 +279,13 @@ def run_shard(
         job.bus.conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")
     try:
         ready()
+        cpu0, written0 = _cpu_and_written()
         started = time.perf_counter()
         totals, _ = job.run(
             sources, on_batch=lambda b, o, s: progress(b.counts.approved + b.counts.declined)
         )
         seconds = time.perf_counter() - started
+        cpu1, written1 = _cpu_and_written()
         peak = peak_rss_mb()  # the pipeline's peak: before the checks read the posting file
         summary, problems = check_shard(job, totals, seconds, settings.mode)
         archived, archived_bytes, on_disk = _storage_stats(job)
@@ -294,9 +303,23 @@ def run_shard(
             archived_bytes=archived_bytes,
             database_bytes=on_disk,
             problems=problems,
+            cpu_seconds=cpu1 - cpu0,
+            written_bytes=written1 - written0,
         )
     finally:
         job.close()
+
+
+def _cpu_and_written() -> tuple[float, int]:
+    """This process's CPU seconds (user + system, all threads) and bytes written so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        written = int(psutil.Process().io_counters().write_bytes)
+    except (psutil.Error, AttributeError):
+        written = 0
+    return ru.ru_utime + ru.ru_stime, written
 
 
 def _shard_process(
@@ -1046,6 +1069,12 @@ def run_bench(
             database_bytes=sum(r.database_bytes for r in reports),
             correct=not problems,
             problems=problems,
+            cpu_us_per_authorization=round(
+                sum(r.cpu_seconds for r in reports) * 1e6 / max(approved, 1), 1
+            ),
+            written_bytes_per_authorization=round(
+                sum(r.written_bytes for r in reports) / max(approved, 1), 1
+            ),
             stage_cpu_p50_us=cpu50,
             stage_cpu_p99_us=cpu99,
             commit=commit,

@@ -188,6 +188,11 @@ def bench(
                 f"{result.approved:,} approved of {result.events:,} in {result.seconds:.1f} s "
                 f"= {result.events_per_second:,.0f} authorizations/s",
             ),
+            (
+                "per authorization",
+                f"{result.cpu_us_per_authorization:,.0f} µs CPU, "
+                f"{result.written_bytes_per_authorization:,.0f} B written",
+            ),
             ("stage p50 per event", _us(result.stage_p50_us)),
             ("stage p99 per event", _us(result.stage_p99_us)),
             ("stage p99 CPU per event", _us(result.stage_cpu_p99_us)),
@@ -222,7 +227,14 @@ def bench(
             ),
         ]
         if result.backend == "distributed":
-            skip = ("stage p50", "stage p99", "realtime latency", "storage limit", "archive")
+            skip = (
+                "stage p50",
+                "stage p99",
+                "realtime latency",
+                "storage limit",
+                "archive",
+                "per authorization",
+            )
             rows = [r for r in rows if not r[0].startswith(skip)]
         for what, value in rows:
             table.add_row(what, value)
