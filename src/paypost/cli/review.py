@@ -18,7 +18,7 @@ from paypost.cli.common import DataDirOption, JsonOption, console, emit_json
 from paypost.config import DEFAULT_DATA_DIR, UserError
 
 app = typer.Typer(
-    help="Transactions held for review or rejected (with the stage and the reason).",
+    help="Transactions held for review or rejected, with the reason.",
     no_args_is_help=True,
 )
 
