@@ -72,7 +72,7 @@ def test_demo_distributed_posts_every_authorization(
         bus.close()
 
 
-def test_cluster_stats_dead_letters_redrive_and_replay(
+def test_bus_commands_on_the_distributed_backend(
     nats_url: str, postgres_url: str, pg_schema: str
 ) -> None:
     from paypost.bus import RetryPolicy, Rule, TargetConfig
@@ -97,22 +97,35 @@ def test_cluster_stats_dead_letters_redrive_and_replay(
         bus.publish(events)
         bus.nack(bus.receive("holds", 1), "ValueError: account closed")
 
-        stats = runner.invoke(app, ["cluster", "stats", "--json"], env=env)
+        stats = runner.invoke(app, ["bus", "--backend", "distributed", "stats", "--json"], env=env)
         assert stats.exit_code == 0, stats.output
-        holds = {t["name"]: t for t in json.loads(stats.stdout)["targets"]}["holds"]
+        doc = json.loads(stats.stdout)
+        holds = {t["name"]: t for t in doc["targets"]}["holds"]
+        assert doc["outbox"] == 0  # every committed output event is published
         assert (holds["queued"], holds["dead_lettered"]) == (2, 1)
 
-        dead = runner.invoke(app, ["cluster", "dlq-list", "--json"], env=env)
+        dead = runner.invoke(app, ["dlq", "--backend", "distributed", "list", "--json"], env=env)
         (entry,) = json.loads(dead.stdout)
         assert entry["error"] == "ValueError: account closed" and entry["target"] == "holds"
 
-        redrive = runner.invoke(app, ["cluster", "dlq-redrive", "--target", "holds"], env=env)
+        redrive = runner.invoke(
+            app, ["dlq", "--backend", "distributed", "redrive", "--target", "holds"], env=env
+        )
         assert "redriven: 1" in redrive.stdout
         assert bus.pending("holds") == 3
 
         replay = runner.invoke(
             app,
-            ["cluster", "replay", "--from", "2000-01-01", "--to", "2100-01-01", "--json"],
+            [
+                "replay",
+                "--backend",
+                "distributed",
+                "--from",
+                "2000-01-01",
+                "--to",
+                "2100-01-01",
+                "--json",
+            ],
             env=env,
         )
         assert json.loads(replay.stdout)["routed"] == {"holds": 3}

@@ -1,7 +1,8 @@
-"""`paypost dlq …`, `paypost replay`, `paypost bus …`: operate the embedded bus (docs/bus.md).
+"""`paypost dlq …`, `paypost replay`, `paypost bus …`: operate the bus (docs/bus.md).
 
-Thin entrypoints over `paypost.bus.sqlite.SqliteBus` on `<data-dir>/paypost.db`: parse,
-call, render (a rich table, or JSON with --json).
+Thin entrypoints over the `Bus` interface: the embedded `SqliteBus` on `<data-dir>/paypost.db`
+by default, or the distributed `NatsBus` with `--backend distributed` (docs/deployment.md):
+parse, call, render (a rich table, or JSON with --json).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -17,7 +19,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from paypost.bus.core import ArchiveQuery, BusConfig, DeadLetter, format_time, parse_time
+from paypost.bus.core import ArchiveQuery, Bus, BusConfig, DeadLetter, format_time, parse_time
 from paypost.bus.sqlite import DB_FILENAME, SqliteBus
 from paypost.cli.common import (
     DEFAULT_DATA_DIR_VALUE,
@@ -28,6 +30,14 @@ from paypost.cli.common import (
     err_console,
     fail,
     load_json_arg,
+)
+from paypost.cli.distributed import (
+    BackendOption,
+    BusUrlOption,
+    ConfigOption,
+    DbUrlOption,
+    PrefixOption,
+    check_backend,
 )
 from paypost.config import UserError
 
@@ -63,6 +73,37 @@ def register(app: typer.Typer) -> None:
     app.add_typer(bus_app, name="bus")
 
 
+@dataclass(frozen=True)
+class BusChoice:
+    """Which bus a command operates: embedded (the data dir) or distributed (NATS + PG)."""
+
+    backend: str = "embedded"
+    config: Path | None = None
+    bus_url: str | None = None
+    db_url: str | None = None
+    prefix: str | None = None
+
+
+def _choose(
+    ctx: typer.Context,
+    backend: BackendOption = "embedded",
+    config: ConfigOption = None,
+    bus_url: BusUrlOption = None,
+    db_url: DbUrlOption = None,
+    prefix: PrefixOption = None,
+) -> None:
+    """Options of the group (before the subcommand): which bus to operate."""
+    ctx.obj = BusChoice(check_backend(backend), config, bus_url, db_url, prefix)
+
+
+dlq_app.callback()(_choose)
+bus_app.callback()(_choose)
+
+
+def _choice(ctx: typer.Context) -> BusChoice:
+    return ctx.obj if isinstance(ctx.obj, BusChoice) else BusChoice()
+
+
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Print a UserError (bad time, pattern, target, ...) without a traceback, exit 2."""
 
@@ -77,14 +118,27 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 @contextmanager
-def open_bus(data_dir: Path, config: BusConfig | None = None) -> Iterator[SqliteBus]:
-    path = data_dir / DB_FILENAME
-    if not path.exists():
-        raise UserError(
-            f"no paypost database at {str(path)!r}. Pass --data-dir (or set PAYPOST_DATA_DIR) "
-            "to the directory the pipeline runs in."
+def open_bus(
+    data_dir: Path, config: BusConfig | None = None, choice: BusChoice | None = None
+) -> Iterator[Bus]:
+    bus: Bus
+    if choice is not None and choice.backend == "distributed":
+        from paypost.distributed.runtime import load_settings
+        from paypost.distributed.runtime import open_bus as open_distributed
+
+        settings = load_settings(
+            choice.config, bus_url=choice.bus_url, db_url=choice.db_url, prefix=choice.prefix
         )
-    bus = SqliteBus.open(data_dir, config)
+        bus = open_distributed(settings, sweep=False, **({"config": config} if config else {}))
+    else:
+        path = data_dir / DB_FILENAME
+        if not path.exists():
+            raise UserError(
+                f"no paypost database at {str(path)!r}. Pass --data-dir (or set "
+                "PAYPOST_DATA_DIR) to the directory the pipeline runs in, or --backend "
+                "distributed for the NATS + PostgreSQL bus."
+            )
+        bus = SqliteBus.open(data_dir, config)
     try:
         yield bus
     finally:
@@ -119,6 +173,7 @@ def _dead_json(d: DeadLetter) -> dict[str, Any]:
 @dlq_app.command("list")
 @user_errors
 def dlq_list(
+    ctx: typer.Context,
     target: TargetOption = None,
     pattern: PatternOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="Show at most this many.")] = 100,
@@ -126,7 +181,7 @@ def dlq_list(
     data_dir: DataDirOption = DEFAULT_DATA_DIR_VALUE,
 ) -> None:
     """List dead letters (oldest first): id, target, event, attempts, error."""
-    with open_bus(data_dir) as bus:
+    with open_bus(data_dir, choice=_choice(ctx)) as bus:
         dead = bus.dlq_list(target=target, pattern=_pattern(pattern), limit=limit)
     if json:
         emit_json([_dead_json(d) for d in dead])
@@ -171,12 +226,13 @@ def dlq_list(
 @dlq_app.command("show")
 @user_errors
 def dlq_show(
+    ctx: typer.Context,
     entry_id: Annotated[int, typer.Argument(help="Dead-letter id (from `paypost dlq list`).")],
     json: JsonOption = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR_VALUE,
 ) -> None:
     """Show one dead letter: the full event, the error and the attempt history."""
-    with open_bus(data_dir) as bus:
+    with open_bus(data_dir, choice=_choice(ctx)) as bus:
         dead = bus.dlq_get(entry_id)
     doc = _dead_json(dead)
     if json:
@@ -194,6 +250,7 @@ def dlq_show(
 @dlq_app.command("redrive")
 @user_errors
 def dlq_redrive(
+    ctx: typer.Context,
     target: TargetOption = None,
     pattern: PatternOption = None,
     ids: Annotated[
@@ -207,7 +264,7 @@ def dlq_redrive(
     Redrive once the cause is fixed (e.g. the account exists now). The consumer's tracking
     record makes a redriven event that was in fact processed a no-op.
     """
-    with open_bus(data_dir) as bus:
+    with open_bus(data_dir, choice=_choice(ctx)) as bus:
         n = bus.dlq_redrive(target=target, pattern=_pattern(pattern), ids=ids)
     if json:
         emit_json({"redriven": n})
@@ -243,6 +300,11 @@ def replay(
     ] = None,
     json: JsonOption = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR_VALUE,
+    backend: BackendOption = "embedded",
+    config: ConfigOption = None,
+    bus_url: BusUrlOption = None,
+    db_url: DbUrlOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
     """Re-deliver archived events (same ids) by time range and pattern.
 
@@ -252,7 +314,8 @@ def replay(
     query = ArchiveQuery(
         start=parse_time(start, "--from"), end=parse_time(end, "--to"), pattern=_pattern(pattern)
     )
-    with open_bus(data_dir) as bus:
+    choice = BusChoice(check_backend(backend), config, bus_url, db_url, prefix)
+    with open_bus(data_dir, choice=choice) as bus:
         if target is not None:
             bus.target(target)
         with Progress(
@@ -296,15 +359,20 @@ def replay(
 @bus_app.command("stats")
 @user_errors
 def bus_stats(
+    ctx: typer.Context,
     json: JsonOption = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR_VALUE,
 ) -> None:
     """Per target: queued, delayed (retry backoff), in flight, dead-lettered, routed; and the
     archive size, duplicates dropped and id conflicts."""
-    with open_bus(data_dir) as bus:
+    with open_bus(data_dir, choice=_choice(ctx)) as bus:
         stats = bus.stats()
+        outbox = bus.outbox_size() if hasattr(bus, "outbox_size") else None
     if json:
-        emit_json(stats)
+        doc = msgspec.to_builtins(stats)
+        if outbox is not None:
+            doc["outbox"] = outbox  # distributed: output events committed, not yet published
+        emit_json(doc)
         return
     table = Table("target", "queued", "delayed", "in flight", "dead-lettered", "routed total")
     for t in stats.targets:
@@ -319,7 +387,8 @@ def bus_stats(
     console.print(table)
     console.print(
         f"archived: {stats.archived}   duplicates dropped: {stats.duplicates_dropped}   "
-        f"id conflicts: {stats.id_conflicts}",
+        f"id conflicts: {stats.id_conflicts}"
+        + ("" if outbox is None else f"   outbox rows waiting: {outbox}"),
         highlight=False,
     )
 
@@ -327,12 +396,13 @@ def bus_stats(
 @bus_app.command("config")
 @user_errors
 def bus_config(
+    ctx: typer.Context,
     json: JsonOption = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR_VALUE,
 ) -> None:
     """The targets (batch size, linger, concurrency, rate limit, retry, lease) and the rules
     (name, pattern, target) stored in the database — what the pipeline runs."""
-    with open_bus(data_dir) as bus:
+    with open_bus(data_dir, choice=_choice(ctx)) as bus:
         targets, rules = bus.targets(), bus.rules()
     if json:
         emit_json({"targets": targets, "rules": rules})
@@ -362,6 +432,7 @@ def bus_config(
 @bus_app.command("purge")
 @user_errors
 def bus_purge(
+    ctx: typer.Context,
     retention_days: Annotated[
         float,
         typer.Option(
@@ -374,7 +445,7 @@ def bus_purge(
     """Apply archive retention. Events still queued or dead-lettered are always kept."""
     retention_s = retention_days * 86400.0
     config = BusConfig(archive_retention_s=retention_s, dedup_window_s=min(86400.0, retention_s))
-    with open_bus(data_dir, config) as bus:
+    with open_bus(data_dir, config, _choice(ctx)) as bus:
         n = bus.purge_archive()
     if json:
         emit_json({"purged": n})

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from paypost.cli.common import DataDirOption, JsonOption, console, emit_json, err_console
+from paypost.cli.common import DataDirOption, console, emit_json, err_console
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.pipeline import PipelineSettings
 from paypost.refdata.model import RefData
@@ -164,168 +164,11 @@ def serve(
     _serve_stages(serve_stages(fused), concurrency, config, bus_url, db_url, prefix, data_dir)
 
 
-# --------------------------------------------------------------------------------------------
-# `paypost cluster …`: looking into and operating the distributed bus
-
-cluster_app = typer.Typer(
-    help="The distributed bus (NATS JetStream + PostgreSQL): stats, dead letters, replay.",
-    no_args_is_help=True,
-)
-
-
-def _open(config: Path | None, bus_url: str | None, db_url: str | None, prefix: str | None) -> Any:
-    from paypost.distributed.runtime import load_settings, open_bus
-
-    return open_bus(
-        load_settings(config, bus_url=bus_url, db_url=db_url, prefix=prefix), sweep=False
-    )
-
-
-@cluster_app.command("stats")
-def cluster_stats(
-    config: ConfigOption = None,
-    bus_url: BusUrlOption = None,
-    db_url: DbUrlOption = None,
-    prefix: PrefixOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Queue depth, in flight, delayed and dead letters per target; archive; outbox backlog."""
-    import msgspec
-
-    bus = _open(config, bus_url, db_url, prefix)
-    try:
-        stats = bus.stats()
-        outbox = bus.outbox_size()
-    finally:
-        bus.close()
-    if as_json:
-        out = msgspec.to_builtins(stats)
-        out["outbox"] = outbox
-        emit_json(out)
-        return
-    table = Table(title=f"bus {bus.prefix!r} on {bus.nats_url}")
-    for col in ("target", "queued", "in flight", "delayed", "dead letters", "routed"):
-        table.add_column(col, justify="left" if col == "target" else "right")
-    for t in stats.targets:
-        table.add_row(
-            t.name,
-            f"{t.queued:,}",
-            f"{t.in_flight:,}",
-            f"{t.delayed:,}",
-            f"{t.dead_lettered:,}",
-            f"{t.routed_total:,}",
-        )
-    console.print(table)
-    console.print(
-        f"archived {stats.archived:,} · duplicates dropped {stats.duplicates_dropped:,} · "
-        f"id conflicts {stats.id_conflicts:,} · outbox rows waiting {outbox:,}"
-    )
-
-
-@cluster_app.command("dlq-list")
-def cluster_dlq_list(
-    target: Annotated[str | None, typer.Option("--target", help="Only this target.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
-    config: ConfigOption = None,
-    bus_url: BusUrlOption = None,
-    db_url: DbUrlOption = None,
-    prefix: PrefixOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Dead letters with their reason, attempts and times (oldest first)."""
-    from paypost.bus.core import format_time
-
-    bus = _open(config, bus_url, db_url, prefix)
-    try:
-        dead = bus.dlq_list(target=target, limit=limit)
-    finally:
-        bus.close()
-    if as_json:
-        emit_json(dead)
-        return
-    table = Table(title="dead letters")
-    for col in ("id", "target", "event", "attempts", "dead-lettered", "error"):
-        table.add_column(col)
-    for d in dead:
-        table.add_row(
-            str(d.id),
-            d.target,
-            f"{d.event.detail_type} {d.event.id}",
-            str(d.attempts),
-            format_time(d.dead_lettered_at),
-            d.error,
-        )
-    console.print(table)
-
-
-@cluster_app.command("dlq-redrive")
-def cluster_dlq_redrive(
-    target: Annotated[str | None, typer.Option("--target", help="Only this target.")] = None,
-    ids: Annotated[list[int] | None, typer.Option("--id", help="Only these dead letters.")] = None,
-    config: ConfigOption = None,
-    bus_url: BusUrlOption = None,
-    db_url: DbUrlOption = None,
-    prefix: PrefixOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Put dead letters back on their target's queue (fresh attempt count)."""
-    bus = _open(config, bus_url, db_url, prefix)
-    try:
-        n = bus.dlq_redrive(target=target, ids=ids)
-    finally:
-        bus.close()
-    if as_json:
-        emit_json({"redriven": n})
-    else:
-        console.print(f"redriven: {n:,}")
-
-
-@cluster_app.command("replay")
-def cluster_replay(
-    start: Annotated[str, typer.Option("--from", help="RFC 3339 start (inclusive).")],
-    end: Annotated[str, typer.Option("--to", help="RFC 3339 end (exclusive).")],
-    target: Annotated[
-        str | None, typer.Option("--target", help="Only this target's rules (default: all).")
-    ] = None,
-    pattern: Annotated[
-        str | None, typer.Option("--pattern", help="Event pattern (JSON or a JSON file).")
-    ] = None,
-    config: ConfigOption = None,
-    bus_url: BusUrlOption = None,
-    db_url: DbUrlOption = None,
-    prefix: PrefixOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Re-route archived events (same ids) by time range × pattern; consumers' tracking
-    records make events they already processed no-ops."""
-    from paypost.bus.core import ArchiveQuery, parse_time
-    from paypost.cli.common import load_json_arg
-
-    query = ArchiveQuery(
-        start=parse_time(start, "--from"),
-        end=parse_time(end, "--to"),
-        pattern=load_json_arg(pattern, "--pattern") if pattern is not None else None,
-    )
-    bus = _open(config, bus_url, db_url, prefix)
-    try:
-        result = bus.replay(query, target=target)
-    finally:
-        bus.close()
-    if as_json:
-        emit_json(result)
-    else:
-        console.print(
-            f"scanned {result.scanned:,}, matched {result.matched:,}, routed "
-            + (", ".join(f"{k} {v:,}" for k, v in result.routed.items()) or "nowhere")
-        )
-
-
 def register(app: typer.Typer) -> None:
     names = {c.name for c in app.registered_commands}
     app.command("worker")(worker)
     if "serve" not in names:
         app.command("serve")(serve)
-    app.add_typer(cluster_app, name="cluster")
 
 
 # --------------------------------------------------------------------------------------------
