@@ -118,8 +118,9 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
 
-def wait_jetstream(url: str, timeout: float = 30.0) -> None:
-    """Until JetStream answers (a fresh cluster elects its meta leader first)."""
+def wait_jetstream(url: str, timeout: float = 30.0, replicas: int = 1) -> None:
+    """Until JetStream answers and can place a stream with REPLICAS replicas (a fresh cluster
+    elects its meta leader first, and learns its peers some time after that)."""
     import asyncio
 
     import nats
@@ -127,7 +128,12 @@ def wait_jetstream(url: str, timeout: float = 30.0) -> None:
     async def probe() -> None:
         nc = await nats.connect(servers=url.split(","), connect_timeout=2)
         try:
-            await nc.jetstream().account_info()
+            js = nc.jetstream()
+            await js.account_info()
+            if replicas > 1:
+                name = "PAYPOST_PLACEMENT_PROBE"
+                await js.add_stream(name=name, subjects=["paypost.probe"], num_replicas=replicas)
+                await js.delete_stream(name)
         finally:
             await nc.close()
 
@@ -394,7 +400,7 @@ def test_three_node_cluster_survives_losing_a_node(
         for node in nodes:
             node.start()
         url = ",".join(n.url for n in nodes)
-        wait_jetstream(url)
+        wait_jetstream(url, timeout=60.0, replicas=3)
         s = settings_for(url, postgres_url, replicas=3)
         cleanup.append(s)
 
