@@ -3,14 +3,23 @@ control totals and a trailer; idempotent by batch id, restart-safe, never a card
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import re
 import sqlite3
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from paypost.events import TransactionApproved, new_event
+from paypost.ledger.model import JournalEntry, Leg
+from paypost.money import Money
+from paypost.security.tokens import contains_pan
 from paypost.stages import assembler as asm
 from paypost.stages.assembler import MemoryLegStore, assemble
 from paypost.stages.post import create_legs
@@ -18,10 +27,15 @@ from paypost.stages.posting_file import (
     PostingFileError,
     PostingFileWriter,
     PostingRecord,
+    _lines_with_pan,
     add_to_outbox,
+    batch_totals,
     ensure_outbox_schema,
     export_outbox,
     read_batches,
+    record_for,
+    render_batch,
+    utc_millis,
 )
 
 
@@ -274,3 +288,254 @@ def test_postgres_outbox_exports_exactly_once_even_after_a_crash_between_claim_a
     refs = [d["reference"] for b in read_batches(path) for d in b["details"]]
     assert sorted(refs) == sorted([f"TX-{i}" for i in range(5)] + ["TX-20", "TX-21"])
     assert read_batches(path)[0]["batch_id"] == "pg-crashed"
+
+
+# --------------------------------------------------------------------------------------------
+# The fast paths taken for the budget (issue 7) give the very same bytes and answers as the
+# straightforward code they replace (kept below as the reference, as it was at 3aa5cff).
+
+_REF_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x85\x0b\x0c]+")
+
+
+def _ref_cell(value: Any) -> str:
+    return "" if value is None else _REF_LINE_BREAKS.sub(" ", str(value))
+
+
+def _ref_row(seq: int, r: PostingRecord) -> list[str]:
+    for account, *_ in r.legs:
+        if "|" in account:
+            raise ValueError(f"account id {account!r} contains '|'")
+    cells = [_ref_cell(getattr(r, f)) for f in ("iban", "sort_code", "account_number")]
+    rest = [
+        _ref_cell(getattr(r, f))
+        for f in (
+            "txn_amount_minor",
+            "txn_currency",
+            "fx_rate",
+            "fx_markup",
+            "fx_source",
+            "merchant_id",
+            "merchant_name",
+            "mcc",
+            "pan_masked",
+            "reference",
+            "description",
+        )
+    ]
+    legs = "|".join(f"{a}:{s}:{m}:{c}" for a, s, m, c in r.legs)
+    head = ["D", str(seq), r.entry_id, r.tenant, r.booked_at, r.value_date, r.account_id]
+    money = [r.side, str(r.amount_minor), r.currency, str(r.fee_minor)]
+    return head + cells + money + rest + [legs]
+
+
+def _ref_render(batch_id: str, recs: list[PostingRecord], created_at: str) -> str:
+    rows = [_ref_row(i + 1, r) for i, r in enumerate(recs)]
+    if contains_pan("\n".join(",".join(row[:7] + row[8:]) for row in rows)):
+        raise PostingFileError("a Luhn-valid card number")
+
+    def lines(rows: list[list[str]]) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(rows)
+        return buf.getvalue()
+
+    details = lines(rows)
+    digest = hashlib.sha256(details.encode("utf-8")).hexdigest()
+    controls = [
+        [
+            "C",
+            batch_id,
+            t.currency,
+            str(t.debit_legs),
+            str(t.debit_minor),
+            str(t.credit_legs),
+            str(t.credit_minor),
+        ]
+        for t in batch_totals(recs)
+    ]
+    return (
+        lines([["H", "PAYPOST-POSTINGS", "1", batch_id, created_at]])
+        + details
+        + lines(controls)
+        + lines([["T", batch_id, str(len(recs)), digest]])
+    )
+
+
+# Characters that make the csv module quote, that `_cell` replaces, non-ASCII ones, and the
+# digits, spaces and dashes a card number is made of.
+_TRICKY = st.text(
+    alphabet=list('ab ,"\r\n\u2028\u2029\x85\x0b\x0c\t\xa0é€:|0123456789-'), max_size=24
+)
+_OPTIONAL = st.none() | _TRICKY | st.sampled_from(["4111 1111 1111 1111", "GB74TMBK87100256180564"])
+
+
+@st.composite
+def _posting_records(draw: st.DrawFn) -> PostingRecord:
+    (rec,) = records(1, start=draw(st.integers(0, 50)))
+    fields = _fields(rec)
+    for name in (
+        "sort_code",
+        "account_number",
+        "txn_currency",
+        "fx_rate",
+        "fx_markup",
+        "fx_source",
+        "merchant_id",
+        "merchant_name",
+        "mcc",
+        "pan_masked",
+        "reference",
+        "description",
+    ):
+        fields[name] = draw(_OPTIONAL)
+    fields["iban"] = draw(
+        st.sampled_from([None, "GB74TMBK87100256180564", "DE89370400440532013000"])
+    )
+    fields["txn_amount_minor"] = draw(st.none() | st.integers(0, 10**12))
+    fields["entry_id"] = draw(st.sampled_from([rec.entry_id, "id,with comma", 'q"uote', "a\nb"]))
+    fields["account_id"] = draw(st.sampled_from([rec.account_id, "ACC:1", "x,y"]))
+    return PostingRecord(**fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_posting_records(), min_size=1, max_size=4))
+def test_fast_render_writes_the_same_bytes_and_refuses_the_same_batches(
+    recs: list[PostingRecord],
+) -> None:
+    try:
+        expected = _ref_render("B-1", recs, "2026-11-21T10:05:00Z")
+    except PostingFileError:
+        with pytest.raises(PostingFileError):
+            render_batch("B-1", recs, "2026-11-21T10:05:00Z")
+        return
+    assert render_batch("B-1", recs, "2026-11-21T10:05:00Z") == expected
+
+
+def test_fast_render_same_bytes_for_assembled_records() -> None:
+    recs = records(40, fx=True)
+    assert render_batch("B-1", recs, "t") == _ref_render("B-1", recs, "t")
+    bad = PostingRecord(**{**_fields(recs[0]), "legs": (("A|B", "D", 1, "GBP"),)})
+    with pytest.raises(ValueError, match=r"contains '\|'"):
+        render_batch("B-1", [bad], "t")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=list("0123456789 -,\né€ab"), max_size=120), st.integers(0, 120))
+def test_pan_line_scan_finds_exactly_what_contains_pan_finds(text: str, at: int) -> None:
+    for pan in ("", "4111111111111111", "4111 1111 1111 1111", "3782 822463 10005"):
+        t = text[:at] + pan + text[at:]
+        assert _lines_with_pan(t) == contains_pan(t)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+        ),
+    )
+)
+def test_utc_millis_is_isoformat_in_utc(t: datetime) -> None:
+    expected = t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert utc_millis(t) == expected
+
+
+def _ref_record_for(entry: JournalEntry) -> PostingRecord:
+    meta = entry.metadata
+    roles: list[Any] = list(meta.get("roles") or [])
+    customer_legs = [
+        leg for i, leg in enumerate(entry.legs) if i < len(roles) and roles[i] == "customer"
+    ]
+    main = customer_legs[0] if customer_legs else entry.legs[0]
+    fees = sum(
+        leg.amount.minor
+        for leg in customer_legs[1:]
+        if leg.amount.currency == main.amount.currency and leg.side == main.side
+    )
+    assert entry.booked_at is not None
+    booked = entry.booked_at
+    fx = meta.get("fx") or {}
+    amount = meta.get("amount") or {}
+    return PostingRecord(
+        entry_id=entry.id,
+        tenant=entry.tenant,
+        booked_at=booked.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        value_date=meta.get("value_date") or booked.astimezone(UTC).date().isoformat(),
+        account_id=main.account,
+        side="D" if main.side == "debit" else "C",
+        amount_minor=main.amount.minor,
+        currency=main.amount.currency,
+        fee_minor=fees,
+        iban=meta.get("iban"),
+        sort_code=meta.get("sort_code"),
+        account_number=meta.get("account_number"),
+        txn_amount_minor=amount.get("minor"),
+        txn_currency=amount.get("currency"),
+        fx_rate=fx.get("rate"),
+        fx_markup=fx.get("markup"),
+        fx_source=fx.get("source"),
+        merchant_id=meta.get("merchant_id"),
+        merchant_name=meta.get("merchant_name"),
+        mcc=meta.get("mcc"),
+        pan_masked=meta.get("pan_masked"),
+        reference=meta.get("transaction_ref"),
+        description=entry.description,
+        legs=tuple(
+            (
+                leg.account,
+                "D" if leg.side == "debit" else "C",
+                leg.amount.minor,
+                leg.amount.currency,
+            )
+            for leg in entry.legs
+        ),
+    )
+
+
+_ROLES = st.sampled_from(["customer", "settlement", "fees", None])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["debit", "credit"]),
+            st.integers(1, 10**6),
+            st.sampled_from(["GBP", "JPY"]),
+            _ROLES,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(0, 7),
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-3))])),
+    st.sampled_from([None, "2026-11-20"]),
+)
+def test_record_for_gives_the_same_record(
+    legs: list[tuple[str, int, str, str | None]],
+    n_roles: int,
+    booked: datetime,
+    value_date: str | None,
+) -> None:
+    metadata: dict[str, Any] = {
+        "roles": [role for *_, role in legs][:n_roles],
+        "value_date": value_date,
+        "amount": {"minor": 5, "currency": "JPY"},
+        "fx": {"rate": "0.0052", "markup": "0.01", "source": "ECB"},
+        "iban": "GB74TMBK87100256180564",
+        "merchant_name": "TESCO",
+        "transaction_ref": "TX-1",
+    }
+    entry = JournalEntry(
+        id="e-1",
+        tenant="uk-bank",
+        legs=tuple(
+            Leg(account=f"A-{i}", side=side, amount=Money(minor, cur))  # type: ignore[arg-type]
+            for i, (side, minor, cur, _) in enumerate(legs)
+        ),
+        booked_at=booked,
+        description="Card purchase",
+        metadata=metadata,
+    )
+    assert record_for(entry) == _ref_record_for(entry)
