@@ -62,3 +62,18 @@ def test_parked_cli_errors_name_the_problem(data_dir: Path) -> None:
     _park(data_dir)
     out = runner.invoke(app, ["parked", "show", "nope", "--data-dir", str(data_dir)])
     assert "no parked authorization" in str(out.exception)
+
+
+def test_distributed_backend_names_the_setting_when_postgres_is_unreachable() -> None:
+    from paypost.config import UserError
+
+    env = {"PAYPOST_DB_URL": "postgresql://postgres@127.0.0.1:1/paypost"}
+    for args in (
+        ["parked", "--backend", "distributed", "list"],
+        ["quarantine", "--backend", "distributed", "show", "1"],
+    ):
+        out = runner.invoke(app, args, env=env)
+        assert isinstance(out.exception, UserError), out.output  # the CLI prints it, exit 2
+        assert "PAYPOST_DB_URL=postgresql://postgres@127.0.0.1:1/paypost" in str(out.exception)
+    out = runner.invoke(app, ["parked", "--backend", "cluster", "list"])
+    assert "use one of embedded, distributed" in str(out.exception)

@@ -1,21 +1,32 @@
 """`paypost parked list|show`: the authorizations the duplicate check parked (FR3).
 
-Reads the `dedup_parked` table of the embedded database (DATA_DIR/paypost.db), read-only.
+Reads the `dedup_parked` table, read-only: of the embedded database (DATA_DIR/paypost.db) by
+default, or of the distributed pipeline's PostgreSQL state with `paypost parked --backend
+distributed` (PAYPOST_DB_URL, PAYPOST_PREFIX; docs/deployment.md). Same output either way.
 Parked records carry the masked PAN and the card token only, never a card number.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import typer
 from rich.table import Table
 
+from paypost.cli.bus import BusChoice
 from paypost.cli.common import DataDirOption, JsonOption, console, emit_json
+from paypost.cli.distributed import (
+    BackendOption,
+    ConfigOption,
+    DbUrlOption,
+    PrefixOption,
+    check_backend,
+)
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.money import Money
 from paypost.stages.dedup import (
@@ -41,6 +52,18 @@ ReasonOption = Annotated[
 ]
 
 
+@app.callback()
+def _choose(
+    ctx: typer.Context,
+    backend: BackendOption = "embedded",
+    config: ConfigOption = None,
+    db_url: DbUrlOption = None,
+    prefix: PrefixOption = None,
+) -> None:
+    """Options of the group (before the subcommand): which backend's records to read."""
+    ctx.obj = BusChoice(check_backend(backend), config, None, db_url, prefix)
+
+
 def _open(data_dir: Path) -> sqlite3.Connection:
     from paypost.bus.sqlite import DB_FILENAME
 
@@ -48,12 +71,73 @@ def _open(data_dir: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise UserError(
             f"no paypost database at {str(path)!r}: run the pipeline first (paypost demo), "
-            "or pass --data-dir (or set PAYPOST_DATA_DIR) to the directory that holds it"
+            "or pass --data-dir (or set PAYPOST_DATA_DIR) to the directory that holds it, "
+            "or read the distributed pipeline's with `paypost parked --backend distributed`"
         )
     try:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise UserError(f"cannot open the paypost database {str(path)!r}: {exc}") from exc
+
+
+class ParkedReader(Protocol):
+    """What `list` and `show` read; `paypost.distributed.queries.StateReader` on PostgreSQL."""
+
+    def list_parked(
+        self, *, tenant: str | None, reason: str | None, limit: int, offset: int
+    ) -> list[ParkedRecord]: ...
+
+    def get_parked(self, event_id: str) -> ParkedRecord | None: ...
+
+    def find_parked_by_prefix(self, prefix: str) -> ParkedRecord | None: ...
+
+    def count_parked(self) -> dict[str, int]: ...
+
+
+class _EmbeddedParked:
+    """The embedded queries (paypost.stages.dedup) behind the `StateReader` method names."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def list_parked(
+        self, *, tenant: str | None, reason: str | None, limit: int, offset: int
+    ) -> list[ParkedRecord]:
+        return list_parked(self.conn, tenant=tenant, reason=reason, limit=limit, offset=offset)
+
+    def get_parked(self, event_id: str) -> ParkedRecord | None:
+        return get_parked(self.conn, event_id)
+
+    def find_parked_by_prefix(self, prefix: str) -> ParkedRecord | None:
+        return find_parked_by_prefix(self.conn, prefix)
+
+    def count_parked(self) -> dict[str, int]:
+        return count_parked(self.conn)
+
+
+def _choice(ctx: typer.Context) -> BusChoice:
+    return ctx.obj if isinstance(ctx.obj, BusChoice) else BusChoice()
+
+
+def _backend_flag(ctx: typer.Context) -> str:
+    """The option to repeat in a hint for the next command."""
+    return " --backend distributed" if _choice(ctx).backend == "distributed" else ""
+
+
+@contextmanager
+def _reader(ctx: typer.Context, data_dir: Path) -> Iterator[ParkedReader]:
+    """The parked records of the chosen backend (read-only), closed on exit."""
+    choice = _choice(ctx)
+    if choice.backend == "distributed":
+        from paypost.distributed.queries import open_configured_reader
+
+        with open_configured_reader(
+            choice.config, db_url=choice.db_url, prefix=choice.prefix
+        ) as reader:
+            yield reader
+    else:
+        with closing(_open(data_dir)) as conn:
+            yield _EmbeddedParked(conn)
 
 
 def _amount(record: ParkedRecord) -> str:
@@ -83,6 +167,7 @@ def _summary(record: ParkedRecord) -> dict[str, Any]:
 
 @app.command("list")
 def list_command(
+    ctx: typer.Context,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     tenant: TenantOption = None,
     reason: ReasonOption = None,
@@ -95,9 +180,9 @@ def list_command(
         raise UserError(
             f"--reason {reason!r} is not a parking reason; use one of {', '.join(PARK_REASONS)}"
         )
-    with closing(_open(data_dir)) as conn:
-        records = list_parked(conn, tenant=tenant, reason=reason, limit=limit, offset=offset)
-        totals = count_parked(conn)
+    with _reader(ctx, data_dir) as reader:
+        records = reader.list_parked(tenant=tenant, reason=reason, limit=limit, offset=offset)
+        totals = reader.count_parked()
     if as_json:
         emit_json({"parked": [_summary(r) for r in records], "totals": totals})
         return
@@ -120,11 +205,16 @@ def list_command(
             r.transmission_time,
         )
     console.print(table)
-    console.print("details: paypost parked show ID (an id prefix of 8+ characters is enough)")
+    console.print(
+        f"details: paypost parked{_backend_flag(ctx)} show ID (an id prefix of 8+ characters "
+        "is enough)",
+        highlight=False,
+    )
 
 
 @app.command("show")
 def show_command(
+    ctx: typer.Context,
     event_id: Annotated[
         str, typer.Argument(help="The parked event's id, or the id of the event that was parked.")
     ],
@@ -132,13 +222,14 @@ def show_command(
     as_json: JsonOption = False,
 ) -> None:
     """Show one parked authorization in full (the DuplicateParked event)."""
-    with closing(_open(data_dir)) as conn:
-        record = get_parked(conn, event_id)
+    with _reader(ctx, data_dir) as reader:
+        record = reader.get_parked(event_id)
         if record is None and len(event_id) >= 8:
-            record = find_parked_by_prefix(conn, event_id)
+            record = reader.find_parked_by_prefix(event_id)
     if record is None:
         raise UserError(
-            f"no parked authorization with id {event_id!r}; list them with `paypost parked list`"
+            f"no parked authorization with id {event_id!r}; list them with "
+            f"`paypost parked{_backend_flag(ctx)} list`"
         )
     if as_json:
         emit_json(record)

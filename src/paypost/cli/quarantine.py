@@ -1,21 +1,33 @@
 """`paypost quarantine list|show`: records ingest set aside (malformed, card number in another
 field, response without request, request timed out, PAN mismatch).
 
-Reads the `ingest_quarantine` table of the embedded database (DATA_DIR/paypost.db),
-read-only. Every stored record has its card numbers masked (first 6, last 4).
+Reads the `ingest_quarantine` table, read-only: of the embedded database (DATA_DIR/paypost.db)
+by default, or of the distributed pipeline's PostgreSQL state with `paypost quarantine
+--backend distributed` (PAYPOST_DB_URL, PAYPOST_PREFIX; docs/deployment.md). Same output either
+way. Every stored record has its card numbers masked (first 6, last 4).
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 import typer
 from rich.table import Table
 
+from paypost.cli.bus import BusChoice
 from paypost.cli.common import DataDirOption, JsonOption, console, emit_json
+from paypost.cli.distributed import (
+    BackendOption,
+    ConfigOption,
+    DbUrlOption,
+    PrefixOption,
+    check_backend,
+)
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.stages.ingest import QuarantineEntry, get_quarantine, list_quarantine
 
@@ -27,6 +39,22 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _choose(
+    ctx: typer.Context,
+    backend: BackendOption = "embedded",
+    config: ConfigOption = None,
+    db_url: DbUrlOption = None,
+    prefix: PrefixOption = None,
+) -> None:
+    """Options of the group (before the subcommand): which backend's records to read."""
+    ctx.obj = BusChoice(check_backend(backend), config, None, db_url, prefix)
+
+
+def _choice(ctx: typer.Context) -> BusChoice:
+    return ctx.obj if isinstance(ctx.obj, BusChoice) else BusChoice()
+
+
 def _open(data_dir: Path) -> sqlite3.Connection:
     from paypost.bus.sqlite import DB_FILENAME
 
@@ -34,7 +62,8 @@ def _open(data_dir: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise UserError(
             f"no paypost database at {str(path)!r}: ingest something first (paypost demo), "
-            "or pass --data-dir (or set PAYPOST_DATA_DIR) to the directory that holds it"
+            "or pass --data-dir (or set PAYPOST_DATA_DIR) to the directory that holds it, "
+            "or read the distributed pipeline's with `paypost quarantine --backend distributed`"
         )
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     found = conn.execute(
@@ -48,8 +77,50 @@ def _open(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
+class QuarantineReader(Protocol):
+    """What `list` and `show` read; `paypost.distributed.queries.StateReader` on PostgreSQL."""
+
+    def list_quarantine(
+        self, *, source: str | None, kind: str | None, limit: int
+    ) -> list[QuarantineEntry]: ...
+
+    def get_quarantine(self, entry_id: int) -> QuarantineEntry | None: ...
+
+
+class _EmbeddedQuarantine:
+    """The embedded queries (paypost.stages.ingest) behind the `StateReader` method names."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def list_quarantine(
+        self, *, source: str | None, kind: str | None, limit: int
+    ) -> list[QuarantineEntry]:
+        return list_quarantine(self.conn, source=source, kind=kind, limit=limit)
+
+    def get_quarantine(self, entry_id: int) -> QuarantineEntry | None:
+        return get_quarantine(self.conn, entry_id)
+
+
+@contextmanager
+def _reader(ctx: typer.Context, data_dir: Path) -> Iterator[QuarantineReader]:
+    """The quarantined records of the chosen backend (read-only), closed on exit."""
+    choice = _choice(ctx)
+    if choice.backend == "distributed":
+        from paypost.distributed.queries import open_configured_reader
+
+        with open_configured_reader(
+            choice.config, db_url=choice.db_url, prefix=choice.prefix
+        ) as reader:
+            yield reader
+    else:
+        with closing(_open(data_dir)) as conn:
+            yield _EmbeddedQuarantine(conn)
+
+
 @app.command("list")
 def list_cmd(
+    ctx: typer.Context,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     source: Annotated[
         str | None, typer.Option("--source", help="Only this source (its configured name).")
@@ -63,11 +134,8 @@ def list_cmd(
     """List quarantined records, oldest first."""
     if kind is not None and kind not in KINDS:
         raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
-    conn = _open(data_dir)
-    try:
-        entries = list_quarantine(conn, source=source, kind=kind, limit=limit)
-    finally:
-        conn.close()
+    with _reader(ctx, data_dir) as reader:
+        entries = reader.list_quarantine(source=source, kind=kind, limit=limit)
     if json:
         emit_json([msgspec.structs.asdict(e) for e in entries])
         return
@@ -83,19 +151,19 @@ def list_cmd(
 
 @app.command("show")
 def show_cmd(
+    ctx: typer.Context,
     entry_id: Annotated[int, typer.Argument(help="The quarantine id (from `list`).")],
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     json: JsonOption = False,
 ) -> None:
     """Show one quarantined record in full (card numbers masked)."""
-    conn = _open(data_dir)
-    try:
-        entry: QuarantineEntry | None = get_quarantine(conn, entry_id)
-    finally:
-        conn.close()
+    with _reader(ctx, data_dir) as reader:
+        entry = reader.get_quarantine(entry_id)
     if entry is None:
+        backend = " --backend distributed" if _choice(ctx).backend == "distributed" else ""
         raise UserError(
-            f"no quarantined record with id {entry_id}: see `paypost quarantine list` for ids"
+            f"no quarantined record with id {entry_id}: see `paypost quarantine{backend} list` "
+            "for ids"
         )
     if json:
         emit_json(msgspec.structs.asdict(entry))
