@@ -12,19 +12,41 @@ Measures, on one fresh `paypost.db` (WAL, synchronous=FULL):
 4. the pipeline shape: per batch ONE unit of work that acks N inputs, tracks them and
    publishes N outputs (the stage's output events, archived and routed).
 Prints a table and a markdown block for docs/benchmarks.md.
+
+    .venv/bin/python bench/bench_bus.py --hot-path [--events-from DIR/shard-0/paypost.db]
+
+instead measures the publish hot path of the fused embedded pipeline, in CPU µs per event
+(`time.thread_time`, so other processes on the machine do not count): `prepare()` alone,
+then per batch ONE unit of work that publishes the authorizations with dedup and every
+stage's outputs with `dedup=False, inline=<the stages>` (the pipeline's rules and targets),
+and its COMMIT. `--events-from` takes real events from the archive of a
+`paypost bench --data-dir DIR` run (else synthetic events of the same detail-types).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
 
 from paypost.bus import Rule, TargetConfig
+from paypost.bus.core import decode_event, prepare
 from paypost.bus.sqlite import SqliteBus
 from paypost.events import Event, SchemaRef
+
+# The fused pipeline's stages in flow order and the detail-type each one consumes.
+STAGE_INPUTS = (
+    ("dedup", "AuthorizationApproved"),
+    ("standardize", "AuthorizationAccepted"),
+    ("enrich", "TransactionStandardized"),
+    ("rules", "TransactionEnriched"),
+    ("account-interface", "TransactionApproved"),
+    ("assembler", "PostingLegCreated"),
+)
 
 TYPES = [
     "AuthorizationApproved",
@@ -80,11 +102,92 @@ def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:,.0f}/s"
 
 
+def hot_path_events(source: Path | None, n: int) -> list[Event]:
+    """Events in archive order: from a paypost database's archive, or synthetic ones shaped
+    like an authorization's lifecycle (roughly 8 events per authorization)."""
+    if source is not None:
+        conn = sqlite3.connect(source)
+        rows = conn.execute("SELECT body FROM bus_archive ORDER BY position LIMIT ?", (n,))
+        events = [decode_event(body) for (body,) in rows]
+        conn.close()
+        return events
+    events = []
+    for i in range(n // 8):
+        for dtype in ("AuthorizationApproved", "AuthorizationAccepted", *TYPES[2:]):
+            events.append(make_event(i, dtype))
+        for leg in range(2):
+            events.append(make_event(i * 2 + leg + n, "PostingLegCreated"))
+        events.append(make_event(i, "TransactionPosted"))
+    return events
+
+
+def hot_path(root: Path, events: list[Event], batch_auths: int, rounds: int) -> None:
+    """CPU µs per event of prepare() and of the fused pipeline's publishes (see module docs)."""
+    from paypost.pipeline import RULES_TABLE, STAGE_ORDER, PipelineSettings
+
+    inline = frozenset(STAGE_ORDER)
+    first = STAGE_INPUTS[0][1]
+    # Batches of BATCH_AUTHS authorizations: the events from one AuthorizationApproved to the
+    # next BATCH_AUTHS later, grouped by the stage that emits them (publish order of dispatch).
+    starts = [i for i, e in enumerate(events) if e.detail_type == first]
+    cuts = [*starts[::batch_auths], len(events)]
+    batches = [events[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+    consumed_by = dict((dt, stage) for stage, dt in STAGE_INPUTS)
+    order = {stage: i for i, (stage, _) in enumerate(STAGE_INPUTS)}
+
+    def groups(batch: list[Event]) -> list[list[Event]]:
+        by_stage: dict[int, list[Event]] = {}
+        for e in batch:
+            # an event goes out in the publish after the stage before its consumer ran
+            stage = consumed_by.get(e.detail_type)
+            at = order[stage] if stage is not None else len(order)
+            by_stage.setdefault(at, []).append(e)
+        return [by_stage[k] for k in sorted(by_stage)]
+
+    grouped = [groups(b) for b in batches]
+    n = sum(len(b) for b in batches)
+    best_prepare = best_publish = best_commit = float("inf")
+    for _ in range(rounds):
+        t = time.thread_time()
+        for b in batches:
+            prepare(b)
+        best_prepare = min(best_prepare, time.thread_time() - t)
+    for r in range(rounds):
+        bus = SqliteBus.open(root / f"round-{r}", background_checkpoints=True)
+        for target in PipelineSettings(mode="batch").targets():
+            bus.put_target(target)
+        for rule in RULES_TABLE:
+            bus.put_rule(rule)
+        publish_cpu = commit_cpu = 0.0
+        for parts in grouped:
+            cm = bus.unit_of_work()
+            uow = cm.__enter__()
+            t = time.thread_time()
+            uow.publish(parts[0], dedup=True, inline=inline)
+            for part in parts[1:]:
+                uow.publish(part, dedup=False, inline=inline)
+            c = time.thread_time()
+            cm.__exit__(None, None, None)
+            publish_cpu += c - t
+            commit_cpu += time.thread_time() - c
+        assert bus.archive_count() == n
+        bus.close()
+        shutil.rmtree(root / f"round-{r}", ignore_errors=True)
+        best_publish, best_commit = min(best_publish, publish_cpu), min(best_commit, commit_cpu)
+    print(f"{n:,} events in {len(batches)} batches of {batch_auths} authorizations")
+    print(f"prepare (encode + keys)          {best_prepare / n * 1e6:6.2f} µs CPU per event")
+    print(f"publish (dedup, route, archive)  {best_publish / n * 1e6:6.2f} µs CPU per event")
+    print(f"COMMIT                           {best_commit / n * 1e6:6.2f} µs CPU per event")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--hot-path", action="store_true", help="measure the fused publish path")
+    ap.add_argument("--events-from", type=Path, default=None, help="paypost.db to take events from")
+    ap.add_argument("--rounds", type=int, default=3, help="--hot-path: best of this many runs")
     ap.add_argument(
         "--inline-checkpoints",
         action="store_true",
@@ -92,6 +195,12 @@ def main() -> None:
     )
     args = ap.parse_args()
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-bus-"))
+    if args.hot_path:
+        events = hot_path_events(args.events_from, args.events)
+        hot_path(root, events, args.batch, args.rounds)
+        if args.data_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     shutil.rmtree(root / "paypost.db", ignore_errors=True)
     for suffix in ("", "-wal", "-shm"):
         (root / f"paypost.db{suffix}").unlink(missing_ok=True)

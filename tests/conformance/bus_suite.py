@@ -31,7 +31,7 @@ from paypost.bus import (
     TargetConfig,
     UnitOfWork,
 )
-from paypost.bus.core import BusError
+from paypost.bus.core import BusError, content_hash, encode_event, id_key
 from paypost.events import Event, TransactionHeld, TransactionRejected, new_event
 
 T0 = 1_790_000_000.0  # 2026-09-21, a fixed start for the fake clock
@@ -435,6 +435,21 @@ class BusConformance(abc.ABC):
         assert bus.publish([held(1)], dedup=False).published == 1
         assert bus.archive_count() == 2
         assert self.ids(bus.receive("holds")) == ["held-1", "held-1"]
+
+    def test_tracking_keys_do_not_depend_on_how_an_event_was_published(self, bus: Bus) -> None:
+        # The same event published with and without dedup, then dead-lettered and redriven:
+        # every delivery carries the keys publish dedup would compute (tracking records
+        # written from one are found from the others).
+        event = held(1)
+        expected = (id_key(event.id), content_hash(encode_event(event)))
+        bus.publish([event], dedup=False)
+        bus.publish([event])
+        with bus.unit_of_work() as uow:
+            uow.dead_letter("holds", [event], "gave up")
+        bus.dlq_redrive("holds")
+        got = bus.receive("holds")
+        assert self.ids(got) == ["held-1"] * 3
+        assert {d.tracking_key for d in got} == {expected}
 
     def test_dedup_window_expires(self, clock: FakeClock) -> None:
         bus = self.make_bus(clock, BusConfig(archive_retention_s=None, dedup_window_s=60))

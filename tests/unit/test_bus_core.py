@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from paypost.bus import RetryPolicy, Rule, TargetConfig, TokenBucket
-from paypost.bus.core import BusError, Router, content_hash, id_key, parse_time
+from paypost.bus.core import BusError, Router, compile_pattern, content_hash, id_key, parse_time
 from paypost.events import Event, TransactionHeld, new_event
 
 
@@ -94,7 +94,7 @@ def test_router_indexes_detail_type_pins_and_builds_the_dict_at_most_once(
         ]
     )
     event = new_event(TransactionHeld(reason="r", stage="s"), source="paypost.x", tenant="t1")
-    assert router.route(event) == ["a", "c", "d"]
+    assert router.route(event) == ("a", "c", "d")
     assert calls == 1
     only_pins = Router(
         [
@@ -104,5 +104,41 @@ def test_router_indexes_detail_type_pins_and_builds_the_dict_at_most_once(
         ]
     )
     calls = 0
-    assert only_pins.route(event) == ["a", "s"]
+    assert only_pins.route(event) == ("a", "s")
+    assert only_pins.route(event) == ("a", "s")  # served from the (type, source) cache
     assert calls == 0
+
+
+def test_router_gives_what_matching_every_rule_in_turn_gives() -> None:
+    """The index and the (detail-type, source) cache are shortcuts: the targets (each once)
+    are those of testing every rule's full pattern."""
+    rules = [
+        Rule(name="held", pattern={"detail-type": ["TransactionHeld"]}, target="holds"),
+        Rule(name="held2", pattern={"detail-type": ["TransactionHeld", "X"]}, target="holds"),
+        Rule(name="x", pattern={"detail-type": ["X"]}, target="x"),
+        Rule(name="src", pattern={"source": ["paypost.a"]}, target="from-a"),
+        Rule(
+            name="t1",
+            pattern={"detail-type": ["TransactionHeld"], "tenant": ["t1"]},
+            target="t1",
+        ),
+        Rule(name="prefix", pattern={"source": [{"prefix": "paypost.b"}]}, target="b"),
+        Rule(name="any-t2", pattern={"tenant": ["t2"]}, target="t2"),
+    ]
+    events = [
+        new_event(TransactionHeld(reason="r", stage="s"), source=src, tenant=tenant, **extra)
+        for src in ("paypost.a", "paypost.b", "paypost.bb", "other")
+        for tenant in ("t1", "t2", "t3")
+        for extra in ({}, {"detail_type": "X"}, {"detail_type": "Y"})
+    ]
+    router = Router(rules)
+    compiled = [(r.target, compile_pattern(r.pattern)) for r in rules]
+    for _ in range(2):  # the second round is served from the cache where it applies
+        for event in events:
+            expected: list[str] = []
+            for target, matcher in compiled:
+                if target not in expected and matcher.matches(event.to_dict()):
+                    expected.append(target)
+            routed = router.route(event)
+            assert sorted(routed) == sorted(expected), event
+            assert len(set(routed)) == len(routed)

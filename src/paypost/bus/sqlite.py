@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,12 @@ from paypost.bus.core import (
     UnknownRule,
     clean_error,
     compile_pattern,
+    content_hash,
     decode_event,
     decode_event_dict,
     dedup_decide,
+    encode_events,
+    id_key,
     prepare,
 )
 from paypost.config import ensure_data_dir
@@ -626,15 +630,26 @@ class _SqliteUnitOfWork(UnitOfWork):
         only: Collection[str] | None = None,
     ) -> PublishResult:
         b, conn = self.bus, self.conn
+        if not dedup:
+            # No dedup, so no keys: the archive row records 0 for both and `receive` derives
+            # them from the body (the fused pipeline publishes every stage's outputs so).
+            evs = events if isinstance(events, list) else list(events)
+            if not evs:
+                return PublishResult()
+            return self._archive_and_route(
+                evs,
+                encode_events(evs),
+                None,
+                b.clock(),
+                PublishResult(published=len(evs)),
+                inline,
+                only,
+            )
         batch = prepare(events)
         if not batch:
             return PublishResult()
         now = b.clock()
         seen: dict[int, set[int]] = {}
-        if not dedup:
-            return self._archive_and_route(
-                batch, now, PublishResult(published=len(batch)), inline, only
-            )
         keys = list({p.id_key for p in batch})
         window_start = now - b.config.effective_dedup_window_s
         for part in _chunks(keys):
@@ -656,47 +671,83 @@ class _SqliteUnitOfWork(UnitOfWork):
                 "UPDATE bus_meta SET value = value + ? WHERE key = ?",
                 [(dups, "duplicates_dropped"), (conflicts, "id_conflicts")],
             )
-        return self._archive_and_route(keep, now, result, inline, only)
+        return self._archive_and_route(
+            [p.event for p in keep], [p.body for p in keep], keep, now, result, inline, only
+        )
+
+    def _allocate_positions(self, n: int) -> int:
+        """The first of N consecutive archive positions, taken from the sequence in one
+        statement (gapless, in publish order; rolled back with the transaction)."""
+        (end,) = self.conn.execute(
+            "UPDATE bus_meta SET value = value + ? WHERE key='archive_next' RETURNING value",
+            (n,),
+        ).fetchall()[0]
+        return int(end) - n
 
     def _archive_and_route(
         self,
-        keep: list[PreparedEvent],
+        events: list[Event],
+        bodies: list[bytes],
+        keyed: list[PreparedEvent] | None,
         now: float,
         result: PublishResult,
         inline: Collection[str] = (),
         only: Collection[str] | None = None,
     ) -> PublishResult:
+        """Archive EVENTS (BODIES: their JSON; KEYED: their keys, None to record 0 for
+        both) and route them: to RESULT.inline for INLINE targets, else to queue rows."""
+        if not events:
+            return result
         b, conn = self.bus, self.conn
-        if keep:
-            (next_pos,) = conn.execute(
-                "SELECT value FROM bus_meta WHERE key='archive_next'"
-            ).fetchone()
-            router = b.router()
-            targets = b._targets
-            archive_rows = []
-            queue_rows = []
-            routed = result.routed
-            in_process = result.inline
-            for i, p in enumerate(keep):
-                pos = next_pos + i
-                archive_rows.append((pos, now, p.id_key, p.content_hash, p.body))
-                for t in router.route(p.event):
-                    if only is not None and t not in only:
-                        continue
-                    routed[t] = routed.get(t, 0) + 1
-                    if t in inline:
-                        in_process.setdefault(t, []).append(p.event)
-                    else:
-                        queue_rows.append((targets[t][0], pos, now))
-            conn.executemany("INSERT INTO bus_archive VALUES (?, ?, ?, ?, ?)", archive_rows)
-            if queue_rows:
-                conn.executemany(
-                    "INSERT INTO bus_queue(target_id, position, visible_at) VALUES (?, ?, ?)",
-                    queue_rows,
-                )
-            conn.execute(
-                "UPDATE bus_meta SET value = ? WHERE key='archive_next'", (next_pos + len(keep),)
+        first = self._allocate_positions(len(events))
+        if keyed is None:
+            conn.executemany(
+                "INSERT INTO bus_archive VALUES (?, ?, 0, 0, ?)",
+                zip(
+                    range(first, first + len(events)), repeat(now, len(events)), bodies, strict=True
+                ),
             )
+        else:
+            conn.executemany(
+                "INSERT INTO bus_archive VALUES (?, ?, ?, ?, ?)",
+                [(first + i, now, p.id_key, p.content_hash, p.body) for i, p in enumerate(keyed)],
+            )
+        route = b.router().route
+        targets = b._targets
+        in_process = result.inline
+        queue_rows: list[tuple[int, int, float]] = []
+        # What to do with an event, per distinct route (a handful per publish): the inline
+        # list to hand it back in, else the target id to enqueue it for.
+        plans: dict[tuple[str, ...], list[tuple[list[Event] | None, int]]] = {}
+        uses: dict[tuple[str, ...], int] = {}
+        for pos, ev in enumerate(events, first):
+            routes = route(ev)
+            if not routes:
+                continue
+            plan = plans.get(routes)
+            if plan is None:
+                plan = plans[routes] = [
+                    (in_process.setdefault(t, []) if t in inline else None, targets[t][0])
+                    for t in routes
+                    if only is None or t in only
+                ]
+            uses[routes] = uses.get(routes, 0) + 1
+            for to_inline, tid in plan:
+                if to_inline is not None:
+                    to_inline.append(ev)
+                else:
+                    queue_rows.append((tid, pos, now))
+        if queue_rows:
+            conn.executemany(
+                "INSERT INTO bus_queue(target_id, position, visible_at) VALUES (?, ?, ?)",
+                queue_rows,
+            )
+        routed = result.routed
+        for routes, n in uses.items():
+            for t in routes:
+                if only is None or t in only:
+                    routed[t] = routed.get(t, 0) + n
+        if routed:
             conn.executemany(
                 "UPDATE bus_targets SET routed_total = routed_total + ? WHERE id = ?",
                 [(n, targets[t][0]) for t, n in routed.items()],
@@ -763,21 +814,24 @@ class _SqliteUnitOfWork(UnitOfWork):
                 f"WHERE id IN ({_marks(len(part))})",
                 (now + cfg.lease_s, now, now, lease, *part),
             )
-        decode = decode_event
-        return [
-            Delivery(
-                event=decode(body),
-                target=target,
-                attempt=attempts + 1,
-                first_attempt_at=now if first_at is None else first_at,
-                last_attempt_at=now,
-                handle=DeliveryHandle(qid, lease),
-                position=pos,
-                id_key=key,
-                content_hash=chash,
+        deliveries = []
+        for qid, pos, _, attempts, first_at, _, _, key, chash, body in rows:
+            event = decode_event(body)
+            deliveries.append(
+                Delivery(
+                    event=event,
+                    target=target,
+                    attempt=attempts + 1,
+                    first_attempt_at=now if first_at is None else first_at,
+                    last_attempt_at=now,
+                    handle=DeliveryHandle(qid, lease),
+                    position=pos,
+                    # 0: not recorded at publish (dedup=False); derived, as publish would have
+                    id_key=key or id_key(event.id),
+                    content_hash=chash or content_hash(body),
+                )
             )
-            for qid, pos, _, attempts, first_at, _, _, key, chash, body in rows
-        ]
+        return deliveries
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
         by_lease: dict[int, list[int]] = {}
@@ -831,24 +885,22 @@ class _SqliteUnitOfWork(UnitOfWork):
         error = clean_error(error)
         b, conn = self.bus, self.conn
         tid = b._target(target)[0]
-        batch = prepare(events)
-        if not batch:
+        evs = list(events)
+        if not evs:
             return 0
         now = b.clock()
-        (next_pos,) = conn.execute("SELECT value FROM bus_meta WHERE key='archive_next'").fetchone()
+        first = self._allocate_positions(len(evs))
+        positions = range(first, first + len(evs))
         conn.executemany(
-            "INSERT INTO bus_archive VALUES (?, ?, ?, ?, ?)",
-            [(next_pos + i, now, p.id_key, p.content_hash, p.body) for i, p in enumerate(batch)],
-        )
-        conn.execute(
-            "UPDATE bus_meta SET value = ? WHERE key='archive_next'", (next_pos + len(batch),)
+            "INSERT INTO bus_archive VALUES (?, ?, 0, 0, ?)",
+            zip(positions, repeat(now, len(evs)), encode_events(evs), strict=True),
         )
         conn.executemany(
             "INSERT INTO bus_dlq(target_id, position, error, attempts, first_at, last_at, dead_at) "
             "VALUES (?, ?, ?, 1, ?, ?, ?)",
-            [(tid, next_pos + i, error, now, now, now) for i in range(len(batch))],
+            [(tid, pos, error, now, now, now) for pos in positions],
         )
-        return len(batch)
+        return len(evs)
 
     def processed(self, consumer: str, deliveries: Iterable[Delivery]) -> set[tuple[int, int]]:
         wanted = {d.tracking_key for d in deliveries}
