@@ -192,6 +192,26 @@ def _schema_sql(s: sql.Identifier) -> list[sql.Composed]:
     return [sql.SQL(x).format(s=s) for x in stmts]
 
 
+def _store_outbox_uncompressed(conn: psycopg.Connection[Any], s: sql.Identifier) -> None:
+    """Outbox bodies are written once and read once (archive segments up to 512 KB): storing
+    them out of line WITHOUT compression saves PostgreSQL the pglz pass over every byte.
+    Altered only when needed (ALTER TABLE locks the table; workers may be running)."""
+    row = conn.execute(
+        "SELECT attstorage FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'body'",
+        (f"{s.as_string(conn)}.outbox",),
+    ).fetchone()
+    if row is not None and row[0] != "e":
+        conn.execute(
+            sql.SQL("ALTER TABLE {}.outbox ALTER COLUMN body SET STORAGE EXTERNAL").format(s)
+        )
+
+
+def _relay_lock_key(uow_id: int) -> tuple[int, int]:
+    """The (int4, int4) advisory-lock key of a unit of work's relay: a keyspace apart from
+    the single-bigint locks of the dedup stage."""
+    return (uow_id >> 31) & 0x7FFFFFFF, uow_id & 0x7FFFFFFF
+
+
 def connect_db(db_url: str) -> psycopg.Connection[Any]:
     """A PostgreSQL connection, or an error that names PAYPOST_DB_URL."""
     try:
@@ -362,6 +382,7 @@ class NatsBus(Bus):
             with conn.transaction():
                 for stmt in _schema_sql(self.s):
                     conn.execute(stmt)
+                _store_outbox_uncompressed(conn, self.s)
             self._loop.run(self._ensure_streams())
             self._refresh(force=True)
         except BaseException:
@@ -592,6 +613,9 @@ class NatsBus(Bus):
             with conn.transaction():
                 yield uow
                 uow.flush()
+        except BaseException:
+            uow.release_relay_lock()
+            raise
         finally:
             self._local.uow = None
         uow.after_commit()
@@ -615,21 +639,34 @@ class NatsBus(Bus):
         return out
 
     def relay(self, uow_id: int, rows: Sequence[_OutRow]) -> None:
-        """Publish a committed unit of work's outbox rows, then delete them."""
+        """Publish a committed unit of work's outbox rows, then delete them (and release the
+        unit of work's relay lock, see `sweep_outbox`, in the same statement)."""
         if not rows:
             return
         self._run(self._publish_rows(rows))
-        self.db().execute(sql.SQL("DELETE FROM {}.outbox WHERE uow = %s").format(self.s), (uow_id,))
+        self.db().execute(
+            sql.SQL(
+                "WITH gone AS (DELETE FROM {}.outbox WHERE uow = %s) "
+                "SELECT pg_advisory_unlock(%s, %s)"
+            ).format(self.s),
+            (uow_id, *_relay_lock_key(uow_id)),
+        )
 
     def sweep_outbox(self, older_than_s: float = SWEEP_AFTER_S, limit: int = 5000) -> int:
         """Publish outbox rows a crashed (or disconnected) relay left behind. Any worker may
-        run it; rows are claimed with SKIP LOCKED. Returns how many rows were published."""
+        run it; rows are claimed with SKIP LOCKED. Rows whose relay is still at work are
+        left alone: a unit of work holds a session advisory lock on its id from before its
+        commit until its relay deleted the rows (a dead relay's session lost the lock), so a
+        slow relay is not doubled by the sweepers of every worker. Returns how many rows were
+        published."""
         conn = self.db()
         with conn.transaction():
             found = conn.execute(
                 sql.SQL(
                     "SELECT uow, idx, subject, queues, msg_id, headers, body FROM {}.outbox "
-                    "WHERE created < now() - make_interval(secs => %s) ORDER BY uow, idx "
+                    "WHERE created < now() - make_interval(secs => %s) "
+                    "AND pg_try_advisory_xact_lock(((uow >> 31) & 2147483647)::int, "
+                    "(uow & 2147483647)::int) ORDER BY uow, idx "
                     "LIMIT %s FOR UPDATE SKIP LOCKED"
                 ).format(self.s),
                 (older_than_s, limit),
@@ -1128,6 +1165,7 @@ class NatsUnitOfWork(UnitOfWork):
         self.naks: dict[tuple[str, int], tuple[_Held, float]] = {}
         self.tracked: set[tuple[str, int, int]] = set()
         self.callbacks: list[Callable[[], None]] = []
+        self.relay_locked = False
 
     # -- write-behind: outbox rows and counters are inserted once, at the end ------------
     def flush(self) -> None:
@@ -1137,15 +1175,20 @@ class NatsUnitOfWork(UnitOfWork):
             self._bump("archived", archived)
             self.rows[:0] = [seg.row(b.archive_subject) for seg in self.segments]
         if self.rows:
+            # held from before the commit until the relay deleted the rows (see sweep_outbox)
+            self.conn.execute("SELECT pg_advisory_lock(%s, %s)", _relay_lock_key(self.id))
+            self.relay_locked = True
+            # binary COPY: bodies go as they are (text COPY would hex-encode, doubling them)
             with (
                 self.conn.cursor() as cur,
                 cur.copy(
                     sql.SQL(
                         "COPY {}.outbox (uow, idx, subject, queues, msg_id, headers, body) "
-                        "FROM STDIN"
+                        "FROM STDIN (FORMAT BINARY)"
                     ).format(b.s)
                 ) as copy,
             ):
+                copy.set_types(["int8", "int4", "text", "text", "text", "bytea", "bytea"])
                 for i, r in enumerate(self.rows):
                     copy.write_row(
                         (
@@ -1165,13 +1208,25 @@ class NatsUnitOfWork(UnitOfWork):
                     sql.SQL("INSERT INTO {}.counters VALUES (%s, %s)").format(b.s), counts
                 )
 
+    def release_relay_lock(self) -> None:
+        """Give up this unit of work's relay lock (relay failed, or the transaction did): the
+        sweepers may then publish whatever of its rows committed."""
+        if not self.relay_locked:
+            return
+        self.relay_locked = False
+        with contextlib.suppress(Exception):
+            if not (self.conn.closed or self.conn.broken):
+                self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", _relay_lock_key(self.id))
+
     def after_commit(self) -> None:
         b = self.bus
         try:
             b.relay(self.id, self.rows)
+            self.relay_locked = False  # released by the relay's DELETE
         except Exception as exc:
             # committed: the rows stay in the outbox and the sweeper publishes them
             log.warning("outbox.relay_failed", rows=len(self.rows), error=repr(exc))
+            self.release_relay_lock()
         with b._held_lock:
             for key, held in [*self.acks.items(), *((k, h) for k, (h, _) in self.naks.items())]:
                 if b._held.get(key) is held:
