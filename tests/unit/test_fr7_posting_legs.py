@@ -3,8 +3,10 @@ posting sequence (same currency, FX through the position accounts, fees, refunds
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -325,3 +327,90 @@ def test_invariant_money_conserved_for_any_amount_rate_markup_and_fee(
     assert paid == (-charged if refund else charged + fee)
     assert [lg.leg_index for lg in legs] == list(range(len(legs)))
     assert {lg.leg_count for lg in legs} == {len(legs)}
+
+
+# --------------------------------------------------------------------------------------------
+# The account interface was made cheaper for the budget (issue 7): its events must stay
+# byte for byte what they were (the assembler and the distributed path consume them). The
+# digest below was computed with the code as it was at 3aa5cff.
+
+
+def _golden_inputs() -> list[Any]:
+    def at(as_of: str, **over: Any) -> dict[str, Any]:
+        fx = fx_transaction()
+        fx["fx"] = {**fx["fx"], "as_of": as_of}
+        return {**fx, **over}
+
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("uk-bank", {}),
+        ("uk-bank", fx_transaction()),
+        ("uk-bank", fx_transaction()),  # the same rate again
+        ("uk-bank", fx_transaction(markup="0")),
+        ("uk-bank", at("2026-11-20T17:00:00+01:00")),  # the same instant, written otherwise
+        ("uk-bank", at("2026-11-20T16:00:00Z")),
+        ("uk-bank", {"direction": "credit"}),
+        ("uk-bank", {**fx_transaction(), "direction": "credit"}),
+        (
+            "euro-bank",
+            {
+                "account_currency": "EUR",
+                "amount": {"minor": 7, "currency": "EUR"},
+                "billing_amount": {"minor": 7, "currency": "EUR"},
+            },
+        ),
+        (
+            "uk-bank",
+            {
+                "amount": {"minor": 5001, "currency": "JPY"},
+                "billing_amount": {"minor": 2601, "currency": "GBP"},
+            },
+        ),
+        ("uk-bank", {"transaction_id": None, "description": None, "mcc": None}),
+        # held
+        ("uk-bank", {"account_id": None}),
+        ("uk-bank", {"amount": {"minor": -5, "currency": "GBP"}}),
+        ("uk-bank", {"amount": {"minor": 5, "currency": "XXY"}}),
+        ("uk-bank", {"billing_amount": {"minor": 1251, "currency": "GBP"}}),
+        ("uk-bank", {"amount": {"minor": 100, "currency": "EUR"}, "billing_amount": None}),
+        ("uk-bank", {**fx_transaction(), "billing_amount": {"minor": 1, "currency": "GBP"}}),
+        ("uk-bank", at("2026-11-20T16:00:00Z", amount={"minor": 5, "currency": "USD"})),
+        ("uk-bank", {**fx_transaction(), "fx": {**fx_transaction()["fx"], "rate": "-1"}}),
+    ]
+    out = []
+    for i, (tenant, over) in enumerate(cases):
+        event = approved(tenant, flags=["watch"] if i % 3 == 0 else None, **over)
+        out.append(msgspec.structs.replace(event, id=f"00000000-0000-4000-8000-{i:012d}"))
+    event = approved()
+    out.append(
+        msgspec.structs.replace(
+            event, id="00000000-0000-4000-8000-999999999999", detail={"transaction": "not a dict"}
+        )
+    )
+    return out
+
+
+_FEES = PostingConfig(
+    tenants={
+        "uk-bank": TenantPosting(
+            fees=(
+                FeeRule(name="non-sterling", applies_to="foreign", bps=275),
+                FeeRule(name="per-item", applies_to="all", fixed_minor=10),
+            )
+        )
+    }
+)
+
+
+def test_leg_events_are_byte_for_byte_what_they_were() -> None:
+    inputs = _golden_inputs()
+    digests = []
+    for config in (None, _FEES):
+        out = create_legs(inputs, config)
+        digests.append(hashlib.sha256(msgspec.json.encode([e.to_dict() for e in out])).hexdigest())
+    assert digests == GOLDEN_LEG_DIGESTS
+
+
+GOLDEN_LEG_DIGESTS = [
+    "710cab3dd5aa8f4b62fbf02f08288fd7346655fc6e29ef837f338fce2cad3113",  # no fees
+    "c3aa5c9f0e8ab6a2d2ac1abd170b6d7fe55caa3a0df36bfc52233e46cfd4af1d",  # uk-bank fees
+]

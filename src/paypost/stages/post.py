@@ -237,15 +237,7 @@ def plan_legs(
                 f"the attached FX rate converts {fx.base}->{fx.quote}, but the transaction "
                 f"needs {amount.currency}->{account_currency}"
             )
-        rate = FxRate(
-            base=fx.base,
-            quote=fx.quote,
-            rate=fx.rate,
-            source=fx.source,
-            as_of=fx.as_of,
-            markup=fx.markup,
-        )
-        conversion = convert(amount, rate)
+        conversion = convert(amount, _fx_rate(fx))
         if txn.billing_amount is not None and txn.billing_amount != conversion.charged:
             raise PostingError(
                 f"billing amount {txn.billing_amount} differs from {conversion.charged}, the "
@@ -336,18 +328,54 @@ def plan_legs(
                     role=FEES,
                 )
             )
-    assert_balanced([p.leg for p in legs], context=f"tenant {tenant} account {customer}")
+    problem = _balance_problem([p.leg for p in legs])
+    assert problem is None, f"{problem} (tenant {tenant} account {customer})"
     return legs, conversion
+
+
+def _fx_rate(fx: TransactionFx) -> FxRate:
+    """The `FxRate` of an attached conversion. Validating a rate parses its decimals (a third
+    of an FX transaction's cost) and a day has a few rates per currency pair, so validated
+    rates are kept (by every field, the time's text too: it travels in the provenance)."""
+    key = (fx, fx.as_of.isoformat())
+    rate = _FX_RATES.get(key)
+    if rate is None:
+        rate = FxRate(
+            base=fx.base,
+            quote=fx.quote,
+            rate=fx.rate,
+            source=fx.source,
+            as_of=fx.as_of,
+            markup=fx.markup,
+        )
+        if len(_FX_RATES) >= 1_000:
+            _FX_RATES.clear()
+        _FX_RATES[key] = rate
+    return rate
+
+
+_FX_RATES: dict[tuple[TransactionFx, str], FxRate] = {}
 
 
 def assert_balanced(legs: Sequence[Leg], context: str = "") -> None:
     """Money is conserved (DESIGN §3.2): debits equal credits in every currency."""
+    problem = _balance_problem(legs)
+    assert problem is None, f"{problem} ({context})"
+
+
+def _balance_problem(legs: Sequence[Leg]) -> str | None:
+    """Why LEGS do not conserve money (a non-positive leg, or an imbalance per currency)."""
     sums: dict[str, int] = {}
     for leg in legs:
-        sums[leg.amount.currency] = sums.get(leg.amount.currency, 0) + leg.signed
-        assert leg.amount.minor > 0, f"non-positive leg {leg} ({context})"
+        amount = leg.amount
+        minor = amount.minor
+        if minor <= 0:
+            return f"non-positive leg {leg}"
+        sums[amount.currency] = sums.get(amount.currency, 0) + (
+            minor if leg.side == "credit" else -minor
+        )
     bad = {c: v for c, v in sums.items() if v}
-    assert not bad, f"posting legs do not balance per currency: {bad} ({context})"
+    return f"posting legs do not balance per currency: {bad}" if bad else None
 
 
 def create_legs(events: Sequence[Event], config: PostingConfig | None = None) -> list[Event]:
@@ -366,19 +394,6 @@ def legs_for(event: Event, config: TenantPosting) -> list[Event]:
             f"event {event.id}: the account interface consumes TransactionApproved events, "
             f"not {event.detail_type!r}; check the bus rule that targets it"
         )
-
-    def envelope(detail: Any, index: int) -> Event:
-        return new_event(
-            detail,
-            source=SOURCE,
-            tenant=event.tenant,
-            id=derive_event_id(event.id, STAGE, index),
-            correlation_id=event.correlation_id,
-            causation_id=event.id,
-            traceparent=event.traceparent,
-            time=event.time,
-        )
-
     raw = event.detail.get("transaction")
     try:
         if not isinstance(raw, dict):
@@ -388,15 +403,22 @@ def legs_for(event: Event, config: TenantPosting) -> list[Event]:
     except (PostingError, UnknownCurrency, InvalidAmount, CurrencyMismatch, ValueError) as exc:
         # msgspec.ValidationError is a ValueError: a malformed transaction is held, with why.
         return [
-            envelope(
+            new_event(
                 TransactionHeld(
                     reason=f"cannot create posting legs: {exc}", stage=STAGE, rule=None
                 ),
-                0,
+                source=SOURCE,
+                tenant=event.tenant,
+                id=derive_event_id(event.id, STAGE, 0),
+                correlation_id=event.correlation_id,
+                causation_id=event.id,
+                traceparent=event.traceparent,
+                time=event.time,
             )
         ]
     ref = txn.transaction_id or event.correlation_id
     sequence_id = sequence_id_for(event.tenant, ref)
+    amount = txn.amount
     entry_meta: dict[str, Any] = {
         "tenant": event.tenant,
         "transaction_ref": ref,
@@ -412,7 +434,7 @@ def legs_for(event: Event, config: TenantPosting) -> list[Event]:
         "iban": txn.iban,
         "sort_code": txn.sort_code,
         "account_number": txn.account_number,
-        "amount": {"minor": txn.amount.minor, "currency": txn.amount.currency},
+        "amount": {"minor": amount.minor, "currency": amount.currency},
         "flags": list(event.detail.get("flags") or []),
     }
     if conversion is not None:
@@ -420,36 +442,39 @@ def legs_for(event: Event, config: TenantPosting) -> list[Event]:
     n = len(planned)
     out: list[Event] = []
     for k, p in enumerate(planned):
-        metadata: dict[str, Any] = {"role": p.role}
-        if k == 0:
-            metadata["entry"] = entry_meta  # entry-level data travels once, on leg 0
-        # Built directly (the shape of new_event(PostingLegCreated(...)), checked by the
-        # tests): no struct → builtins round trip on the hot path.
+        leg = p.leg
+        leg_amount = leg.amount
+        # Built directly, positionally (the shape of new_event(PostingLegCreated(...)),
+        # checked by the tests): no struct → builtins round trip on the hot path.
         out.append(
             Event(
-                id=derive_event_id(event.id, STAGE, k),
-                source=SOURCE,
-                detail_type=PostingLegCreated.DETAIL_TYPE,
-                time=event.time,
-                tenant=event.tenant,
-                correlation_id=event.correlation_id,
-                schema=_LEG_SCHEMA,
-                detail={
+                derive_event_id(event.id, STAGE, k),  # id
+                SOURCE,  # source
+                _LEG_DETAIL_TYPE,  # detail_type
+                event.time,  # time
+                event.tenant,  # tenant
+                event.correlation_id,  # correlation_id
+                _LEG_SCHEMA,  # schema
+                {
                     "sequence_id": sequence_id,
                     "leg_index": k,
                     "leg_count": n,
-                    "account_id": p.leg.account,
-                    "side": p.leg.side,
-                    "amount": {"minor": p.leg.amount.minor, "currency": p.leg.amount.currency},
-                    "metadata": metadata,
+                    "account_id": leg.account,
+                    "side": leg.side,
+                    "amount": {"minor": leg_amount.minor, "currency": leg_amount.currency},
+                    # entry-level data travels once, on leg 0
+                    "metadata": {"role": p.role, "entry": entry_meta}
+                    if k == 0
+                    else {"role": p.role},
                 },
-                causation_id=event.id,
-                traceparent=event.traceparent,
+                event.id,  # causation_id
+                event.traceparent,  # traceparent
             )
         )
     return out
 
 
+_LEG_DETAIL_TYPE = PostingLegCreated.DETAIL_TYPE
 _LEG_SCHEMA = SchemaRef(name=PostingLegCreated.DETAIL_TYPE, version=PostingLegCreated.VERSION)
 
 
