@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from bus_suite import BusConformance, FakeClock, held
 
-from paypost.bus import Bus, BusConfig, Rule, TargetConfig, UnitOfWork
+from paypost.bus import ArchiveQuery, Bus, BusConfig, Rule, TargetConfig, UnitOfWork
+from paypost.bus import sqlite as bus_sqlite
 from paypost.bus.sqlite import DB_FILENAME, SqliteBus
 from paypost.events import Event
 
@@ -81,3 +82,77 @@ def test_background_checkpoints_keep_the_wal_bounded(tmp_path: Path) -> None:
     bus.close()
     again = SqliteBus.open(tmp_path)
     assert again.pending("holds") == 4000
+
+
+def _archive_by_time(bus: SqliteBus, start: float, end: float) -> list[tuple[int, float]]:
+    """What the per-event time index answered: (position, archived_at) in time order."""
+    return bus.conn.execute(
+        "SELECT position, archived_at FROM bus_archive WHERE archived_at >= ? AND archived_at < ? "
+        "ORDER BY archived_at, position",
+        (start, end),
+    ).fetchall()
+
+
+def test_archive_runs_answer_time_queries_like_a_per_event_time_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Publishes of several sizes at times that also go backwards (a clock step), pages
+    # smaller than a run, a purge that keeps queued events: reads by time, counts and
+    # replays are those of an index on archived_at.
+    monkeypatch.setattr(bus_sqlite, "_REPLAY_CHUNK", 3)
+    clock = FakeClock()
+    bus = SqliteBus.open(tmp_path, BusConfig(archive_retention_s=100), clock=clock)
+    bus.put_target(TargetConfig(name="holds"))
+    bus.put_rule(Rule(name="r", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
+    n = 0
+    for step, size in [(0, 4), (5, 1), (-3, 7), (0, 2), (10, 5), (-20, 3), (200, 2), (0, 6)]:
+        clock.advance(step)
+        bus.publish([held(n + i) for i in range(size)], dedup=False)
+        n += size
+        if step == 10:
+            with bus.unit_of_work() as uow:  # ack some, so the purge drops only those
+                uow.ack(bus.receive("holds", 5))
+    t0 = clock.now - 240
+
+    def check() -> None:
+        for start, end in [(t0, t0 + 1000), (t0 + 20, t0 + 30), (t0 + 17, t0 + 22), (0, 1)]:
+            expected = _archive_by_time(bus, start, end)
+            got = [
+                (a.position, a.archived_at) for a in bus.archive(ArchiveQuery(start=start, end=end))
+            ]
+            assert got == expected
+            assert bus.archive_count(start, end) == len(expected)
+        assert bus.archive_count() == bus.stats().archived
+        assert (
+            bus.archive_count()
+            == bus.conn.execute("SELECT count(*) FROM bus_archive").fetchone()[0]
+        )
+
+    check()
+    assert bus.purge_archive() > 0
+    check()
+    replayed = bus.replay(ArchiveQuery(start=t0, end=t0 + 1000))
+    assert replayed.scanned == replayed.matched == bus.archive_count()
+
+
+def test_a_database_with_the_per_event_time_index_moves_to_runs(tmp_path: Path) -> None:
+    clock = FakeClock()
+    bus = SqliteBus.open(tmp_path, clock=clock)
+    bus.put_target(TargetConfig(name="holds"))
+    bus.put_rule(Rule(name="r", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
+    for b in range(5):
+        clock.advance(-7 if b == 3 else 1)
+        bus.publish([held(b * 10 + i) for i in range(b + 1)])
+    # Turn the file into what an earlier paypost wrote: no runs, an index per event.
+    bus.conn.execute("DELETE FROM bus_archive_runs")
+    bus.conn.execute("CREATE INDEX bus_archive_time ON bus_archive(archived_at)")
+    expected = _archive_by_time(bus, 0, 1e12)
+    bus.close()
+    again = SqliteBus.open(tmp_path, clock=clock)
+    index = again.conn.execute("SELECT 1 FROM sqlite_master WHERE name='bus_archive_time'")
+    assert index.fetchone() is None
+    got = [(a.position, a.archived_at) for a in again.archive(ArchiveQuery(start=0, end=1e12))]
+    assert got == expected
+    assert again.archive_count() == len(expected) == 15
+    again.publish([held(99)])
+    assert again.archive_count() == 16

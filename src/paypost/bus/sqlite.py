@@ -88,7 +88,10 @@ CREATE TABLE IF NOT EXISTS bus_rules (
 CREATE TABLE IF NOT EXISTS bus_archive (
     position INTEGER PRIMARY KEY, archived_at REAL NOT NULL, id_key INTEGER NOT NULL,
     content_hash INTEGER NOT NULL, body BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS bus_archive_time ON bus_archive(archived_at);
+CREATE TABLE IF NOT EXISTS bus_archive_runs (
+    first_position INTEGER PRIMARY KEY, last_position INTEGER NOT NULL,
+    archived_at REAL NOT NULL, events INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS bus_archive_runs_time ON bus_archive_runs(archived_at);
 CREATE TABLE IF NOT EXISTS bus_dedup (
     id_key INTEGER NOT NULL, content_hash INTEGER NOT NULL, seen_at REAL NOT NULL,
     PRIMARY KEY (id_key, content_hash)) WITHOUT ROWID;
@@ -181,8 +184,43 @@ class WalCheckpointer:
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the bus tables if missing (idempotent; no commit beyond its own DDL)."""
+    """Create the bus tables if missing (idempotent; no commit beyond its own DDL), and
+    move a database of the per-event time index onto archive runs."""
     conn.executescript(SCHEMA)
+    if _has_index(conn, "bus_archive_time"):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _has_index(conn, "bus_archive_time"):  # not done meanwhile by another process
+                _backfill_runs(conn)
+                conn.execute("DROP INDEX bus_archive_time")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _has_index(conn: sqlite3.Connection, name: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='index' AND name=?", (name,)
+        ).fetchone()
+        is not None
+    )
+
+
+def _backfill_runs(conn: sqlite3.Connection) -> None:
+    """Runs for an archive written with a time index per event (before bus_archive_runs):
+    each stretch of positions with one archive time becomes a run (one pass, once)."""
+    runs: list[list[Any]] = []
+    for position, archived_at in conn.execute(
+        "SELECT position, archived_at FROM bus_archive ORDER BY position"
+    ):
+        if runs and runs[-1][2] == archived_at:
+            runs[-1][1] = position
+            runs[-1][3] += 1
+        else:
+            runs.append([position, position, archived_at, 1])
+    conn.executemany("INSERT OR REPLACE INTO bus_archive_runs VALUES (?, ?, ?, ?)", runs)
 
 
 def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -475,20 +513,33 @@ class SqliteBus(Bus):
 
     # -- archive -----------------------------------------------------------------------
     def _archive_rows(self, start: float, end: float) -> Iterator[tuple[int, float, bytes]]:
-        """(position, archived_at, body) in time order, paged by keyset (no long reads)."""
+        """(position, archived_at, body) in (archived_at, position) order, paged by keyset
+        (no long reads): the runs archived in the time range, each run's rows by position."""
         last = (start, -1)
         while True:
             with self._lock:
-                rows = self.conn.execute(
-                    "SELECT position, archived_at, body FROM bus_archive "
-                    "WHERE (archived_at, position) > (?, ?) AND archived_at < ? "
-                    "ORDER BY archived_at, position LIMIT ?",
+                runs = self.conn.execute(
+                    "SELECT first_position, last_position, archived_at FROM bus_archive_runs "
+                    "WHERE (archived_at, first_position) > (?, ?) AND archived_at < ? "
+                    "ORDER BY archived_at, first_position LIMIT ?",
                     (last[0], last[1], end, _REPLAY_CHUNK),
                 ).fetchall()
-            if not rows:
+            if not runs:
                 return
-            yield from rows
-            last = (rows[-1][1], rows[-1][0])
+            for first, last_position, _ in runs:
+                position = first
+                while position <= last_position:
+                    with self._lock:
+                        rows = self.conn.execute(
+                            "SELECT position, archived_at, body FROM bus_archive "
+                            "WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?",
+                            (position, last_position, _REPLAY_CHUNK),
+                        ).fetchall()
+                    yield from rows
+                    if len(rows) < _REPLAY_CHUNK:
+                        break
+                    position = rows[-1][0] + 1
+            last = (runs[-1][2], runs[-1][0])
 
     def archive(self, query: ArchiveQuery) -> Iterator[ArchivedEvent]:
         matcher = compile_pattern(query.pattern, "--pattern") if query.pattern is not None else None
@@ -503,10 +554,13 @@ class SqliteBus(Bus):
     def archive_count(self, start: float | None = None, end: float | None = None) -> int:
         with self._lock:
             if start is None and end is None:
-                (n,) = self.conn.execute("SELECT count(*) FROM bus_archive").fetchone()
+                (n,) = self.conn.execute(
+                    "SELECT coalesce(sum(events), 0) FROM bus_archive_runs"
+                ).fetchone()
             else:
                 (n,) = self.conn.execute(
-                    "SELECT count(*) FROM bus_archive WHERE archived_at >= ? AND archived_at < ?",
+                    "SELECT coalesce(sum(events), 0) FROM bus_archive_runs "
+                    "WHERE archived_at >= ? AND archived_at < ?",
                     (
                         float("-inf") if start is None else start,
                         float("inf") if end is None else end,
@@ -564,13 +618,27 @@ class SqliteBus(Bus):
             )
             if self.config.archive_retention_s is None:
                 return 0
+            cutoff = at - self.config.archive_retention_s
             cur = self.conn.execute(
-                "DELETE FROM bus_archive WHERE archived_at < ? "
+                "DELETE FROM bus_archive WHERE position IN ("
+                "  SELECT a.position FROM bus_archive_runs r JOIN bus_archive a"
+                "  ON a.position BETWEEN r.first_position AND r.last_position"
+                "  WHERE r.archived_at < ?) "
                 "AND position NOT IN (SELECT position FROM bus_queue) "
                 "AND position NOT IN (SELECT position FROM bus_dlq)",
-                (at - self.config.archive_retention_s,),
+                (cutoff,),
             )
-            return cur.rowcount
+            purged = cur.rowcount
+            # Runs count what is left of them (kept: still queued or dead-lettered).
+            self.conn.execute(
+                "UPDATE bus_archive_runs SET events = (SELECT count(*) FROM bus_archive "
+                "WHERE position BETWEEN first_position AND last_position) WHERE archived_at < ?",
+                (cutoff,),
+            )
+            self.conn.execute(
+                "DELETE FROM bus_archive_runs WHERE archived_at < ? AND events = 0", (cutoff,)
+            )
+            return purged
 
     def stats(self) -> BusStats:
         now = self.clock()
@@ -596,10 +664,9 @@ class SqliteBus(Bus):
                 if tid in by_tid:
                     by_tid[tid].dead_lettered = n
             meta = dict(self.conn.execute("SELECT key, value FROM bus_meta").fetchall())
-            (archived,) = self.conn.execute("SELECT count(*) FROM bus_archive").fetchone()
             return BusStats(
                 targets=list(by_tid.values()),
-                archived=archived,
+                archived=self.archive_count(),
                 duplicates_dropped=meta["duplicates_dropped"],
                 id_conflicts=meta["id_conflicts"],
             )
@@ -675,14 +742,18 @@ class _SqliteUnitOfWork(UnitOfWork):
             [p.event for p in keep], [p.body for p in keep], keep, now, result, inline, only
         )
 
-    def _allocate_positions(self, n: int) -> int:
-        """The first of N consecutive archive positions, taken from the sequence in one
-        statement (gapless, in publish order; rolled back with the transaction)."""
+    def _allocate_positions(self, n: int, now: float) -> int:
+        """The first of N consecutive archive positions (gapless, in publish order; rolled
+        back with the transaction), recorded as one archive run archived at NOW."""
         (end,) = self.conn.execute(
             "UPDATE bus_meta SET value = value + ? WHERE key='archive_next' RETURNING value",
             (n,),
         ).fetchall()[0]
-        return int(end) - n
+        first = int(end) - n
+        self.conn.execute(
+            "INSERT INTO bus_archive_runs VALUES (?, ?, ?, ?)", (first, first + n - 1, now, n)
+        )
+        return first
 
     def _archive_and_route(
         self,
@@ -699,7 +770,7 @@ class _SqliteUnitOfWork(UnitOfWork):
         if not events:
             return result
         b, conn = self.bus, self.conn
-        first = self._allocate_positions(len(events))
+        first = self._allocate_positions(len(events), now)
         if keyed is None:
             conn.executemany(
                 "INSERT INTO bus_archive VALUES (?, ?, 0, 0, ?)",
@@ -889,7 +960,7 @@ class _SqliteUnitOfWork(UnitOfWork):
         if not evs:
             return 0
         now = b.clock()
-        first = self._allocate_positions(len(evs))
+        first = self._allocate_positions(len(evs), now)
         positions = range(first, first + len(evs))
         conn.executemany(
             "INSERT INTO bus_archive VALUES (?, ?, 0, 0, ?)",
