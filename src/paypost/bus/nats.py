@@ -90,7 +90,6 @@ from paypost.bus.core import (
     DeadLetterNotFound,
     Delivery,
     DeliveryHandle,
-    PreparedEvent,
     PublishResult,
     Rand,
     ReplayResult,
@@ -105,6 +104,7 @@ from paypost.bus.core import (
     content_hash,
     decode_event,
     dedup_decide,
+    encode_events,
     id_key,
     prepare,
 )
@@ -1272,13 +1272,22 @@ class NatsUnitOfWork(UnitOfWork):
     ) -> PublishResult:
         b = self.bus
         now = b.clock()
-        batch = prepare(events)
         if not dedup:
-            result = PublishResult(published=len(batch))
+            # no dedup keys needed: encode only (hashing every output cost the fused worker
+            # two blake2b per event)
+            evs = list(events)
+            result = PublishResult(published=len(evs))
             nonce = f"{self.id:x}.{len(self.rows)}"
             return self._route(
-                batch, now, result, inline, only, lambda p, i: f"{p.event.id}#{nonce}.{i}"
+                evs,
+                encode_events(evs),
+                now,
+                result,
+                inline,
+                only,
+                lambda i: f"{evs[i].id}#{nonce}.{i}",
             )
+        batch = prepare(events)
         window_start = now - b.config.effective_dedup_window_s
         seen: dict[int, set[int]] = {}
         keys = list({p.id_key for p in batch})
@@ -1306,14 +1315,17 @@ class NatsUnitOfWork(UnitOfWork):
         result = PublishResult(published=len(keep), duplicates_dropped=dups, id_conflicts=conflicts)
         used: set[int] = set()
 
-        def msg_id(p: PreparedEvent, i: int) -> str:
+        def msg_id(i: int) -> str:
             # the event id itself for its first version; a conflicting version by content
+            p = keep[i]
             if p.id_key in first_versions and p.id_key not in used:
                 used.add(p.id_key)
                 return p.event.id
             return f"{p.event.id}#{p.content_hash & 0xFFFFFFFFFFFFFFFF:x}"
 
-        return self._route(keep, now, result, inline, only, msg_id)
+        return self._route(
+            [p.event for p in keep], [p.body for p in keep], now, result, inline, only, msg_id
+        )
 
     def _archive(self, entry_id: str, at: float, body: bytes) -> None:
         """Add one event to this unit of work's archive segments (see `_Segment`)."""
@@ -1325,26 +1337,29 @@ class NatsUnitOfWork(UnitOfWork):
 
     def _route(
         self,
-        batch: Sequence[PreparedEvent],
+        events: Sequence[Event],
+        bodies: Sequence[bytes],
         now: float,
         result: PublishResult,
         inline: Collection[str],
         only: Collection[str] | None,
-        msg_id: Callable[[PreparedEvent, int], str],
+        msg_id: Callable[[int], str],
     ) -> PublishResult:
         b = self.bus
         router = b.router()
         at = _f(now)
         rows = self.rows
-        for i, p in enumerate(batch):
-            entry_id = msg_id(p, i)
-            self._archive(entry_id, now, p.body)
-            for t in router.route(p.event):
+        route = router.route
+        for i, event in enumerate(events):
+            entry_id = msg_id(i)
+            body = bodies[i]
+            self._archive(entry_id, now, body)
+            for t in route(event):
                 if only is not None and t not in only:
                     continue
                 result.routed[t] = result.routed.get(t, 0) + 1
                 if t in inline:
-                    result.inline.setdefault(t, []).append(p.event)
+                    result.inline.setdefault(t, []).append(event)
                 else:
                     q = b.queue_subject(t)
                     # one queue stream for all targets: the msg id names the target too
@@ -1354,7 +1369,7 @@ class NatsUnitOfWork(UnitOfWork):
                             queues=[],
                             msg_id=f"{entry_id}>{q}",
                             headers={H_QUEUED_AT: at, H_ARCHIVE_ID: entry_id},
-                            body=p.body,
+                            body=body,
                         )
                     )
         for t, n in result.routed.items():
