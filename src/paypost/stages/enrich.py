@@ -168,7 +168,9 @@ def country_alpha2(code: str | None) -> str | None:
     return str(found.alpha_2) if found is not None else None
 
 
+@lru_cache(maxsize=4096)
 def _statement_date(transmission_time: str) -> str:
+    # Cached: authorizations come in time order, many to the second (a parse saved per hit).
     moment = datetime.fromisoformat(transmission_time).astimezone(UTC)
     return f"{moment.day:02d} {_MONTHS[moment.month - 1]} {moment.year}"
 
@@ -203,8 +205,14 @@ def _party(tx: Mapping[str, Any], credit: bool) -> Mapping[str, Any]:
     return party
 
 
-def enrich_transaction(event: Event, refdata: RefDataPort) -> EnrichedTransaction:
-    """FR6 for one standardized event; raises `HeldError` when it must be held."""
+def enrich_transaction(event: Event, refdata: RefDataPort) -> dict[str, Any]:
+    """FR6 for one standardized event: the `EnrichedTransaction` as plain data; raises
+    `HeldError` when it must be held.
+
+    Built directly as the dict `msgspec.to_builtins(EnrichedTransaction(...))` would give (same
+    keys in the struct's field order, amounts as `{"minor", "currency"}`): the hot path skips
+    the struct and its conversion (tests/unit/test_enrich.py checks the shape against it).
+    """
     try:
         detail = event.detail
         message_id = str(detail["message_id"])
@@ -222,8 +230,11 @@ def enrich_transaction(event: Event, refdata: RefDataPort) -> EnrichedTransactio
             f"the pacs.008 payload lacks {exc}; re-standardize the authorization",
         ) from None
     try:
-        amount = iso20022.instructed_amount(doc)
-        settlement = iso20022.settlement_amount(doc)
+        instructed = tx["InstdAmt"]
+        amount = iso20022.money_of(instructed)
+        settled = tx["IntrBkSttlmAmt"]
+        # Usually the same amount element: read it once (equal elements, equal amounts).
+        settlement = amount if settled == instructed else iso20022.money_of(settled)
     except UnknownCurrency as exc:
         raise HeldError(HELD_UNKNOWN_CURRENCY, str(exc)) from None
     except (KeyError, ValueError, TypeError) as exc:
@@ -279,56 +290,63 @@ def enrich_transaction(event: Event, refdata: RefDataPort) -> EnrichedTransactio
     elif amount.currency == tenant.home_currency:
         high_value = amount.minor > tenant.high_value_threshold.minor
 
-    return EnrichedTransaction(
-        tenant=event.tenant,
-        transaction_id=str(tx["PmtId"]["TxId"]),
-        uetr=str(tx["PmtId"]["UETR"]),
-        message_id=message_id,
-        direction="credit" if credit else "debit",
-        purpose=purpose,
-        transmission_time=transmission_time,
-        booking_date=str(tx.get("IntrBkSttlmDt", transmission_time[:10])),
-        stan=str(card.get("STAN", "")),
-        approval_code=card.get("ApprvlCd"),
-        rrn=card.get("RtrvlRefNb"),
-        account_id=account.id,
-        iban=account.iban,
-        sort_code=account.sort_code,
-        account_number=account.account_number,
-        account_currency=account.currency,
-        product_type=account.product_type,
-        branch_id=account.branch_id,
-        branch_name=branch.name if branch else None,
-        holder_id=account.holder_id,
-        holder_name=account.holder_name if tenant.expose_holder_name else None,
-        home_country=tenant.country,
-        home_currency=tenant.home_currency,
-        description=describe(
-            direction="credit" if credit else "debit",
+    direction = "credit" if credit else "debit"
+    # EnrichedTransaction's fields, in its order (values evaluated in the same order as the
+    # struct's keyword arguments were, so a malformed payload fails the same way).
+    return {
+        "tenant": event.tenant,
+        "transaction_id": str(tx["PmtId"]["TxId"]),
+        "uetr": str(tx["PmtId"]["UETR"]),
+        "message_id": message_id,
+        "direction": direction,
+        "purpose": purpose,
+        "transmission_time": transmission_time,
+        "booking_date": str(tx.get("IntrBkSttlmDt", transmission_time[:10])),
+        "stan": str(card.get("STAN", "")),
+        "approval_code": card.get("ApprvlCd"),
+        "rrn": card.get("RtrvlRefNb"),
+        "account_id": account.id,
+        "iban": account.iban,
+        "sort_code": account.sort_code,
+        "account_number": account.account_number,
+        "account_currency": account.currency,
+        "product_type": account.product_type,
+        "branch_id": account.branch_id,
+        "branch_name": branch.name if branch else None,
+        "holder_id": account.holder_id,
+        "holder_name": account.holder_name if tenant.expose_holder_name else None,
+        "home_country": tenant.country,
+        "home_currency": tenant.home_currency,
+        "description": describe(
+            direction=direction,
             purpose=purpose,
             merchant=merchant_name,
             city=merchant_city,
             transmission_time=transmission_time,
             foreign_amount=amount if fx is not None else None,
         ),
-        amount=amount,
-        billing_amount=billing,
-        network_billing_amount=settlement if settlement != amount else None,
-        currency_conversion=fx is not None,
-        fx=fx,
-        foreign=(merchant_country != tenant.country) if merchant_country else None,
-        high_value=high_value,
-        merchant_id=merchant_id,
-        merchant_name=merchant_name,
-        merchant_city=merchant_city,
-        merchant_country=merchant_country,
-        mcc=mcc,
-        mcc_description=mcc_description(mcc) if mcc else None,
-        mcc_listed=mcc in tenant.listed_mccs,
-        card_token=card_token,
-        pan_masked=str(card["MskdPAN"]),
-        issuing_country=country_alpha2(card.get("IssrCtry")),
-    )
+        "amount": {"minor": amount.minor, "currency": amount.currency},
+        "billing_amount": {"minor": billing.minor, "currency": billing.currency},
+        "network_billing_amount": (
+            {"minor": settlement.minor, "currency": settlement.currency}
+            if settlement != amount
+            else None
+        ),
+        "currency_conversion": fx is not None,
+        "fx": fx,
+        "foreign": (merchant_country != tenant.country) if merchant_country else None,
+        "high_value": high_value,
+        "merchant_id": merchant_id,
+        "merchant_name": merchant_name,
+        "merchant_city": merchant_city,
+        "merchant_country": merchant_country,
+        "mcc": mcc,
+        "mcc_description": mcc_description(mcc) if mcc else None,
+        "mcc_listed": mcc in tenant.listed_mccs,
+        "card_token": card_token,
+        "pan_masked": str(card["MskdPAN"]),
+        "issuing_country": country_alpha2(card.get("IssrCtry")),
+    }
 
 
 def _envelope(event: Event, detail: TransactionEnriched | TransactionHeld) -> Event:
@@ -355,8 +373,8 @@ def enrich_one(event: Event, refdata: RefDataPort) -> Event:
         txn = enrich_transaction(event, refdata)
     except HeldError as held:
         return _envelope(event, TransactionHeld(reason=str(held), stage=STAGE))
-    # Built directly (not via new_event) so the transaction is turned into plain data once;
-    # the shape is TransactionEnriched's (a test decodes it with detail_of).
+    # Built directly (not via new_event): the transaction is plain data already; the shape
+    # is TransactionEnriched's (a test decodes it with detail_of).
     return Event(
         id=derive_event_id(event.id, STAGE, 0),
         source=SOURCE,
@@ -365,7 +383,7 @@ def enrich_one(event: Event, refdata: RefDataPort) -> Event:
         tenant=event.tenant,
         correlation_id=event.correlation_id,
         schema=_ENRICHED_SCHEMA,
-        detail={"transaction": msgspec.to_builtins(txn), "refdata_version": refdata.version_id},
+        detail={"transaction": txn, "refdata_version": refdata.version_id},
         causation_id=event.id,
         traceparent=event.traceparent,
     )

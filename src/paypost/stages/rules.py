@@ -58,6 +58,7 @@ from paypost.events import (
     TransactionRejected,
     derive_event_id,
     new_event,
+    utc_now,
 )
 from paypost.money import Money
 
@@ -160,6 +161,10 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     flags: tuple[tuple[str, str], ...]  # (flag, rule name), in file order, each flag once
 
 
+# Approved by default, no flag raised: what most transactions get.
+_APPROVED_PLAIN = Decision(action="approve", rule=None, reason=None, flags=())
+
+
 class RuleSet:
     """The rules of one tenant, compiled: decide() is a pure function of the event dict."""
 
@@ -186,6 +191,8 @@ class RuleSet:
                 raised.append((c.index, c.rule.flag, c.rule.name))
         if winner is not None and winner.rule.flag is not None:
             raised.append((winner.index, winner.rule.flag, winner.rule.name))
+        if winner is None and not raised:
+            return _APPROVED_PLAIN  # the common outcome: one shared (immutable) decision
         raised.sort()
         seen: set[str] = set()
         flags: list[tuple[str, str]] = []
@@ -673,6 +680,7 @@ _PATH_TOKEN = re.compile(r'\["(?:[^"\\]|\\.)*"\]|\[\d+\]|[^.\[\]]+')
 _APPROVED_SCHEMA = SchemaRef(
     name=TransactionApproved.DETAIL_TYPE, version=TransactionApproved.VERSION
 )
+_FLAGGED_SCHEMA = SchemaRef(name=TransactionFlagged.DETAIL_TYPE, version=TransactionFlagged.VERSION)
 
 
 class UnexpectedEvent(ValueError):
@@ -723,7 +731,6 @@ def decision_events(event: Event, decision: Decision) -> list[Event]:
             detail_type=detail_type,
         )
 
-    flags = [flag for flag, _ in decision.flags]
     terminal: Any
     if decision.action == "approve":
         transaction = event.detail.get("transaction")
@@ -740,23 +747,42 @@ def decision_events(event: Event, decision: Decision) -> list[Event]:
                 schema=_APPROVED_SCHEMA,
                 detail={
                     "transaction": transaction if isinstance(transaction, dict) else {},
-                    "flags": flags,
+                    "flags": [flag for flag, _ in decision.flags],
                 },
                 causation_id=event.id,
                 traceparent=event.traceparent,
             )
         ]
-    elif decision.action == "hold":
-        terminal = TransactionHeld(
-            reason=decision.reason or "held by rule", stage=STAGE, rule=decision.rule
-        )
     else:
-        terminal = TransactionRejected(
-            reason=decision.reason or "rejected by rule", rule=decision.rule
-        )
-    if decision.action != "approve":
+        if decision.action == "hold":
+            terminal = TransactionHeld(
+                reason=decision.reason or "held by rule", stage=STAGE, rule=decision.rule
+            )
+        else:
+            terminal = TransactionRejected(
+                reason=decision.reason or "rejected by rule", rule=decision.rule
+            )
         out = [envelope(terminal, 0)]
-    ref = transaction_ref(event)
-    for i, (flag, rule) in enumerate(decision.flags, start=1):
-        out.append(envelope(TransactionFlagged(flag=flag, rule=rule, transaction_id=ref), i, flag))
+    if decision.flags:
+        ref = transaction_ref(event)
+        for i, (flag, rule) in enumerate(decision.flags, start=1):
+            out.append(_flagged(event, i, flag, rule, ref))
     return out
+
+
+def _flagged(event: Event, index: int, flag: str, rule: str, transaction_id: str) -> Event:
+    """The side notification FLAG: what new_event(TransactionFlagged(...), detail_type=FLAG)
+    builds, without the struct round trip (a test compares the two)."""
+    out_id = derive_event_id(event.id, STAGE, index)
+    return Event(
+        id=out_id,
+        source=SOURCE,
+        detail_type=flag,
+        time=event.time or utc_now(),
+        tenant=event.tenant,
+        correlation_id=event.correlation_id or out_id,
+        schema=_FLAGGED_SCHEMA,
+        detail={"flag": flag, "rule": rule, "transaction_id": transaction_id},
+        causation_id=event.id,
+        traceparent=event.traceparent,
+    )
