@@ -74,7 +74,38 @@ def sqlite_store() -> Iterator[LegStore]:
     conn.close()
 
 
-STORES: dict[str, Callable[[], Iterator[LegStore]]] = {"memory": memory, "sqlite": sqlite_store}
+def sqlite_with_ledger() -> Iterator[LegStore]:
+    """The embedded wiring: the store on the ledger's connection, batches posted by finish."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    ledger_sqlite.ensure_schema(conn)
+    asm.ensure_schema(conn)
+    conn.execute("BEGIN")
+    ledger_sqlite.create_accounts_in(conn, LEDGER_ACCOUNTS)
+    yield SqliteLegStore(conn)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+LEDGER_ACCOUNTS = [
+    Account(id="UK-BANK-00000001", tenant="uk-bank", kind="customer", currency="GBP"),
+    *internal_accounts("uk-bank", ["GBP", "JPY"]),
+]
+
+STORES: dict[str, Callable[[], Iterator[LegStore]]] = {
+    "memory": memory,
+    "sqlite": sqlite_store,
+    "sqlite-ledger": sqlite_with_ledger,
+}
+
+
+def step(legs: list[Event], store: LegStore, *, now_us: int = NOW) -> AssemblyResult:
+    """`assemble`, then (on a store that shares the ledger's connection) post and settle in
+    the same transaction, as the wiring does."""
+    result = assemble(legs, store, now_us=now_us)
+    if isinstance(store, SqliteLegStore) and ledger_sqlite.schema_exists(store.conn):
+        done = asm.finish(result, store, partial(ledger_sqlite.post_batch_in, store.conn))
+        assert done.posted + done.ledger_duplicates == len(result.completed)
+    return result
 
 
 @pytest.fixture(params=[*STORES, "postgres"])
@@ -100,7 +131,7 @@ def postgres_store(url: str, schema: str) -> Iterator[LegStore]:
 
 def test_fr8_complete_sequence_in_one_batch_becomes_one_entry(store: LegStore) -> None:
     legs = legs_for(1)
-    result = assemble(legs, store, now_us=NOW)
+    result = step(legs, store, now_us=NOW)
     (done,) = result.completed
     seq = legs[0].detail["sequence_id"]
     assert done.entry.id == seq and done.entry.sequence_id == seq
@@ -121,7 +152,7 @@ def test_fr8_legs_across_batches_in_reverse_order(store: LegStore) -> None:
     assert len(legs) == 4
     outputs: list[AssemblyResult] = []
     for leg in reversed(legs):
-        outputs.append(assemble([leg], store, now_us=NOW))
+        outputs.append(step([leg], store, now_us=NOW))
     assert [len(o.completed) for o in outputs] == [0, 0, 0, 1]
     assert outputs[-1].completed[0].entry.problem() is None
     assert {lg.amount.currency for lg in outputs[-1].completed[0].entry.legs} == {"GBP", "JPY"}
@@ -129,19 +160,19 @@ def test_fr8_legs_across_batches_in_reverse_order(store: LegStore) -> None:
 
 def test_fr9_duplicates_after_completion_are_ignored(store: LegStore) -> None:
     legs = legs_for(3)
-    assert len(assemble(legs, store, now_us=NOW).completed) == 1
-    again = assemble(legs + legs, store, now_us=NOW + SECOND)
+    assert len(step(legs, store, now_us=NOW).completed) == 1
+    again = step(legs + legs, store, now_us=NOW + SECOND)
     assert again.completed == [] and again.alerts == [] and again.dead_letters == []
     assert again.duplicates == 4
 
 
 def test_fr9_conflicting_duplicate_is_alerted_and_not_posted(store: LegStore) -> None:
     legs = legs_for(4)
-    assemble([legs[0]], store, now_us=NOW)
+    step([legs[0]], store, now_us=NOW)
     forged = Event.from_dict(
         {**legs[0].to_dict(), "id": "forged", "detail": {**legs[0].detail, "account_id": "X"}}
     )
-    result = assemble([forged, legs[1]], store, now_us=NOW)
+    result = step([forged, legs[1]], store, now_us=NOW)
     assert result.completed == []
     (alert,) = result.alerts
     assert alert.detail_type == "PostingLegConflict"
@@ -149,24 +180,24 @@ def test_fr9_conflicting_duplicate_is_alerted_and_not_posted(store: LegStore) ->
     (dead,) = result.dead_letters
     assert {e.id for e in dead.events} == {legs[0].id, "forged", legs[1].id}
     # The sequence stays out of the ledger whatever arrives later.
-    later = assemble(legs, store, now_us=NOW)
+    later = step(legs, store, now_us=NOW)
     assert later.completed == [] and len(later.dead_letters) == 1
 
 
 def test_fr9_conflict_after_posting_dead_letters_only_the_copy(store: LegStore) -> None:
     legs = legs_for(5)
-    assemble(legs, store, now_us=NOW)
+    step(legs, store, now_us=NOW)
     forged = Event.from_dict(
         {**legs[1].to_dict(), "id": "forged", "detail": {**legs[1].detail, "side": "debit"}}
     )
-    result = assemble([forged], store, now_us=NOW)
+    result = step([forged], store, now_us=NOW)
     assert [a.detail_type for a in result.alerts] == ["PostingLegConflict"]
     assert [[e.id for e in d.events] for d in result.dead_letters] == [["forged"]]
 
 
 def test_timeout_alert_names_the_missing_legs(store: LegStore) -> None:
     legs = legs_for(6, fx=True)  # 4 legs
-    assemble([legs[0], legs[2]], store, now_us=NOW)
+    step([legs[0], legs[2]], store, now_us=NOW)
     assert expire(store, now_us=NOW + 29 * SECOND, timeout_us=30 * SECOND).alerts == []
     result = expire(store, now_us=NOW + 31 * SECOND, timeout_us=30 * SECOND)
     (alert,) = result.alerts
@@ -178,7 +209,7 @@ def test_timeout_alert_names_the_missing_legs(store: LegStore) -> None:
     # Alerted once: a second sweep finds nothing.
     assert expire(store, now_us=NOW + 60 * SECOND, timeout_us=30 * SECOND).alerts == []
     # The missing legs arrive late (e.g. a redrive): the sequence completes and posts once.
-    late = assemble([legs[3], legs[1], legs[0]], store, now_us=NOW + 61 * SECOND)
+    late = step([legs[3], legs[1], legs[0]], store, now_us=NOW + 61 * SECOND)
     assert len(late.completed) == 1 and late.duplicates == 1
 
 
@@ -190,7 +221,7 @@ def test_refused_entry_is_dead_lettered_and_reassembled_on_redrive(store: LegSto
     assert events == [] and records == []
     assert dead[0].reason == "ledger refused: closed"
     assert [e.id for e in dead[0].events] == [e.id for e in legs]  # redriveable
-    again = assemble(legs, store, now_us=NOW + SECOND)
+    again = step(legs, store, now_us=NOW + SECOND)
     assert len(again.completed) == 1
 
 
@@ -216,7 +247,7 @@ def test_fr9_any_order_any_duplicates_any_batching_posts_each_sequence_once(
     completed = []
     for store in STORES[backend]():
         for a, b in itertools.pairwise(bounds):
-            out = assemble(stream[a:b], store, now_us=NOW)
+            out = step(stream[a:b], store, now_us=NOW)
             assert out.alerts == [] and out.dead_letters == []
             completed += out.completed
     assert sorted(c.entry.id for c in completed) == sorted(REFERENCE)
@@ -362,3 +393,163 @@ def test_invariant_effects_once_when_batches_crash_before_commit(
         assert sorted(published) == sorted(c.posted_event.id for c in REFERENCE.values())
         assert ledger_sqlite.trial_balance_in(conn, "uk-bank").balanced
         conn.close()
+
+
+# -- where the SQLite store keeps a sequence completed in one batch -----------------------------
+
+
+def ledger_conn() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    ledger_sqlite.ensure_schema(conn)
+    asm.ensure_schema(conn)
+    conn.execute("BEGIN")
+    ledger_sqlite.create_accounts_in(conn, LEDGER_ACCOUNTS)
+    conn.execute("COMMIT")
+    return conn
+
+
+def count(conn: sqlite3.Connection, table: str) -> int:
+    return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def test_sequence_completed_in_one_batch_is_found_again_through_the_ledger() -> None:
+    conn = ledger_conn()
+    legs = legs_for(40)
+    conn.execute("BEGIN")
+    step(legs, SqliteLegStore(conn))
+    conn.execute("COMMIT")
+    # No row of its own in assembly_sequences: one append-only row keyed by the entry's
+    # ledger position, found through the ledger's index of entry ids.
+    assert count(conn, "assembly_sequences") == 0 and count(conn, "assembly_legs") == 0
+    pk = conn.execute("SELECT pk FROM ledger_entries").fetchone()[0]
+    seq = legs[0].detail["sequence_id"]
+    assert conn.execute("SELECT entry_pk, sequence_id FROM assembly_posted").fetchall() == [
+        (pk, seq)
+    ]
+    conn.execute("BEGIN")
+    again = step(legs + legs, SqliteLegStore(conn))  # a new batch, a new store
+    forged = Event.from_dict(
+        {**legs[1].to_dict(), "id": "forged", "detail": {**legs[1].detail, "side": "debit"}}
+    )
+    conflict = step([forged], SqliteLegStore(conn))
+    conn.execute("COMMIT")
+    assert again.completed == [] and again.duplicates == 4 and again.alerts == []
+    assert [[e.id for e in d.events] for d in conflict.dead_letters] == [["forged"]]
+    assert count(conn, "ledger_entries") == 1
+
+
+def test_complete_sequences_of_the_earlier_layout_are_still_recognised() -> None:
+    """A database written before assembly_posted: complete rows in assembly_sequences."""
+    conn = ledger_conn()
+    legs = legs_for(41)
+    seq = legs[0].detail["sequence_id"]
+    digests = b"".join(asm.leg_digest(leg.detail) for leg in legs)
+    conn.execute(
+        "INSERT INTO assembly_sequences VALUES (?, 'uk-bank', 2, 'complete', 0, ?)",
+        (seq, digests),
+    )
+    conn.execute("BEGIN")
+    again = step(list(reversed(legs)), SqliteLegStore(conn))
+    conn.execute("COMMIT")
+    assert again.completed == [] and again.duplicates == 2
+    assert count(conn, "ledger_entries") == 0
+
+
+def test_a_sequence_is_remembered_as_posted_only_while_the_ledger_holds_its_entry() -> None:
+    """A reconciliation break (the entry is gone): the redriven legs assemble and post again."""
+    conn = ledger_conn()
+    legs = legs_for(42)
+    conn.execute("BEGIN")
+    step(legs, SqliteLegStore(conn))
+    conn.execute("DELETE FROM ledger_legs")
+    conn.execute("DELETE FROM ledger_entries")
+    again = step(legs, SqliteLegStore(conn))
+    conn.execute("COMMIT")
+    assert len(again.completed) == 1
+    assert count(conn, "ledger_entries") == 1 and count(conn, "assembly_posted") == 1
+
+
+def test_a_batch_rolled_back_before_settle_assembles_again() -> None:
+    """Nothing was posted, so nothing is remembered: the same store, the legs again."""
+    conn = ledger_conn()
+    store = SqliteLegStore(conn)
+    legs = legs_for(43)
+    conn.execute("BEGIN")
+    assert len(assemble(legs, store, now_us=NOW).completed) == 1
+    conn.execute("ROLLBACK")
+    conn.execute("BEGIN")
+    assert len(step(legs, store).completed) == 1
+    conn.execute("COMMIT")
+    assert count(conn, "ledger_entries") == 1 and count(conn, "assembly_posted") == 1
+
+
+# -- the well-formedness check: the fast path says exactly what msgspec says --------------------
+
+
+def reference_leg_problem(d: dict[str, Any]) -> str | None:
+    """The check as it was before the fast path (msgspec.convert of every leg)."""
+    import msgspec
+
+    from paypost.events import PostingLegCreated
+
+    try:
+        leg = msgspec.convert(d, PostingLegCreated)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        return str(exc)
+    if leg.leg_count < 1 or not 0 <= leg.leg_index < leg.leg_count:
+        return f"leg index {leg.leg_index} is not within a count of {leg.leg_count}"
+    if leg.side not in ("debit", "credit"):
+        return f"side {leg.side!r} must be 'debit' or 'credit'"
+    if leg.amount.minor <= 0:
+        return f"amount {leg.amount} must be positive"
+    if not leg.sequence_id:
+        return "the sequence id is empty"
+    return None
+
+
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=False),
+    st.sampled_from(["", "s", "debit", "credit", "GBP", "XXX", "ZWD"]),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from([leg.detail for leg in ALL_LEGS]),
+    changes=st.dictionaries(
+        st.sampled_from(
+            ["sequence_id", "leg_index", "leg_count", "account_id", "side", "metadata", "x"]
+        ),
+        _ANY,
+        max_size=3,
+    ),
+    amount=st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {"minor": st.one_of(st.integers(-5, 5), _ANY), "currency": _ANY | st.just("JPY")}
+        ),
+        _ANY,
+    ),
+    drop=st.lists(st.sampled_from(["metadata", "amount", "side", "leg_index"]), max_size=2),
+    metadata_key=st.one_of(st.none(), st.integers(0, 1), st.just("k")),
+)
+def test_leg_check_fast_path_matches_msgspec(
+    base: dict[str, Any],
+    changes: dict[str, Any],
+    amount: Any,
+    drop: list[str],
+    metadata_key: Any,
+) -> None:
+    d = {**base, **changes}
+    if amount is not None:
+        d["amount"] = amount
+    if metadata_key is not None:
+        d["metadata"] = {metadata_key: 1}
+    for key in drop:
+        d.pop(key, None)
+    assert asm._leg_problem(d) == reference_leg_problem(d)
+    assert asm._leg_problem(base) is None

@@ -141,6 +141,7 @@ def plan_batch(
     results = plan.results
     deltas = plan.deltas
     posted_at_dt: datetime | None = None
+    times: dict[int, datetime] = {}
     in_batch: dict[Key, ExistingEntry] = {}
     batch_posted: dict[Key, JournalEntry] = {}
     entry_rows = plan.entry_rows
@@ -155,12 +156,12 @@ def plan_batch(
         prior = existing.get(key) or in_batch.get(key)
         if prior is not None:
             if prior.content_hash == digest:
+                posted_at = times.get(prior.posted_at)
+                if posted_at is None:  # a replayed batch: its entries share one time
+                    posted_at = times[prior.posted_at] = from_micros(prior.posted_at)
                 results.append(
                     PostResult(
-                        entry_id=eid,
-                        status="duplicate",
-                        position=prior.pk,
-                        posted_at=from_micros(prior.posted_at),
+                        entry_id=eid, status="duplicate", position=prior.pk, posted_at=posted_at
                     )
                 )
             else:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -48,8 +48,9 @@ from paypost.events import (
     derive_event_id,
     new_event,
 )
+from paypost.ledger import sqlite as ledger_sqlite
 from paypost.ledger.model import JournalEntry, Leg, PostResult
-from paypost.money import Money
+from paypost.money import CURRENCY_EXPONENTS, Money
 from paypost.stages.posting_file import PostingRecord, record_for
 
 STAGE = "assembler"
@@ -97,7 +98,10 @@ class LegStore(Protocol):
     connection it is given and never commits: the caller's unit of work does.
     """
 
-    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]: ...
+    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
+        """The records of SEQUENCE_IDS that exist (open ones with their legs). `assemble`
+        passes a mapping sequence id → tenant of its legs (iterating it gives the ids)."""
+        ...
 
     def save(
         self,
@@ -176,7 +180,9 @@ def assemble(events: Sequence[Event], store: LegStore, *, now_us: int) -> Assemb
             )
             continue
         by_seq.setdefault(d["sequence_id"], []).append((event, d))
-    known = store.load(by_seq.keys())
+    # The tenant of each sequence (its first leg's): a store may find completed sequences
+    # through the ledger's entries, which are keyed by (tenant, entry id = sequence id).
+    known = store.load({seq_id: items[0][0].tenant for seq_id, items in by_seq.items()})
     to_save: list[SequenceRecord] = []
     new_legs: list[tuple[str, StoredLeg]] = []
     closed: list[str] = []
@@ -309,19 +315,59 @@ def _after_completion(
 
 def _leg_problem(d: dict[str, Any]) -> str | None:
     """Why a leg's detail cannot be assembled (None if it is well formed)."""
+    if _well_typed(d):
+        amount = d["amount"]
+        return _leg_value_problem(
+            d["sequence_id"], d["leg_index"], d["leg_count"], d["side"], amount["minor"],
+            amount["currency"],
+        )  # fmt: skip
+    # Not the exact shape: let msgspec validate it, and say what is wrong.
     try:
         leg = msgspec.convert(d, PostingLegCreated)
     except (msgspec.ValidationError, ValueError, TypeError) as exc:
         return str(exc)
-    if leg.leg_count < 1 or not 0 <= leg.leg_index < leg.leg_count:
-        return f"leg index {leg.leg_index} is not within a count of {leg.leg_count}"
-    if leg.side not in ("debit", "credit"):
-        return f"side {leg.side!r} must be 'debit' or 'credit'"
-    if leg.amount.minor <= 0:
-        return f"amount {leg.amount} must be positive"
-    if not leg.sequence_id:
+    return _leg_value_problem(
+        leg.sequence_id, leg.leg_index, leg.leg_count, leg.side, leg.amount.minor,
+        leg.amount.currency,
+    )  # fmt: skip
+
+
+def _leg_value_problem(
+    sequence_id: str, index: int, count: int, side: str, minor: int, currency: str
+) -> str | None:
+    if count < 1 or not 0 <= index < count:
+        return f"leg index {index} is not within a count of {count}"
+    if side not in ("debit", "credit"):
+        return f"side {side!r} must be 'debit' or 'credit'"
+    if minor <= 0:
+        return f"amount {Money(minor, currency)} must be positive"
+    if not sequence_id:
         return "the sequence id is empty"
     return None
+
+
+def _well_typed(d: dict[str, Any]) -> bool:
+    """True when D converts to a PostingLegCreated as it is (every field of the exact type,
+    a known currency): the fast check before `msgspec.convert`, which accepts exactly these
+    and more (a subclass, a missing default), so it decides only when this says False."""
+    amount = d.get("amount")
+    if not (
+        type(d.get("sequence_id")) is str
+        and type(d.get("leg_index")) is int
+        and type(d.get("leg_count")) is int
+        and type(d.get("account_id")) is str
+        and type(d.get("side")) is str
+        and type(amount) is dict
+        and type(amount.get("minor")) is int
+        and type(amount.get("currency")) is str
+        and amount["currency"] in CURRENCY_EXPONENTS
+    ):
+        return False
+    metadata = d.get("metadata", _NO_METADATA)
+    return type(metadata) is dict and all(type(k) is str for k in metadata)
+
+
+_NO_METADATA: dict[str, Any] = {}
 
 
 def _int(value: Any) -> int:
@@ -469,6 +515,14 @@ def settle(
             )
     if refused:
         store.save(refused, [], [])
+    if isinstance(store, SqliteLegStore):
+        store.posted(
+            [
+                (done.entry.id, res.position)
+                for done, res in zip(result.completed, post_results, strict=True)
+                if res.applied and res.position is not None
+            ]
+        )
     return events, records, dead
 
 
@@ -622,6 +676,11 @@ CREATE TABLE IF NOT EXISTS assembly_legs (
     event BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS assembly_legs_sequence ON assembly_legs (sequence_id);
+CREATE TABLE IF NOT EXISTS assembly_posted (
+    entry_pk INTEGER PRIMARY KEY,
+    sequence_id TEXT NOT NULL,
+    digests BLOB NOT NULL
+);
 """
 
 _CHUNK = 500
@@ -641,13 +700,35 @@ def _create_in_tx(conn: sqlite3.Connection) -> None:
 class SqliteLegStore:
     """LegStore on a SQLite connection it is given; never commits (the caller's unit of work).
 
-    Only incomplete sequences keep legs (`assembly_legs`, append-only integer keys); a
-    sequence whose legs all arrive in one batch costs one row in `assembly_sequences` (its
-    state and the digests of its legs, to recognise late duplicates).
+    Only incomplete sequences keep legs (`assembly_legs`, append-only integer keys). Where
+    they are kept:
+    - a sequence seen in more than one batch, in conflict, refused or timed out: one row in
+      `assembly_sequences` (state, and the digests of its legs once complete);
+    - the common case, a sequence completed by the batch that brought its first leg, with
+      the ledger on the same connection: nothing until `settle` reports the ledger's
+      position of its entry, then one row in `assembly_posted` (entry position, digests).
+      Positions only grow, so that table is append-only; the sequence is found again
+      through the ledger's own index of entry ids (entry id = sequence id), so completing a
+      sequence adds no random-key index insert of its own (at a million sequences such an
+      insert costs ~15 µs, nearly all of it writing the index pages it dirties). A sequence
+      is thus remembered as posted exactly while the ledger holds its entry.
+    `settle` (or `finish`) must run in the same transaction as `assemble` (the wiring does):
+    without it such a sequence is not recorded, as its entry was not posted either.
+    Without the ledger tables (the assembler alone) every record goes to `assembly_sequences`.
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._ledger: bool | None = None  # are the ledger tables on this connection?
+        self._stored: set[str] = set()  # loaded from assembly_sequences
+        # Completed, waiting for settle. Never read back as state: if the transaction rolls
+        # back before settle, nothing was posted and the legs must assemble again.
+        self._unposted: dict[str, bytes] = {}  # sequence id → the digests of its legs
+
+    def _has_ledger(self) -> bool:
+        if self._ledger is None:
+            self._ledger = ledger_sqlite.schema_exists(self.conn)
+        return self._ledger
 
     def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
         ids = list(sequence_ids)
@@ -660,15 +741,19 @@ class SqliteLegStore:
                 f"FROM assembly_sequences WHERE sequence_id IN ({marks})",
                 chunk,
             ):
-                raw = bytes(digests or b"")
                 out[sid] = SequenceRecord(
                     sequence_id=sid,
                     tenant=tenant,
                     leg_count=count,
                     state=state,
                     first_seen_us=first,
-                    digests=[raw[i : i + 16] for i in range(0, len(raw), 16)],
+                    digests=_split(digests),
                 )
+        self._stored.update(out)
+        if isinstance(sequence_ids, Mapping) and self._has_ledger():
+            rest = {s: t for s, t in sequence_ids.items() if s not in out}
+            if rest:
+                out.update(self._load_posted(rest))
         open_ids = [s for s, r in out.items() if r.state in OPEN_STATES]
         for start in range(0, len(open_ids), _CHUNK):
             chunk = open_ids[start : start + _CHUNK]
@@ -683,6 +768,41 @@ class SqliteLegStore:
                 )
         return out
 
+    def _load_posted(self, tenants: Mapping[str, str]) -> dict[str, SequenceRecord]:
+        """Sequences among TENANTS (id → tenant) whose entry the ledger holds, posted by
+        the assembler: found through the ledger's index of entry ids."""
+        wanted: dict[int, list[str]] = {}
+        for sid, tenant in tenants.items():
+            wanted.setdefault(ledger_sqlite.entry_key(tenant, sid), []).append(sid)
+        out: dict[str, SequenceRecord] = {}
+        keys = list(wanted)
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for key, tenant, sid, digests in self.conn.execute(
+                "SELECT e.id_key, e.tenant, e.id, p.digests FROM ledger_entries e "
+                "JOIN assembly_posted p ON p.entry_pk = e.pk AND p.sequence_id = e.id "
+                f"WHERE e.id_key IN ({marks})",
+                chunk,
+            ):
+                if sid in wanted[key] and tenants[sid] == tenant:
+                    out[sid] = _posted_record(sid, tenant, digests)
+        # Entries whose key collided with another id's are kept apart by the ledger (in
+        # ledger_entry_ids, almost always empty): look there for the ids not found.
+        if self.conn.execute("SELECT 1 FROM ledger_entry_ids LIMIT 1").fetchone() is not None:
+            for sid, tenant in tenants.items():
+                if sid in out:
+                    continue
+                row = self.conn.execute(
+                    "SELECT p.digests FROM ledger_entry_ids x JOIN assembly_posted p "
+                    "ON p.entry_pk = x.entry_pk AND p.sequence_id = x.id "
+                    "WHERE x.tenant = ? AND x.id = ?",
+                    (tenant, sid),
+                ).fetchone()
+                if row is not None:
+                    out[sid] = _posted_record(sid, tenant, row[0])
+        return out
+
     def save(
         self,
         records: Sequence[SequenceRecord],
@@ -693,7 +813,26 @@ class SqliteLegStore:
             chunk = list(closed[start : start + _CHUNK])
             marks = ",".join("?" * len(chunk))
             self.conn.execute(f"DELETE FROM assembly_legs WHERE sequence_id IN ({marks})", chunk)
-        if records:
+        rows = []
+        for r in records:
+            sid = r.sequence_id
+            if r.state == "complete" and sid not in self._stored and self._has_ledger():
+                # Completed in this batch: recorded when settle reports the entry's position.
+                assert len(r.digests) == r.leg_count, r
+                self._unposted[sid] = b"".join(r.digests)
+                continue
+            self._unposted.pop(sid, None)
+            rows.append(
+                (
+                    sid,
+                    r.tenant,
+                    r.leg_count,
+                    r.state,
+                    r.first_seen_us,
+                    b"".join(r.digests) if r.digests else None,
+                )
+            )
+        if rows:
             # A record carries its first_seen_us (loaded, or now for a new/reopened sequence).
             self.conn.executemany(
                 "INSERT INTO assembly_sequences "
@@ -701,18 +840,9 @@ class SqliteLegStore:
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sequence_id) DO UPDATE SET "
                 "state = excluded.state, leg_count = excluded.leg_count, "
                 "digests = excluded.digests, first_seen_us = excluded.first_seen_us",
-                [
-                    (
-                        r.sequence_id,
-                        r.tenant,
-                        r.leg_count,
-                        r.state,
-                        r.first_seen_us,
-                        b"".join(r.digests) if r.digests else None,
-                    )
-                    for r in records
-                ],
+                rows,
             )
+            self._stored.update(r[0] for r in rows)
         if new_legs:
             self.conn.executemany(
                 "INSERT INTO assembly_legs (sequence_id, leg_index, digest, event) "
@@ -721,6 +851,22 @@ class SqliteLegStore:
                     (s, leg.leg_index, leg.digest, _EVENT_ENCODER.encode(leg.event))
                     for s, leg in new_legs
                 ],
+            )
+
+    def posted(self, positions: Sequence[tuple[str, int]]) -> None:
+        """The ledger holds these entries (entry id = sequence id, ledger position): record
+        the sequences completed in this batch as posted (`settle` calls this)."""
+        unposted = self._unposted
+        rows = [
+            (position, sid, unposted.pop(sid)) for sid, position in positions if sid in unposted
+        ]
+        if rows:
+            # OR REPLACE: a position whose entry was deleted (a reconciliation break) and
+            # then taken again by a new entry.
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO assembly_posted (entry_pk, sequence_id, digests) "
+                "VALUES (?, ?, ?)",
+                rows,
             )
 
     def pending_before(self, cutoff_us: int, limit: int) -> list[SequenceRecord]:
@@ -734,3 +880,20 @@ class SqliteLegStore:
         ]
         loaded = self.load(ids)
         return [loaded[s] for s in ids if s in loaded]
+
+
+def _split(digests: bytes | None) -> list[bytes]:
+    raw = bytes(digests or b"")
+    return [raw[i : i + 16] for i in range(0, len(raw), 16)]
+
+
+def _posted_record(sequence_id: str, tenant: str, digests: bytes) -> SequenceRecord:
+    found = _split(digests)
+    return SequenceRecord(
+        sequence_id=sequence_id,
+        tenant=tenant,
+        leg_count=len(found),
+        state="complete",
+        first_seen_us=0,
+        digests=found,
+    )
