@@ -10,6 +10,7 @@ from bus_suite import BusConformance, FakeClock, held
 
 from paypost.bus import ArchiveQuery, Bus, BusConfig, Rule, TargetConfig, UnitOfWork
 from paypost.bus import sqlite as bus_sqlite
+from paypost.bus.core import decode_event, id_key
 from paypost.bus.sqlite import DB_FILENAME, SqliteBus
 from paypost.events import Event
 
@@ -156,3 +157,17 @@ def test_a_database_with_the_per_event_time_index_moves_to_runs(tmp_path: Path) 
     assert again.archive_count() == len(expected) == 15
     again.publish([held(99)])
     assert again.archive_count() == 16
+
+
+def test_every_archived_event_has_its_id_key(tmp_path: Path) -> None:
+    # Archived events are looked up by id key (reconciliation), however they were published.
+    bus = SqliteBus.open(tmp_path)
+    bus.put_target(TargetConfig(name="holds"))
+    bus.publish([held(1)])
+    bus.publish([held(2)], dedup=False)
+    with bus.unit_of_work() as uow:
+        uow.publish([held(3)], dedup=False, inline={"holds"})
+        uow.dead_letter("holds", [held(4)], "gave up")
+    rows = bus.conn.execute("SELECT id_key, body FROM bus_archive ORDER BY position").fetchall()
+    assert [decode_event(body).id for _, body in rows] == [f"held-{n}" for n in range(1, 5)]
+    assert all(key == id_key(decode_event(body).id) for key, body in rows)

@@ -95,6 +95,10 @@ def test_derived_ids_are_rfc4122_uuid5() -> None:
     for input_id in ("in-1", "ümlaut-ü", ""):
         expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{input_id}/rules/3")
         assert derive_event_id(input_id, "rules", 3) == str(expected)
+    for n in range(2000):  # every version/variant digit case, on the ids stages really see
+        input_id = str(uuid.uuid4()) if n % 2 else f"ingest:src@{n}"
+        expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{input_id}/enrich/{n % 3}")
+        assert derive_event_id(input_id, "enrich", n % 3) == str(expected)
 
 
 def test_detail_validation_rejects_a_float_amount() -> None:

@@ -68,6 +68,7 @@ from paypost.bus.core import (
     dedup_decide,
     encode_events,
     id_key,
+    id_keys,
     prepare,
 )
 from paypost.config import ensure_data_dir
@@ -698,8 +699,9 @@ class _SqliteUnitOfWork(UnitOfWork):
     ) -> PublishResult:
         b, conn = self.bus, self.conn
         if not dedup:
-            # No dedup, so no keys: the archive row records 0 for both and `receive` derives
-            # them from the body (the fused pipeline publishes every stage's outputs so).
+            # No dedup, so no content hash: the archive row records 0 and `receive` derives
+            # it from the body (the fused pipeline publishes every stage's outputs so). The
+            # id key is kept: archived events are looked up by it (reconciliation).
             evs = events if isinstance(events, list) else list(events)
             if not evs:
                 return PublishResult()
@@ -765,17 +767,22 @@ class _SqliteUnitOfWork(UnitOfWork):
         inline: Collection[str] = (),
         only: Collection[str] | None = None,
     ) -> PublishResult:
-        """Archive EVENTS (BODIES: their JSON; KEYED: their keys, None to record 0 for
-        both) and route them: to RESULT.inline for INLINE targets, else to queue rows."""
+        """Archive EVENTS (BODIES: their JSON; KEYED: their keys from `prepare`, or None to
+        record the id keys and a content hash of 0) and route them: to RESULT.inline for
+        INLINE targets, else to queue rows."""
         if not events:
             return result
         b, conn = self.bus, self.conn
         first = self._allocate_positions(len(events), now)
         if keyed is None:
             conn.executemany(
-                "INSERT INTO bus_archive VALUES (?, ?, 0, 0, ?)",
+                "INSERT INTO bus_archive VALUES (?, ?, ?, 0, ?)",
                 zip(
-                    range(first, first + len(events)), repeat(now, len(events)), bodies, strict=True
+                    range(first, first + len(events)),
+                    repeat(now, len(events)),
+                    id_keys(events),
+                    bodies,
+                    strict=True,
                 ),
             )
         else:
@@ -897,7 +904,7 @@ class _SqliteUnitOfWork(UnitOfWork):
                     last_attempt_at=now,
                     handle=DeliveryHandle(qid, lease),
                     position=pos,
-                    # 0: not recorded at publish (dedup=False); derived, as publish would have
+                    # 0: not recorded at publish (dedup=False): derived as publish would have
                     id_key=key or id_key(event.id),
                     content_hash=chash or content_hash(body),
                 )
@@ -963,8 +970,8 @@ class _SqliteUnitOfWork(UnitOfWork):
         first = self._allocate_positions(len(evs), now)
         positions = range(first, first + len(evs))
         conn.executemany(
-            "INSERT INTO bus_archive VALUES (?, ?, 0, 0, ?)",
-            zip(positions, repeat(now, len(evs)), encode_events(evs), strict=True),
+            "INSERT INTO bus_archive VALUES (?, ?, ?, 0, ?)",
+            zip(positions, repeat(now, len(evs)), id_keys(evs), encode_events(evs), strict=True),
         )
         conn.executemany(
             "INSERT INTO bus_dlq(target_id, position, error, attempts, first_at, last_at, dead_at) "
