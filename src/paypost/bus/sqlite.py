@@ -5,8 +5,11 @@ so a consumer's batch (tracking record + effects + outputs + archive + acks) is 
 transaction. Tables are prefixed `bus_`:
 
 - `bus_archive(position INTEGER PRIMARY KEY, archived_at, id_key, content_hash, body)`:
-  every published event's JSON, stored once, append-only; one index, on `archived_at`
-  (replay by time; appended at its right edge, so cheap).
+  every published event's JSON, stored once, append-only, no secondary index. `content_hash`
+  is 0 for events published with `dedup=False` (`receive` derives it from the body).
+- `bus_archive_runs(first_position, last_position, archived_at, events)`: the archive's time
+  index, one row per publish (its events share one archive time and consecutive positions)
+  instead of one index entry per event: reads by time, counts, replay and purge use it.
 - `bus_dedup(id_key, content_hash, seen_at)`: the dedup window, the one random-key B-tree
   (8-byte integer keys), written only by publishes with `dedup=True`: a tracked consumer's
   outputs skip it (its tracking record already makes them once), since every random-key
