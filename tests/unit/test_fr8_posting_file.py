@@ -549,3 +549,17 @@ def test_outbox_rows_with_or_without_empty_fields_decode_to_the_same_record() ->
         compact = msgspec.json.encode(rec)
         assert len(compact) < len(full) and b"null" not in compact
         assert decoder.decode(full) == decoder.decode(compact) == rec
+
+
+def test_outbox_keeps_the_records_in_order_whatever_their_number() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    ensure_outbox_schema(conn)
+    recs = records(237)
+    decoder = msgspec.json.Decoder(PostingRecord)
+    given: list[PostingRecord] = []
+    for n in (0, 1, 9, 10, 11, 100, 106):  # 237 in all: every statement size and remainder
+        add_to_outbox(conn, recs[len(given) : len(given) + n])
+        given += recs[len(given) : len(given) + n]
+    rows = conn.execute("SELECT id, record FROM assembly_posting_outbox ORDER BY id").fetchall()
+    assert [i for i, _ in rows] == list(range(1, 238))
+    assert [decoder.decode(blob) for _, blob in rows] == given == recs
