@@ -421,3 +421,65 @@ def test_nfr6_business_keys_never_look_like_card_numbers() -> None:
     for key in (0x4111111111111111, 0x1234567890123456, -1, 0):
         assert not contains_pan(key_hex(key))
         assert key_from_hex(key_hex(key)) == (key if key < 1 << 63 else key - (1 << 64))
+
+
+def _reference_prepared(event: Event) -> tuple[int, int, int, int, int]:
+    """(id key, id check, content hash, business key, ts) as computed before the fast paths
+    (issue 7): blake2b built per hash, `business_key` per event."""
+    import hashlib
+
+    def h64(data: bytes) -> int:
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+    digest = hashlib.blake2b(event.id.encode(), digest_size=16).digest()
+    auth = msgspec.convert(event.detail, AuthorizationApproved)
+    key, ts = business_key(event.tenant, auth)
+    chash = h64(msgspec.json.encode((event.tenant, auth)))
+    idk = int.from_bytes(digest[:8], "big", signed=True)
+    return idk, int.from_bytes(digest[8:], "big", signed=True), chash, key, ts
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    stan=st.integers(0, 999_999),
+    minor=st.integers(0, 10**12),
+    at=st.sampled_from([T0, "2026-11-21T10:00:00.250Z", "2026-11-21T11:00:00+01:00"]),
+    tenant=st.sampled_from(["uk-bank", "de-bank", "ünï"]),
+    approval=st.sampled_from(["A1B2C3", ""]),
+    event_id=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    traceparent=st.sampled_from([None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]),
+    correlation=st.sampled_from([None, "", "corr-1"]),
+)
+def test_fast_paths_give_the_same_keys_and_accepted_events_as_before(
+    stan: int,
+    minor: int,
+    at: str,
+    tenant: str,
+    approval: str,
+    event_id: str | None,
+    traceparent: str | None,
+    correlation: str | None,
+) -> None:
+    from paypost.events import AuthorizationAccepted
+    from paypost.stages import dedup
+
+    ev = auth_event(
+        stan=f"{stan:06d}", minor=minor, at=at, tenant=tenant, approval=approval, event_id=event_id
+    )
+    ev = msgspec.structs.replace(ev, traceparent=traceparent)
+    if correlation is not None:
+        ev = msgspec.structs.replace(ev, correlation_id=correlation)
+    p = dedup._prepare(ev, {})
+    assert (p.idk, p.idc, p.chash, p.key, p.ts) == _reference_prepared(ev)
+    assert p.auth is not None
+    before = dedup._emit(
+        ev,
+        AuthorizationAccepted(
+            request=p.auth.request, response=p.auth.response, business_key=key_hex(p.key)
+        ),
+    )
+    after = dedup._accepted(p)
+    assert msgspec.json.encode(after) == msgspec.json.encode(before)
+    assert after == before
+    h = f"{p.key & 0xFFFFFFFFFFFFFFFF:016x}"
+    assert key_hex(p.key) == f"{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}"

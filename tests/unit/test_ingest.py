@@ -11,6 +11,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from paypost.events import AuthorizationApproved, Event, derive_event_id, detail_of
 from paypost.iso import iso8583 as iso
@@ -26,6 +28,7 @@ from paypost.iso.generate import (
 )
 from paypost.iso.generate import _response_fields as iso8583_response_fields
 from paypost.security.tokens import Tokenizer, VaultKeys, find_pans
+from paypost.stages import ingest as ingest_stage
 from paypost.stages.ingest import (
     IngestBatch,
     IngestSourceError,
@@ -523,3 +526,55 @@ def test_csv_header_with_byte_order_mark(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
     events, _, _ = run(path, cfg("csv"))
     assert len(events) == 1
+
+
+def _split_log_line(line: str) -> tuple[str, bytes] | str:
+    """The log-line parser before its fast path (issue 7): split on whitespace, then fromhex."""
+    parts = line.split()
+    if len(parts) != 2:
+        return f"fields:{len(parts)}"
+    try:
+        return parts[0], bytes.fromhex(parts[1])
+    except ValueError:
+        return "hex"
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["2026-11-21T10:00:00Z", "0a", "F", "3031", " ", "  ", "\t", "\x1c", "\x85",
+                         "\xa0", "g", "Z"]),
+        max_size=8,
+    )
+)  # fmt: skip
+def test_log_line_fast_path_parses_exactly_as_the_split(parts: list[str]) -> None:
+    line = "".join(parts)
+    try:
+        got: tuple[str, bytes] | str = iso.parse_log_line(line)
+    except iso.Iso8583FormatError as exc:
+        got = "hex" if "hexadecimal" in str(exc) else f"fields:{str(exc).split()[-2]}"
+    assert got == _split_log_line(line)
+
+
+_EDIT_CHARS = "0123456789-T:.Zx \n\u0660\u00b2"
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    st.sampled_from(["2026-11-21T10:15:02Z", "2026-11-21T10:15:02.123Z"]),
+    st.lists(
+        st.tuples(st.integers(0, 30), st.sampled_from(_EDIT_CHARS), st.booleans()), max_size=3
+    ),
+)
+def test_canonical_utc_check_agrees_with_the_regex(
+    base: str, edits: list[tuple[int, str, bool]]
+) -> None:
+    text = list(base)
+    for at, ch, insert in edits:
+        if insert:
+            text.insert(min(at, len(text)), ch)
+        elif text:
+            text[min(at, len(text) - 1)] = ch
+    s = "".join(text)
+    regex = ingest_stage._CANONICAL_UTC.fullmatch(s) is not None
+    assert ingest_stage._is_canonical_utc(s) == regex

@@ -229,3 +229,21 @@ def test_NFR6_any_luhn_valid_pan_in_text_is_found_and_redacted(
     out = redact(text)
     assert pan not in out.replace(" ", "").replace("-", "")
     assert mask_pan(pan) in out
+
+
+# Characters that matter to the PAN pre-filters: ASCII digits, the separators they drop, other
+# digits (Arabic-Indic, superscript: not [0-9]), a lone surrogate and plain text.
+_FILTER_ALPHABET = "0123456789" * 3 + " -x\u0660\u00b2\ud800\u00e9\x1f"
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.text(alphabet=_FILTER_ALPHABET, max_size=60))
+def test_pan_prefilters_find_exactly_what_the_regexes_find(text: str) -> None:
+    """maybe_pan and _has_digit_run run without the regex engine (issue 7); same answers."""
+    from paypost.security import tokens
+
+    squeezed = text.replace(" ", "").replace("-", "")
+    assert tokens.maybe_pan(text) == (tokens._THIRTEEN_DIGITS.search(squeezed) is not None)
+    assert tokens._has_digit_run(text) == (tokens._LONG_DIGIT_RUN.search(text) is not None)
+    for pan in (VISA, "4111 1111 1111 1111", "5500-0000-0000-0004"):
+        assert tokens.maybe_pan(text + pan)

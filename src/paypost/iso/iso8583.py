@@ -323,6 +323,18 @@ def format_log_line(received_at: str, raw: bytes) -> str:
 
 def parse_log_line(line: str) -> tuple[str, bytes]:
     """(received_at, raw bytes) of one log line; raises Iso8583FormatError when malformed."""
+    # Fast path for the usual line, one space between two tokens: split at the first space
+    # instead of scanning the whole message for whitespace. The message held no whitespace
+    # exactly when fromhex read two digits per byte; anything else takes the general path.
+    received_at, _, hex_text = line.partition(" ")
+    if hex_text and len(received_at.split()) == 1 and received_at == received_at.strip():
+        try:
+            raw = bytes.fromhex(hex_text)
+        except ValueError:
+            pass
+        else:
+            if 2 * len(raw) == len(hex_text):
+                return received_at, raw
     parts = line.split()
     if len(parts) != 2:
         raise Iso8583FormatError(

@@ -60,6 +60,13 @@ _GROUP = re.compile(r"[0-9]+")
 # with no such run after the removal holds no PAN.
 _THIRTEEN_DIGITS = re.compile(r"[0-9]{13}")
 _LONG_DIGIT_RUN = re.compile(r"[0-9]{13,}")
+# The same searches without the regex engine (it retries at every digit of a run: ~20x
+# slower on the short fields ingest scans). Every ASCII digit byte becomes "0", every other
+# byte "x", so a run of 13 digits is a run of 13 zeros, found by a substring search. UTF-8
+# keeps ASCII digits, spaces and dashes as they are and writes every other character with
+# bytes >= 0x80 (surrogatepass: lone surrogates too), so runs are the same in the bytes.
+_DIGIT_CLASSES = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in range(256))
+_ZEROS_13 = b"0" * 13
 
 
 def luhn_valid(digits: str) -> bool:
@@ -154,8 +161,11 @@ def find_pans(text: str) -> list[tuple[int, int]]:
 
 
 def maybe_pan(text: str) -> bool:
-    """Cheap pre-filter: False means TEXT surely holds no PAN (13 digits, single separators)."""
-    return _THIRTEEN_DIGITS.search(text.replace(" ", "").replace("-", "")) is not None
+    """Cheap pre-filter: False means TEXT surely holds no PAN (13 digits, single separators).
+
+    = `_THIRTEEN_DIGITS.search(text.replace(" ", "").replace("-", "")) is not None`, in bytes.
+    """
+    return _ZEROS_13 in text.encode("utf-8", "surrogatepass").translate(_DIGIT_CLASSES, b" -")
 
 
 def contains_pan(text: str) -> bool:
@@ -289,7 +299,8 @@ class InvalidPan(ValueError):
 
 
 def _has_digit_run(text: str) -> bool:
-    return _LONG_DIGIT_RUN.search(text) is not None
+    """= `_LONG_DIGIT_RUN.search(text) is not None` (see `_DIGIT_CLASSES`)."""
+    return _ZEROS_13 in text.encode("utf-8", "surrogatepass").translate(_DIGIT_CLASSES)
 
 
 class Tokenizer:

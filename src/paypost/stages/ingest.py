@@ -374,8 +374,30 @@ def _digits(value: str, what: str, min_len: int, max_len: int) -> str:
 _CANONICAL_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{3})?Z")
 
 
+def _is_canonical_utc(text: str) -> bool:
+    """= `_CANONICAL_UTC.fullmatch(text) is not None`, without the regex engine (twice per
+    ISO 8583 authorization). `str.isdecimal` is the regex's \\d: Unicode category Nd."""
+    n = len(text)
+    if n == 20:
+        digits = text[0:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:19]
+    elif n == 24 and text[19] == ".":
+        digits = text[0:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:19]
+        digits += text[20:23]
+    else:
+        return False
+    return (
+        text[4] == "-"
+        and text[7] == "-"
+        and text[10] == "T"
+        and text[13] == ":"
+        and text[16] == ":"
+        and text[-1] == "Z"
+        and digits.isdecimal()
+    )
+
+
 def _utc(text: str, what: str) -> str:
-    if _CANONICAL_UTC.fullmatch(text):
+    if _is_canonical_utc(text):
         # Already in the canonical form (the common case): validate, keep the text.
         try:
             datetime.fromisoformat(text[:-1])
@@ -1072,7 +1094,7 @@ class Iso8583LogReader(_FileReader):
         response = _response_dict(
             code,
             (doc.get("38") or "").strip() or None,
-            received_at if _CANONICAL_UTC.fullmatch(received_at) else iso.format_utc(received),
+            received_at if _is_canonical_utc(received_at) else iso.format_utc(received),
         )
         request = pending.request
         if request["rrn"] is None and doc.get("37"):
@@ -1091,7 +1113,7 @@ def _transmission_time(field7: str, received_at: str, received: datetime) -> str
         len(field7) == 10
         and field7.isdigit()
         and received_at[5:7] == field7[0:2]
-        and _CANONICAL_UTC.fullmatch(received_at)
+        and _is_canonical_utc(received_at)
     ):
         day, hh, mi, ss = field7[2:4], field7[4:6], field7[6:8], field7[8:10]
         if "01" <= day <= "31" and hh <= "23" and mi <= "59" and ss <= "59":
