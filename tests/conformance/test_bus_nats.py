@@ -234,3 +234,27 @@ def test_retry_policy_reaches_the_server_as_nak_delay(
     finally:
         bus.destroy()
         bus.close()
+
+
+def test_extend_leases_restarts_only_deliveries_in_hand(
+    nats_url: str, postgres_url: str, pg_schema: str
+) -> None:
+    """A long batch restarts its leases ("work in progress"); settled deliveries are not
+    touched, and the batch still settles normally afterwards."""
+    bus = NatsBus(nats_url, postgres_url, prefix=pg_schema, sweep=False)
+    try:
+        bus.put_target(TargetConfig(name="holds", retry=NO_JITTER))
+        bus.put_rule(
+            Rule(name="holds", pattern={"detail-type": ["TransactionHeld"]}, target="holds")
+        )
+        bus.publish([held(1), held(2)])
+        got = bus.receive("holds")
+        assert [d.event.id for d in got] == ["held-1", "held-2"]
+        assert bus.extend_leases(got) == 2
+        with bus.unit_of_work() as uow:
+            assert uow.ack(got) == 2
+        assert bus.extend_leases(got) == 0
+        assert bus.pending("holds") == 0
+    finally:
+        bus.destroy()
+        bus.close()

@@ -646,8 +646,10 @@ class NatsBus(Bus):
         self._run(self._publish_rows(rows))
         self.db().execute(
             sql.SQL(
-                "WITH gone AS (DELETE FROM {}.outbox WHERE uow = %s) "
-                "SELECT pg_advisory_unlock(%s, %s)"
+                # count(*) over the DELETE: the rows are deleted (and row-locked until
+                # commit) before the lock is released, so no sweeper claims them in between
+                "WITH gone AS (DELETE FROM {}.outbox WHERE uow = %s RETURNING 1) "
+                "SELECT pg_advisory_unlock(%s, %s) FROM (SELECT count(*) FROM gone) AS g"
             ).format(self.s),
             (uow_id, *_relay_lock_key(uow_id)),
         )
@@ -772,6 +774,21 @@ class NatsBus(Bus):
                         )
                     )
             return out
+
+    def extend_leases(self, deliveries: Iterable[Delivery]) -> int:
+        """Restart the lease of deliveries still in hand (JetStream "work in progress"), for
+        a batch that runs long: without it a lease that runs out mid-batch sends the batch
+        to another worker, both process it, one rolls back. Returns how many were
+        extended."""
+        msgs = []
+        with self._held_lock:
+            for d in deliveries:
+                held = self._held.get((d.target, d.handle.queue_id))
+                if held is not None and held.delivered == d.handle.lease:
+                    msgs.append(held.msg)
+        if msgs:
+            self._run(_in_progress_all(msgs))
+        return len(msgs)
 
     def _dead_letter_expired(
         self, cfg: TargetConfig, expired: list[tuple[Msg, int]], now: float
@@ -1146,6 +1163,11 @@ async def _probe(url: str) -> None:
         except (TimeoutError, OSError) as exc:
             last = exc
     raise last
+
+
+async def _in_progress_all(msgs: Iterable[Msg]) -> None:
+    for m in msgs:
+        await m.in_progress()
 
 
 async def _ack_all(msgs: Iterable[Msg]) -> None:

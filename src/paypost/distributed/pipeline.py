@@ -68,6 +68,13 @@ FUSED = "pipeline"
 #: what `paypost worker --stage` accepts: the stages, the alert channel, the fused worker
 WORKER_STAGES: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS, FUSED)
 
+#: the most events a fused worker takes in one unit of work. Every stage of the batch runs
+#: in it, so a batch of the mode's 5,000 could take longer than the lease (30 s) on a busy
+#: machine: the batch went to the second worker too, one of the two rolled back, retried
+#: event by event and fell further behind (seen at 1,000,000 under load). 1,000 keeps a unit
+#: of work to seconds; the per-batch cost (commit, relay) stays small per event.
+FUSED_MAX_BATCH = 1000
+
 #: the workers `paypost serve` runs: one per stage (`--fused`: FUSED replaces DEDUP's)
 PER_STAGE: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS)
 
@@ -207,17 +214,23 @@ class DistributedPipeline:
         a fused or a dedup worker takes it."""
         inline = frozenset(self.handlers)
         schema = self.state_schema
+        # past a third of the lease, a batch still in hand has its leases restarted
+        extend_after_s = self.bus.target(DEDUP).lease_s / 3
 
         def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
             assert isinstance(uow, NatsUnitOfWork)
             counts: dict[str, int] = {}
             pending: dict[str, list[Event]] = {DEDUP: [d.event for d in deliveries]}
+            leased_at = time.monotonic()
             while pending:
                 produced: dict[str, list[Event]] = {}
                 for name in STAGE_ORDER:
                     events = pending.pop(name, None)
                     if not events:
                         continue
+                    if time.monotonic() - leased_at > extend_after_s:
+                        self.bus.extend_leases(deliveries)
+                        leased_at = time.monotonic()
                     outputs = self._run_isolated(uow, name, events)
                     if not outputs:
                         continue
@@ -229,8 +242,11 @@ class DistributedPipeline:
             state.bump_counters(uow.conn, schema, counts)
 
         consumer = Consumer(self.bus, DEDUP, handle, name=DEDUP, sleep=self.sleep)
-        if concurrency is not None:
-            consumer.config = msgspec.structs.replace(consumer.config, concurrency=concurrency)
+        consumer.config = msgspec.structs.replace(
+            consumer.config,
+            batch_size=min(consumer.config.batch_size, FUSED_MAX_BATCH),
+            concurrency=consumer.config.concurrency if concurrency is None else concurrency,
+        )
         return consumer
 
     def _run_isolated(self, uow: NatsUnitOfWork, name: str, events: list[Event]) -> list[Event]:
