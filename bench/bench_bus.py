@@ -121,6 +121,18 @@ def hot_path_events(source: Path | None, n: int) -> list[Event]:
     return events
 
 
+def thread_bytes_written() -> int:
+    """Bytes this thread has written (Linux; 0 elsewhere): a commit's WAL frames."""
+    try:
+        with open("/proc/thread-self/io") as io:
+            for line in io:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def hot_path(root: Path, events: list[Event], batch_auths: int, rounds: int) -> None:
     """CPU µs per event of prepare() and of the fused pipeline's publishes (see module docs)."""
     from paypost.pipeline import RULES_TABLE, STAGE_ORDER, PipelineSettings
@@ -147,6 +159,7 @@ def hot_path(root: Path, events: list[Event], batch_auths: int, rounds: int) -> 
     grouped = [groups(b) for b in batches]
     n = sum(len(b) for b in batches)
     best_prepare = best_publish = best_commit = float("inf")
+    written = 0
     for _ in range(rounds):
         t = time.thread_time()
         for b in batches:
@@ -159,6 +172,7 @@ def hot_path(root: Path, events: list[Event], batch_auths: int, rounds: int) -> 
         for rule in RULES_TABLE:
             bus.put_rule(rule)
         publish_cpu = commit_cpu = 0.0
+        wal_bytes = 0
         for parts in grouped:
             cm = bus.unit_of_work()
             uow = cm.__enter__()
@@ -167,17 +181,21 @@ def hot_path(root: Path, events: list[Event], batch_auths: int, rounds: int) -> 
             for part in parts[1:]:
                 uow.publish(part, dedup=False, inline=inline)
             c = time.thread_time()
+            before = thread_bytes_written()
             cm.__exit__(None, None, None)
             publish_cpu += c - t
             commit_cpu += time.thread_time() - c
+            wal_bytes += thread_bytes_written() - before
         assert bus.archive_count() == n
         bus.close()
         shutil.rmtree(root / f"round-{r}", ignore_errors=True)
         best_publish, best_commit = min(best_publish, publish_cpu), min(best_commit, commit_cpu)
+        written = wal_bytes
     print(f"{n:,} events in {len(batches)} batches of {batch_auths} authorizations")
     print(f"prepare (encode + keys)          {best_prepare / n * 1e6:6.2f} µs CPU per event")
     print(f"publish (dedup, route, archive)  {best_publish / n * 1e6:6.2f} µs CPU per event")
     print(f"COMMIT                           {best_commit / n * 1e6:6.2f} µs CPU per event")
+    print(f"written by COMMIT (WAL)          {written / n:6.0f} B per event")
 
 
 def main() -> None:
