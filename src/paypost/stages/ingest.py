@@ -951,24 +951,16 @@ class Iso8583LogReader(_FileReader):
         if not text or text.startswith("#"):
             return
         batch.counts.records += 1
-
-        def bad(reason: str, kind: QuarantineKind = "malformed") -> None:
-            self._quarantine(
-                batch,
-                position=offset,
-                line=line,
-                kind=kind,
-                reason=reason,
-                record=self._malformed_text(text),
-            )
-
+        # Quarantines this line (built only when needed: most lines are fine).
+        bad = _LineQuarantine(self, batch, line, offset, text)
         try:
             received_at, message = iso.parse_log_line(text)
             received = iso.parse_utc(received_at)
         except iso.Iso8583FormatError as exc:
             bad(f"not an authorization log line: {exc}")
             return
-        self._expire(batch, received.timestamp())
+        received_ts = received.timestamp()
+        self._expire(batch, received_ts)
         try:
             doc = iso.decode_message(message)
         except iso.Iso8583FormatError as exc:
@@ -999,7 +991,7 @@ class Iso8583LogReader(_FileReader):
             )
             return
         if mti == iso.REQUEST_MTI:
-            self._request(batch, doc, key, line, offset, received_at, received, bad)
+            self._request(batch, doc, key, line, offset, received_at, received, received_ts, bad)
         else:
             self._response(batch, doc, key, line, offset, received_at, received, bad)
 
@@ -1012,7 +1004,8 @@ class Iso8583LogReader(_FileReader):
         offset: int,
         received_at: str,
         received: datetime,
-        bad: Callable[..., None],
+        received_ts: float,
+        bad: _LineQuarantine,
     ) -> None:
         tenant = self.config.tenant
         sealed_before = len(batch.sealed_pans)
@@ -1054,7 +1047,7 @@ class Iso8583LogReader(_FileReader):
             self._remember(self._set_aside, key, line)
             bad(f"0100 request: {exc}")
             return
-        self._add_pending(_Pending(key, line, offset, received_at, received.timestamp(), request))
+        self._add_pending(_Pending(key, line, offset, received_at, received_ts, request))
 
     def _response(
         self,
@@ -1065,7 +1058,7 @@ class Iso8583LogReader(_FileReader):
         offset: int,
         received_at: str,
         received: datetime,
-        bad: Callable[..., None],
+        bad: _LineQuarantine,
     ) -> None:
         pending = self._take_pending(key)
         if pending is None:
@@ -1103,6 +1096,32 @@ class Iso8583LogReader(_FileReader):
         ref = f"{self.config.name}#L{pending.line},L{line}"
         batch.events.append(
             _event_for(self.config, self.config.tenant, line, request, response, ref)
+        )
+
+
+class _LineQuarantine:
+    """Sets one log line aside (`bad(reason, kind)`), its text rendered only when called."""
+
+    __slots__ = ("batch", "line", "offset", "reader", "text")
+
+    def __init__(
+        self, reader: Iso8583LogReader, batch: IngestBatch, line: int, offset: int, text: str
+    ) -> None:
+        self.reader = reader
+        self.batch = batch
+        self.line = line
+        self.offset = offset
+        self.text = text
+
+    def __call__(self, reason: str, kind: QuarantineKind = "malformed") -> None:
+        reader = self.reader
+        reader._quarantine(
+            self.batch,
+            position=self.offset,
+            line=self.line,
+            kind=kind,
+            reason=reason,
+            record=reader._malformed_text(self.text),
         )
 
 
