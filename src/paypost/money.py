@@ -13,6 +13,7 @@ What is here:
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 from fractions import Fraction
@@ -108,6 +109,13 @@ def parse_decimal(text: str, what: str = "decimal") -> Fraction:
             f"{what} must be a decimal string such as '1.0855' or a ratio such as '217/200', "
             f"not {type(text).__name__} {text!r} (floats are never exact)"
         )
+    return _parse_decimal_text(text, what)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_decimal_text(text: str, what: str) -> Fraction:
+    # Pure and the result immutable, so cached: the same few rate and markup strings are
+    # parsed for every FX conversion on the hot path (errors are raised, never cached).
     s = text.strip()
     if "/" in s:
         num, _, den = s.partition("/")
@@ -311,6 +319,13 @@ def _half_even(value: Fraction) -> int:
     return round(value)
 
 
+@functools.lru_cache(maxsize=4096)
+def _rate_factors(rate: str, markup: str, base: str, quote: str) -> tuple[Fraction, Fraction]:
+    """(mid rate × minor-unit scale, markup) as exact Fractions, computed once per quote."""
+    scale = Fraction(10 ** exponent(quote), 10 ** exponent(base))
+    return parse_decimal(rate, "FX rate") * scale, parse_decimal(markup, "FX markup")
+
+
 def convert(amount: Money, rate: FxRate) -> Conversion:
     """Convert AMOUNT (in rate.base) into rate.quote, rounding half-even to the minor unit.
 
@@ -322,10 +337,8 @@ def convert(amount: Money, rate: FxRate) -> Conversion:
             f"cannot convert {amount} with a {rate.base}->{rate.quote} rate: "
             f"the amount must be in {rate.base}"
         )
-    scale = Fraction(10 ** exponent(rate.quote), 10 ** exponent(rate.base))
-    mid = parse_decimal(rate.rate, "FX rate")
-    mk = parse_decimal(rate.markup, "FX markup")
-    exact_mid = amount.minor * mid * scale
+    mid_scaled, mk = _rate_factors(rate.rate, rate.markup, rate.base, rate.quote)
+    exact_mid = amount.minor * mid_scaled
     exact_markup = exact_mid * mk
     exact = exact_mid + exact_markup
     charged = _half_even(exact)
