@@ -157,3 +157,25 @@ def test_conversion_never_loses_a_unit(
     assert abs(c.rounding.minor) <= 1
     assert abs(Fraction(c.residue)) <= Fraction(1, 2)
     assert Fraction(c.exact) == c.charged.minor + Fraction(c.residue)
+
+
+@given(
+    minor=st.integers(min_value=-(10**12), max_value=10**12),
+    rate=st.sampled_from(["1.0855", "161.2345", "217/577", "0.000123", "3.7"]),
+    markup=st.sampled_from(["0", "0.015", "1/3"]),
+    pair=st.sampled_from([("EUR", "JPY"), ("USD", "BHD"), ("GBP", "EUR"), ("JPY", "KWD")]),
+)
+def test_convert_with_cached_rate_factors_equals_the_exact_formula(
+    minor: int, rate: str, markup: str, pair: tuple[str, str]
+) -> None:
+    """convert() caches the parsed rate per quote; the result must be the exact formula's."""
+    base, quote = pair
+    fx = FxRate(base=base, quote=quote, rate=rate, markup=markup, source="test", as_of=AS_OF)
+    got = convert(Money(minor, base), fx)
+    scale = Fraction(10 ** exponent(quote), 10 ** exponent(base))
+    exact_mid = minor * Fraction(rate) * scale
+    exact = exact_mid + exact_mid * Fraction(markup)
+    assert got.charged == Money(round(exact), quote)
+    assert got.at_mid == Money(round(exact_mid), quote)
+    assert got.exact == str(exact)
+    assert got.charged.minor == got.at_mid.minor + got.markup.minor + got.rounding.minor
