@@ -184,8 +184,29 @@ def reference_compact_id(input_id: str) -> str:
     return f"{hexid[:8]}-{hexid[8:16]}-{hexid[16:24]}-{hexid[24:]}"
 
 
+def uuid_variants(u: uuid.UUID) -> st.SearchStrategy[str]:
+    """A UUID as uuid.UUID reads it (upper case, braces, urn:, dashes anywhere) or almost."""
+    text = str(u)
+    return st.sampled_from(
+        [
+            text,
+            text.upper(),
+            u.hex,
+            "{" + text + "}",
+            "urn:uuid:" + text,
+            text.replace("-", "") + "--",
+            "-" + u.hex[:7] + "-" + u.hex[7:],
+            text[:8] + " " + text[9:],  # a space where a dash was: 35 characters
+            u.hex[:30] + " " + u.hex[30:],  # 32 hex digits and a space
+            "+" + u.hex[1:],
+            u.hex[:31] + "g",
+            u.hex[:10] + "_" + u.hex[11:],
+        ]
+    )
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.uuids().map(str) | st.uuids().map(lambda u: str(u).upper()) | st.text(max_size=60))
+@given(st.uuids().flatmap(uuid_variants) | st.text(max_size=60))
 def test_compact_id_and_uetr_equal_their_uuid_definitions(input_id: str) -> None:
     assert iso20022._compact_id(input_id) == reference_compact_id(input_id)
     u = uuid.UUID(bytes=uuid.uuid5(EVENT_ID_NAMESPACE, f"{input_id}/standardize/uetr").bytes)

@@ -164,7 +164,6 @@ def exchange_rate(instructed: Money, settlement: Money) -> str | None:
 # Identifiers: deterministic, derived from the input event id.
 
 
-_UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NS_BYTES: Final = EVENT_ID_NAMESPACE.bytes
 _NS_SHA1: Final = hashlib.sha1(_NS_BYTES)  # the namespace absorbed once; copied per use
 
@@ -177,14 +176,21 @@ def _compact_id(input_id: str) -> str:
     digits, which every card-number scan downstream would rightly flag (DESIGN §3.4); groups of
     8 can never hold such a run.
     """
-    if _UUID_RE.fullmatch(input_id):
-        raw = bytes.fromhex(input_id.replace("-", ""))
-    else:
+    hexid = input_id.replace("-", "")
+    if len(hexid) == 32:
+        # 32 hex digits once the dashes are gone (fromhex skips no whitespace when 16 bytes
+        # come out of 32 characters): exactly the UUIDs uuid.UUID reads as these bytes.
         try:
-            raw = uuid.UUID(input_id).bytes
+            raw = bytes.fromhex(hexid)
         except ValueError:
-            raw = uuid.uuid5(EVENT_ID_NAMESPACE, input_id).bytes
-    return raw.hex("-", 4)  # 16 bytes: four groups of 8 hex digits
+            raw = b""
+        if len(raw) == 16:
+            return raw.hex("-", 4)  # four groups of 8 hex digits
+    try:
+        raw = uuid.UUID(input_id).bytes
+    except ValueError:
+        raw = uuid.uuid5(EVENT_ID_NAMESPACE, input_id).bytes
+    return raw.hex("-", 4)
 
 
 def derive_uetr(input_id: str) -> str:

@@ -147,6 +147,7 @@ class RefData:
         merchants: list[MerchantInfo] | None = None,
     ) -> None:
         self.version = version
+        self._version_id = version.id  # read once per enriched event: formatted once
         self.tenants = {t.id: t for t in tenants}
         self.accounts = {a.id: a for a in accounts}
         self.branches = {b.id: b for b in branches}
@@ -162,7 +163,7 @@ class RefData:
 
     @property
     def version_id(self) -> str:
-        return self.version.id
+        return self._version_id
 
     def tenant(self, tenant_id: str) -> TenantSettings | None:
         return self.tenants.get(tenant_id)
