@@ -31,7 +31,7 @@ from paypost.bus import (
     TargetConfig,
     UnitOfWork,
 )
-from paypost.bus.core import BusError, content_hash, encode_event, id_key
+from paypost.bus.core import BusError, EncodedEvents, content_hash, encode_event, id_key
 from paypost.events import Event, TransactionHeld, TransactionRejected, new_event
 
 T0 = 1_790_000_000.0  # 2026-09-21, a fixed start for the fake clock
@@ -450,6 +450,33 @@ class BusConformance(abc.ABC):
         got = bus.receive("holds")
         assert self.ids(got) == ["held-1"] * 3
         assert {d.tracking_key for d in got} == {expected}
+
+    def test_pre_encoded_events_publish_exactly_like_plain_ones(self, bus: Bus) -> None:
+        # An EncodedEvents (bodies encoded by the stage) and a plain list archive the same
+        # bodies, dedup the same and deliver the same events with the same tracking keys.
+        def publish_all(wrap: Any, base: int) -> list[Event]:
+            first = bus.publish(wrap([held(base + 1), held(base + 2), held(base + 1)]))
+            assert (first.published, first.duplicates_dropped) == (2, 1)
+            again = bus.publish(wrap([held(base + 1, reason="other")]))
+            assert again.id_conflicts == 1
+            with bus.unit_of_work() as uow:
+                part = wrap([held(base + 3), held(base + 4)])[1:]
+                inline = uow.publish(part, dedup=False, inline={"holds"})
+                assert [e.id for e in inline.inline["holds"]] == [f"held-{base + 4}"]
+                uow.publish(wrap([held(base + 5)]), dedup=False)
+            return [held(base + 1), held(base + 2), held(base + 1, reason="other"), held(base + 5)]
+
+        expected = publish_all(list, 0) + publish_all(EncodedEvents, 100)
+        archived = [a.event for a in bus.archive(ArchiveQuery(start=0, end=T0 + 1))]
+        assert [encode_event(e) for e in archived if e.source == "paypost.test"] == [
+            encode_event(e)
+            for e in (*expected[:3], held(4), expected[3], *expected[4:7], held(104), expected[7])
+        ]
+        got = bus.receive("holds", 100)
+        assert self.ids(got) == [e.id for e in expected]
+        assert [d.tracking_key for d in got] == [
+            (id_key(e.id), content_hash(encode_event(e))) for e in expected
+        ]
 
     def test_dedup_window_expires(self, clock: FakeClock) -> None:
         bus = self.make_bus(clock, BusConfig(archive_retention_s=None, dedup_window_s=60))

@@ -7,7 +7,18 @@ from typing import Any
 import pytest
 
 from paypost.bus import RetryPolicy, Rule, TargetConfig, TokenBucket
-from paypost.bus.core import BusError, Router, compile_pattern, content_hash, id_key, parse_time
+from paypost.bus.core import (
+    BusError,
+    EncodedEvents,
+    Router,
+    compile_pattern,
+    content_hash,
+    encode_event,
+    encode_events,
+    id_key,
+    parse_time,
+    prepare,
+)
 from paypost.events import Event, TransactionHeld, new_event
 
 
@@ -142,3 +153,18 @@ def test_router_gives_what_matching_every_rule_in_turn_gives() -> None:
             routed = router.route(event)
             assert sorted(routed) == sorted(expected), event
             assert len(set(routed)) == len(routed)
+
+
+def test_encoded_events_hold_exactly_the_bodies_publish_would_encode() -> None:
+    events = [
+        new_event(TransactionHeld(reason=f"r{i}", stage="s"), source="paypost.x", tenant="t")
+        for i in range(5)
+    ]
+    encoded = EncodedEvents(events[:2])
+    assert encoded.append(events[2]) is events[2]
+    encoded.extend(EncodedEvents(events[3:4]))
+    encoded.extend(iter(events[4:]))
+    assert list(encoded) == events and len(encoded) == 5 and encoded[1] is events[1]
+    assert encoded.bodies == [encode_event(e) for e in events] == encode_events(encoded)
+    assert list(encoded[1:3]) == events[1:3] and encoded[1:3].bodies == encoded.bodies[1:3]
+    assert prepare(encoded) == prepare(events)

@@ -32,7 +32,7 @@ import struct
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import msgspec
 
@@ -318,8 +318,65 @@ def encode_event(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
+class EncodedEvents(Sequence[Event]):
+    """Events with their JSON bodies, each encoded when it is appended.
+
+    A stage that appends each output right after building it has it encoded while its dicts
+    and strings are still in the CPU cache: about half the cost of encoding it at publish,
+    after the rest of the batch has pushed it out (a TransactionStandardized in the
+    pipeline: ~3.8 instead of ~7.7 µs). `publish` and `prepare` take the bodies from here
+    instead of encoding again; the bodies are exactly `encode_event`'s. Events are immutable
+    once built (a detail dict changed after `append` would not be in its body).
+    """
+
+    __slots__ = ("_events", "bodies")
+
+    def __init__(self, events: Iterable[Event] = ()) -> None:
+        self._events: list[Event] = []
+        self.bodies: list[bytes] = []
+        self.extend(events)
+
+    def append(self, event: Event) -> Event:
+        self._events.append(event)
+        self.bodies.append(_encoder.encode(event))
+        return event
+
+    def extend(self, events: Iterable[Event]) -> None:
+        if isinstance(events, EncodedEvents):
+            self._events += events._events
+            self.bodies += events.bodies
+        else:
+            for event in events:
+                self.append(event)
+
+    def events(self) -> list[Event]:
+        return self._events
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self._events)
+
+    @overload
+    def __getitem__(self, index: int) -> Event: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> EncodedEvents: ...
+
+    def __getitem__(self, index: int | slice) -> Event | EncodedEvents:
+        if isinstance(index, slice):
+            part = EncodedEvents()
+            part._events, part.bodies = self._events[index], self.bodies[index]
+            return part
+        return self._events[index]
+
+
 def encode_events(events: Iterable[Event]) -> list[bytes]:
-    """Each event's JSON body, in order (no content hash: for publishes that need none)."""
+    """Each event's JSON body, in order (no content hash: for publishes that need none);
+    the bodies an `EncodedEvents` already holds."""
+    if isinstance(events, EncodedEvents):
+        return events.bodies
     return list(map(_encoder.encode, events))
 
 
@@ -450,11 +507,15 @@ class PreparedEvent(msgspec.Struct):
 
 
 def prepare(events: Iterable[Event]) -> list[PreparedEvent]:
-    """Encode each event once and compute its two keys (inlined: this is the hot loop)."""
-    encode, blake2b, unpack = _encoder.encode, hashlib.blake2b, _I64.unpack
+    """Encode each event once (an `EncodedEvents` is already) and compute its two keys
+    (inlined: this is the hot loop)."""
+    blake2b, unpack = hashlib.blake2b, _I64.unpack
+    if isinstance(events, EncodedEvents):
+        pairs: Iterable[tuple[Event, bytes]] = zip(events, events.bodies, strict=True)
+    else:
+        pairs = ((ev, _encoder.encode(ev)) for ev in events)
     out = []
-    for ev in events:
-        body = encode(ev)
+    for ev, body in pairs:
         out.append(
             PreparedEvent(
                 ev,

@@ -53,6 +53,7 @@ from paypost.bus.core import (
     DeadLetterNotFound,
     Delivery,
     DeliveryHandle,
+    EncodedEvents,
     PreparedEvent,
     PublishResult,
     Rand,
@@ -705,12 +706,16 @@ class _SqliteUnitOfWork(UnitOfWork):
             # No dedup, so no content hash: the archive row records 0 and `receive` derives
             # it from the body (the fused pipeline publishes every stage's outputs so). The
             # id key is kept: archived events are looked up by it (reconciliation).
-            evs = events if isinstance(events, list) else list(events)
+            if isinstance(events, EncodedEvents):
+                evs, bodies = events.events(), events.bodies
+            else:
+                evs = events if isinstance(events, list) else list(events)
+                bodies = encode_events(evs)
             if not evs:
                 return PublishResult()
             return self._archive_and_route(
                 evs,
-                encode_events(evs),
+                bodies,
                 None,
                 b.clock(),
                 PublishResult(published=len(evs)),
