@@ -225,7 +225,8 @@ def _backfill_runs(conn: sqlite3.Connection) -> None:
             runs[-1][3] += 1
         else:
             runs.append([position, position, archived_at, 1])
-    conn.executemany("INSERT OR REPLACE INTO bus_archive_runs VALUES (?, ?, ?, ?)", runs)
+    conn.execute("DELETE FROM bus_archive_runs")  # any left by a newer paypost: rebuilt whole
+    conn.executemany("INSERT INTO bus_archive_runs VALUES (?, ?, ?, ?)", runs)
 
 
 def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterator[Sequence[Any]]:
