@@ -358,3 +358,41 @@ def test_plain_approval_is_the_default_decision() -> None:
     book = rules.parse_rules("rules: []")
     decision = book.decide(_enriched_event("corr-1"))
     assert decision == rules.Decision(action="approve", rule=None, reason=None, flags=())
+
+
+def test_stage_sinks_get_exactly_the_outputs_for_hot_encoding(tmp_path: Path) -> None:
+    """With `sink=EncodedEvents().append` each stage returns what it returns without, and the
+    encoded bodies are `encode_event` of those outputs, in order (what `publish` archives)."""
+    from paypost.bus.core import EncodedEvents, encode_event
+    from paypost.stages.rules import apply_rules
+    from paypost.stages.standardize import standardize
+
+    key = bytes(range(32))
+    refdata = demo_refdata(300, key, 5).refdata
+    book = bench_rulebook(refdata)
+    job = Job(tmp_path / "d", refdata, book, PipelineSettings("batch"), key)
+    seen: dict[str, list[Event]] = {"standardize": [], "enrich": [], "rules": []}
+    for name, kept in seen.items():
+        handler = job.pipeline.handlers[name]
+
+        def keep(events: list[Event], uow: Any, handler: Any = handler, kept: Any = kept) -> Any:
+            kept.extend(events)
+            return handler(events, uow)
+
+        job.pipeline.handlers[name] = keep
+    try:
+        job.run(generate_sources(300, key, 5, "batch", tmp_path, in_process=True))
+    finally:
+        job.close()
+    runs = {
+        "standardize": lambda events, **kw: standardize(events, **kw),
+        "enrich": lambda events, **kw: enrich(events, refdata, **kw),
+        "rules": lambda events, **kw: apply_rules(events, book, **kw),
+    }
+    for name, run in runs.items():
+        assert seen[name], name
+        plain = run(seen[name])
+        encoded = EncodedEvents()
+        assert run(seen[name], sink=encoded.append) == plain
+        assert encoded.events() == plain
+        assert encoded.bodies == [encode_event(e) for e in plain]

@@ -25,7 +25,7 @@ reference data store.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Final
@@ -389,6 +389,22 @@ def enrich_one(event: Event, refdata: RefDataPort) -> Event:
     )
 
 
-def enrich(events: Iterable[Event], refdata: RefDataPort) -> list[Event]:
-    """FR6 over a batch: one output per input, in input order. No effects, no I/O."""
-    return [enrich_one(event, refdata) for event in events]
+def enrich(
+    events: Iterable[Event],
+    refdata: RefDataPort,
+    *,
+    sink: Callable[[Event], object] | None = None,
+) -> list[Event]:
+    """FR6 over a batch: one output per input, in input order. No effects, no I/O.
+
+    SINK, when given, gets each output right after it is built (e.g. `EncodedEvents.append`:
+    encoded while still in the CPU cache).
+    """
+    if sink is None:
+        return [enrich_one(event, refdata) for event in events]
+    outputs = []
+    for event in events:
+        out = enrich_one(event, refdata)
+        outputs.append(out)
+        sink(out)
+    return outputs

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -698,10 +698,14 @@ def transaction_ref(event: Event) -> str:
     return event.correlation_id
 
 
-def apply_rules(events: Sequence[Event], book: RuleBook) -> list[Event]:
+def apply_rules(
+    events: Sequence[Event], book: RuleBook, *, sink: Callable[[Event], object] | None = None
+) -> list[Event]:
     """The rules stage: each TransactionEnriched → one terminal event + its side notifications.
 
     Pure: the output is a deterministic function of the input events and the rules file.
+    SINK, when given, gets each output right after its input's decision (e.g.
+    `EncodedEvents.append`: encoded while still in the CPU cache).
     """
     out: list[Event] = []
     for event in events:
@@ -711,7 +715,11 @@ def apply_rules(events: Sequence[Event], book: RuleBook) -> list[Event]:
                 f"not {event.detail_type!r}; check the bus rule that targets it"
             )
         decision = book.decide(event)
-        out.extend(decision_events(event, decision))
+        outputs = decision_events(event, decision)
+        out.extend(outputs)
+        if sink is not None:
+            for output in outputs:
+                sink(output)
     return out
 
 

@@ -15,7 +15,7 @@ no effects: the stage is a function of its input events alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -51,12 +51,23 @@ _REJECTED_SCHEMA: Final = SchemaRef(
 )
 
 
-def standardize(events: Iterable[Event]) -> list[Event]:
+def standardize(
+    events: Iterable[Event], *, sink: Callable[[Event], object] | None = None
+) -> list[Event]:
     """FR5 over a batch: one `TransactionStandardized` or `StandardizationRejected` per input.
 
-    Outputs are in input order and `causation-id` of each is its input's id.
+    Outputs are in input order and `causation-id` of each is its input's id. SINK, when given,
+    gets each output right after it is built (e.g. `EncodedEvents.append`, which encodes it
+    while it is still in the CPU cache: about half the cost of encoding it at publish).
     """
-    return [standardize_one(event) for event in events]
+    if sink is None:
+        return [standardize_one(event) for event in events]
+    outputs = []
+    for event in events:
+        out = standardize_one(event)
+        outputs.append(out)
+        sink(out)
+    return outputs
 
 
 def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
