@@ -954,11 +954,17 @@ class NatsBus(Bus):
         )
         sub = self._run(self.js.pull_subscribe(subject, stream=stream, config=cfg))
         try:
+            waits = 0
             while True:
                 try:
                     msgs = self._run(sub.fetch(1000, timeout=0.2))
                 except (TimeoutError, nats.errors.TimeoutError):
-                    return
+                    # a busy server may miss 0.2 s: the end is when nothing is pending
+                    waits += 1
+                    info = self._run(sub.consumer_info())
+                    if not info.num_pending or waits >= 25:
+                        return
+                    continue
                 last_pending = 1
                 for m in msgs:
                     md = m.metadata
