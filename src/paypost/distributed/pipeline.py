@@ -249,7 +249,7 @@ class DistributedPipeline:
         )
         return consumer
 
-    def _run_isolated(self, uow: NatsUnitOfWork, name: str, events: list[Event]) -> list[Event]:
+    def _run_isolated(self, uow: NatsUnitOfWork, name: str, events: list[Event]) -> Sequence[Event]:
         handler = self.handlers[name]
         if name == DEDUP:
             # The fused consumer IS the dedup queue's consumer: a hand-off to that queue would
