@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from paypost.bus.consumer import Consumer, ConsumerStats, TokenBucket
-from paypost.bus.core import Delivery, PublishResult, RetryPolicy, Rule, TargetConfig, UnitOfWork
+from paypost.bus.core import (
+    Delivery,
+    EncodedEvents,
+    PublishResult,
+    RetryPolicy,
+    Rule,
+    TargetConfig,
+    UnitOfWork,
+)
 from paypost.bus.sqlite import SqliteBus
 from paypost.events import FLAG_DETAIL_TYPES, Event
 from paypost.ledger import sqlite as ledger_sqlite
@@ -247,7 +255,9 @@ def read_counters(conn: Any) -> dict[str, int]:
 # The pipeline
 
 
-StageHandler = Callable[[list[Event], UnitOfWork], list[Event]]
+#: A stage handler returns its outputs; an `EncodedEvents` carries each output's JSON body,
+#: encoded by the stage as it appended it (hot in cache), so publish does not encode again.
+StageHandler = Callable[[list[Event], UnitOfWork], Sequence[Event]]
 
 
 class StageFailure(Exception):
@@ -300,6 +310,9 @@ class Pipeline:
         self._writer_size = -1
         # Inside a fused unit of work: actions that must come after its tracking range.
         self._deferred: list[Callable[[], object]] | None = None
+        # Static account attributes kept between batches (checked against the ledger's
+        # accounts version once per batch), so a chunk does not re-read its ~250 accounts.
+        self._accounts = ledger_sqlite.AccountCache()
 
     # -- set-up ----------------------------------------------------------------------------
     def install(self) -> None:
@@ -336,30 +349,40 @@ class Pipeline:
         return accounts
 
     # -- stage handlers: thin adapters over the pure stages ---------------------------------
-    def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+    def _dedup(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
         index = dedup_stage.SqliteDedupIndex(uow.conn, create=False)
         result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
         index.apply(result.effects)
         return result.outputs
 
-    def _standardize(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
-        return standardize(events)
+    def _standardize(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        out = EncodedEvents()
+        standardize(events, sink=out.append)
+        return out
 
-    def _enrich(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
-        return enrich(events, self.refdata)
+    def _enrich(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        out = EncodedEvents()
+        enrich(events, self.refdata, sink=out.append)
+        return out
 
-    def _rules(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
-        return apply_rules(events, self.rulebook)
+    def _rules(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        out = EncodedEvents()
+        apply_rules(events, self.rulebook, sink=out.append)
+        return out
 
-    def _account_interface(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+    def _account_interface(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
         if self.buffer is not None:
             self._wait_for_buffer(len(events))
-        return create_legs(events, self.settings.posting)
+        out = EncodedEvents()
+        create_legs(events, self.settings.posting, sink=out.append)
+        return out
 
-    def _assembler(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+    def _assembler(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
         store = asm.SqliteLegStore(uow.conn)
         result = asm.assemble(events, store, now_us=int(self.clock() * 1e6))
-        done = asm.finish(result, store, partial(ledger_sqlite.post_batch_in, uow.conn))
+        done = asm.finish(
+            result, store, partial(ledger_sqlite.post_batch_in, uow.conn, cache=self._accounts)
+        )
         add_to_outbox(uow.conn, done.records)
         for letter in done.dead_letters:
             self._later(partial(uow.dead_letter, ASSEMBLER, letter.events, letter.reason))
@@ -382,7 +405,7 @@ class Pipeline:
     # -- the fused dispatcher ---------------------------------------------------------------
     def _run_stage(
         self, uow: UnitOfWork, name: str, events: list[Event], outcome: BatchOutcome
-    ) -> list[Event]:
+    ) -> Sequence[Event]:
         """Run stage NAME on EVENTS inside a savepoint. If it raises, retry event by event;
         an event that fails alone goes to the stage's durable queue (retry policy, then DLQ)
         and its neighbours go on."""
@@ -400,11 +423,11 @@ class Pipeline:
             return outputs
         except Exception as exc:
             log.warning("stage.batch_failed", stage=name, events=len(events), error=repr(exc))
-        outputs = []
+        outputs = EncodedEvents()
         for event in events:
             try:
                 with _savepoint(conn, "event"):
-                    outputs += handler([event], uow)
+                    outputs.extend(handler([event], uow))
             except Exception as exc:
                 log.error(
                     "stage.event_failed",

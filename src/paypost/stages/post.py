@@ -30,7 +30,7 @@ does not convert into the billed amount) is held (`TransactionHeld`, stage
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -378,13 +378,26 @@ def _balance_problem(legs: Sequence[Leg]) -> str | None:
     return f"posting legs do not balance per currency: {bad}" if bad else None
 
 
-def create_legs(events: Sequence[Event], config: PostingConfig | None = None) -> list[Event]:
+def create_legs(
+    events: Sequence[Event],
+    config: PostingConfig | None = None,
+    *,
+    sink: Callable[[Event], object] | None = None,
+) -> list[Event]:
     """The account interface stage (FR7): each TransactionApproved → its PostingLegCreated
-    events (or one TransactionHeld when it cannot be posted). Pure and deterministic."""
+    events (or one TransactionHeld when it cannot be posted). Pure and deterministic.
+
+    With SINK, each output is handed to it as soon as it is built (the pipeline encodes it
+    there while it is hot in the cache) and the returned list is empty."""
     cfg = config or PostingConfig()
     out: list[Event] = []
     for event in events:
-        out.extend(legs_for(event, cfg.for_tenant(event.tenant)))
+        legs = legs_for(event, cfg.for_tenant(event.tenant))
+        if sink is None:
+            out.extend(legs)
+        else:
+            for leg in legs:
+                sink(leg)
     return out
 
 
