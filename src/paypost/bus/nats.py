@@ -90,6 +90,7 @@ from paypost.bus.core import (
     DeadLetterNotFound,
     Delivery,
     DeliveryHandle,
+    EncodedEvents,
     PublishResult,
     Rand,
     ReplayResult,
@@ -1303,7 +1304,8 @@ class NatsUnitOfWork(UnitOfWork):
         if not dedup:
             # no dedup keys needed: encode only (hashing every output cost the fused worker
             # two blake2b per event)
-            evs = list(events)
+            # a stage's EncodedEvents already carries the bodies (encode_events reuses them)
+            evs = events if isinstance(events, EncodedEvents) else list(events)
             result = PublishResult(published=len(evs))
             nonce = f"{self.id:x}.{len(self.rows)}"
             return self._route(

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from paypost.bus.consumer import Consumer, TokenBucket
-from paypost.bus.core import Delivery, UnitOfWork
+from paypost.bus.core import Delivery, EncodedEvents, UnitOfWork
 from paypost.bus.nats import NatsBus, NatsUnitOfWork
 from paypost.events import Event
 from paypost.ledger.model import Account
@@ -112,9 +112,9 @@ class DistributedPipeline:
         self._ledger_lock = threading.Lock()
         self.handlers: dict[str, StageHandler] = {
             DEDUP: self._dedup,
-            STANDARDIZE: lambda events, uow: standardize(events),
-            ENRICH: lambda events, uow: enrich(events, self.refdata),
-            RULES: lambda events, uow: apply_rules(events, self.rulebook),
+            STANDARDIZE: self._standardize,
+            ENRICH: self._enrich,
+            RULES: self._rules,
             ACCOUNT_INTERFACE: self._account_interface,
             ASSEMBLER: self._assembler,
         }
@@ -153,20 +153,39 @@ class DistributedPipeline:
         return accounts
 
     # -- stage handlers (thin: the pure stages decide, PostgreSQL stores) ------------------
+    # Outputs go into an EncodedEvents: each is encoded as the stage appends it (hot in
+    # cache), and the bus publishes those bodies instead of encoding again.
+    def _standardize(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        out = EncodedEvents()
+        standardize(events, sink=out.append)
+        return out
+
+    def _enrich(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        out = EncodedEvents()
+        enrich(events, self.refdata, sink=out.append)
+        return out
+
+    def _rules(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        out = EncodedEvents()
+        apply_rules(events, self.rulebook, sink=out.append)
+        return out
+
     def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
         index = state.PostgresDedupIndex(uow.conn, self.state_schema)
         result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
         index.apply(result.effects)
         return result.outputs
 
-    def _account_interface(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+    def _account_interface(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
         bucket = self.buffer
         remaining = len(events)
         while bucket is not None and remaining > 0:  # the posting buffer (FR7)
             remaining -= bucket.take(remaining)
             if remaining:
                 self.sleep(max(bucket.wait_s(), 0.001))
-        return create_legs(events, self.settings.posting)
+        out = EncodedEvents()
+        create_legs(events, self.settings.posting, sink=out.append)
+        return out
 
     def _assembler(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
         store = assembler_pg.PostgresLegStore(uow.conn, self.assembly_schema)
@@ -263,11 +282,11 @@ class DistributedPipeline:
                 return handler(events, uow)
         except Exception as exc:
             log.warning("stage.batch_failed", stage=name, events=len(events), error=repr(exc))
-        outputs: list[Event] = []
+        outputs = EncodedEvents()
         for event in events:
             try:
                 with uow.savepoint():
-                    outputs += handler([event], uow)
+                    outputs.extend(handler([event], uow))
             except Exception as exc:
                 log.error(
                     "stage.event_failed",
