@@ -260,6 +260,39 @@ def read_counters(conn: Any) -> dict[str, int]:
 StageHandler = Callable[[list[Event], UnitOfWork], Sequence[Event]]
 
 
+def encoded(stage: Callable[..., object], events: list[Event], *args: Any) -> EncodedEvents:
+    """Run a pure STAGE (standardize, enrich, apply_rules, create_legs) with an
+    `EncodedEvents` as its sink: each output is encoded as the stage appends it, hot in the
+    cache, and publish takes those bodies instead of encoding again. Both pipelines use it."""
+    out = EncodedEvents()
+    stage(events, *args, sink=out.append)
+    return out
+
+
+def wait_for_tokens(bucket: TokenBucket, n: int, sleep: Callable[[float], None]) -> None:
+    """The posting buffer (FR7): wait until BUCKET gave N tokens. Back-pressure on the whole
+    batch, never loss: the events wait in memory inside their uncommitted unit of work."""
+    remaining = n
+    while remaining > 0:
+        remaining -= bucket.take(remaining)
+        if remaining:
+            sleep(max(bucket.wait_s(), 0.001))
+
+
+def ledger_accounts(refdata: RefData) -> list[Account]:
+    """Customer accounts from the reference data plus each tenant's internal accounts (one
+    per currency of its accounts, home currency and FX rates)."""
+    currencies: dict[str, set[str]] = {t: {s.home_currency} for t, s in refdata.tenants.items()}
+    all_ccy = {c for pair in refdata.rates for c in pair}
+    accounts: list[Account] = []
+    for a in refdata.accounts.values():
+        currencies.setdefault(a.tenant, set()).add(a.currency)
+        accounts.append(Account(id=a.id, tenant=a.tenant, kind="customer", currency=a.currency))
+    for tenant, ccys in sorted(currencies.items()):
+        accounts += internal_accounts(tenant, sorted(ccys | all_ccy))
+    return accounts
+
+
 class StageFailure(Exception):
     """A stage raised on an event; carried to the durable queue with this message."""
 
@@ -336,17 +369,7 @@ class Pipeline:
 
     def ledger_accounts(self) -> list[Account]:
         """Customer accounts from the reference data plus each tenant's internal accounts."""
-        currencies: dict[str, set[str]] = {
-            t: {s.home_currency} for t, s in self.refdata.tenants.items()
-        }
-        all_ccy = {c for pair in self.refdata.rates for c in pair}
-        accounts: list[Account] = []
-        for a in self.refdata.accounts.values():
-            currencies.setdefault(a.tenant, set()).add(a.currency)
-            accounts.append(Account(id=a.id, tenant=a.tenant, kind="customer", currency=a.currency))
-        for tenant, ccys in sorted(currencies.items()):
-            accounts += internal_accounts(tenant, sorted(ccys | all_ccy))
-        return accounts
+        return ledger_accounts(self.refdata)
 
     # -- stage handlers: thin adapters over the pure stages ---------------------------------
     def _dedup(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
@@ -356,26 +379,18 @@ class Pipeline:
         return result.outputs
 
     def _standardize(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        out = EncodedEvents()
-        standardize(events, sink=out.append)
-        return out
+        return encoded(standardize, events)
 
     def _enrich(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        out = EncodedEvents()
-        enrich(events, self.refdata, sink=out.append)
-        return out
+        return encoded(enrich, events, self.refdata)
 
     def _rules(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        out = EncodedEvents()
-        apply_rules(events, self.rulebook, sink=out.append)
-        return out
+        return encoded(apply_rules, events, self.rulebook)
 
     def _account_interface(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
         if self.buffer is not None:
-            self._wait_for_buffer(len(events))
-        out = EncodedEvents()
-        create_legs(events, self.settings.posting, sink=out.append)
-        return out
+            wait_for_tokens(self.buffer, len(events), self.sleep)
+        return encoded(create_legs, events, self.settings.posting)
 
     def _assembler(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
         store = asm.SqliteLegStore(uow.conn)
@@ -389,18 +404,6 @@ class Pipeline:
         if done.dead_letters:
             _bump(uow.conn, {"dead_lettered": len(done.dead_letters)})
         return done.events
-
-    def _wait_for_buffer(self, n: int) -> None:
-        """The posting buffer (FR7): wait for N tokens. Back-pressure on the whole fused
-        batch, never loss: the events wait in memory inside their uncommitted batch."""
-        bucket = self.buffer
-        assert bucket is not None
-        remaining = n
-        while remaining > 0:
-            got = bucket.take(remaining)
-            remaining -= got
-            if remaining:
-                self.sleep(max(bucket.wait_s(), 0.001))
 
     # -- the fused dispatcher ---------------------------------------------------------------
     def _run_stage(

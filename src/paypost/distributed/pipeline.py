@@ -46,6 +46,9 @@ from paypost.pipeline import (
     PipelineSettings,
     StageHandler,
     _count,
+    encoded,
+    ledger_accounts,
+    wait_for_tokens,
 )
 from paypost.refdata.model import RefData
 from paypost.stages import assembler as asm
@@ -53,7 +56,7 @@ from paypost.stages import assembler_pg, posting_file_pg
 from paypost.stages import dedup as dedup_stage
 from paypost.stages import ingest as ingest_stage
 from paypost.stages.enrich import enrich
-from paypost.stages.post import create_legs, internal_accounts
+from paypost.stages.post import create_legs
 from paypost.stages.posting_file import PostingFileWriter
 from paypost.stages.rules import RuleBook, apply_rules
 from paypost.stages.standardize import standardize
@@ -140,35 +143,19 @@ class DistributedPipeline:
             self.bus.put_rule(rule)
 
     def ledger_accounts(self) -> list[Account]:
-        currencies: dict[str, set[str]] = {
-            t: {s.home_currency} for t, s in self.refdata.tenants.items()
-        }
-        all_ccy = {c for pair in self.refdata.rates for c in pair}
-        accounts: list[Account] = []
-        for a in self.refdata.accounts.values():
-            currencies.setdefault(a.tenant, set()).add(a.currency)
-            accounts.append(Account(id=a.id, tenant=a.tenant, kind="customer", currency=a.currency))
-        for tenant, ccys in sorted(currencies.items()):
-            accounts += internal_accounts(tenant, sorted(ccys | all_ccy))
-        return accounts
+        return ledger_accounts(self.refdata)
 
     # -- stage handlers (thin: the pure stages decide, PostgreSQL stores) ------------------
-    # Outputs go into an EncodedEvents: each is encoded as the stage appends it (hot in
-    # cache), and the bus publishes those bodies instead of encoding again.
+    # Outputs go into an EncodedEvents (`encoded`): each is encoded as the stage appends it
+    # (hot in cache), and the bus publishes those bodies instead of encoding again.
     def _standardize(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        out = EncodedEvents()
-        standardize(events, sink=out.append)
-        return out
+        return encoded(standardize, events)
 
     def _enrich(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        out = EncodedEvents()
-        enrich(events, self.refdata, sink=out.append)
-        return out
+        return encoded(enrich, events, self.refdata)
 
     def _rules(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        out = EncodedEvents()
-        apply_rules(events, self.rulebook, sink=out.append)
-        return out
+        return encoded(apply_rules, events, self.rulebook)
 
     def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
         index = state.PostgresDedupIndex(uow.conn, self.state_schema)
@@ -177,15 +164,9 @@ class DistributedPipeline:
         return result.outputs
 
     def _account_interface(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        bucket = self.buffer
-        remaining = len(events)
-        while bucket is not None and remaining > 0:  # the posting buffer (FR7)
-            remaining -= bucket.take(remaining)
-            if remaining:
-                self.sleep(max(bucket.wait_s(), 0.001))
-        out = EncodedEvents()
-        create_legs(events, self.settings.posting, sink=out.append)
-        return out
+        if self.buffer is not None:  # the posting buffer (FR7)
+            wait_for_tokens(self.buffer, len(events), self.sleep)
+        return encoded(create_legs, events, self.settings.posting)
 
     def _assembler(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
         store = assembler_pg.PostgresLegStore(uow.conn, self.assembly_schema)
