@@ -145,9 +145,17 @@ class PostgresLedger:
             )
         self.prefix = prefix
         self.conninfo = conninfo
-        self.conn = psycopg.connect(conninfo)
+        self._conn = psycopg.connect(conninfo)
         self._known: set[str] = set()
         self._accounts: dict[str, tuple[int, dict[str, tuple[int, str, str, int | None]]]] = {}
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The ledger's own connection, opened again if the server dropped it (a PostgreSQL
+        restart): a long-running reader such as a job's progress poll then recovers."""
+        if self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self.conninfo)
+        return self._conn
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -216,7 +224,7 @@ class PostgresLedger:
         self.conn.commit()
 
     def close(self) -> None:
-        self.conn.close()
+        self._conn.close()
 
     # -- accounts -------------------------------------------------------------------------
 
