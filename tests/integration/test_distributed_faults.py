@@ -17,7 +17,7 @@ The NATS faults use nats-server processes this module starts on free ports with 
 store directories (the shared server on 4222 is never stopped). Stopping PostgreSQL would
 stop other engineers' tests too: that case is skipped unless PAYPOST_ALLOW_PG_RESTART=1
 (it then runs PAYPOST_PG_STOP_CMD / PAYPOST_PG_START_CMD, default `service postgresql
-stop|start`).
+stop|start`). `.ci/run` sets all three: CI has the machine to itself.
 """
 
 from __future__ import annotations
