@@ -53,9 +53,12 @@ from paypost.distributed.runtime import (
 from paypost.pipeline import PipelineSettings
 from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
-
 EVENTS = int(os.environ.get("PAYPOST_FAULT_EVENTS", "3000"))
+# A run's time to complete grows with its size: 240 s covers the default 3,000 on a loaded
+# machine; PAYPOST_FAULT_EVENTS=100000 (the size) gets 1 s per 40 authorizations.
+COMPLETION_TIMEOUT_S = max(240.0, EVENTS / 40)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(COMPLETION_TIMEOUT_S * 2 + 160))]
 KEY = bytes(range(32))
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -273,7 +276,12 @@ def run_pipeline(
                     fault(procs)
 
             rep = wait_for_completion(
-                job.pipeline, started, approved, timeout_s=240, poll_s=0.3, on_poll=on_poll
+                job.pipeline,
+                started,
+                approved,
+                timeout_s=COMPLETION_TIMEOUT_S,
+                poll_s=0.3,
+                on_poll=on_poll,
             )
             assert fired, "the fault was never injected"
             tenants = sorted(refdata.tenants)
