@@ -1,5 +1,6 @@
 """`paypost parked|quarantine --backend distributed list|show`: the records a distributed run
-parked or quarantined, read from PostgreSQL, shown as the embedded backend shows them."""
+parked or quarantined, read from PostgreSQL, shown as the embedded backend shows them
+(`paypost review --backend distributed`: test_review_distributed.py)."""
 
 from __future__ import annotations
 
@@ -226,7 +227,7 @@ def test_both_backends_print_the_same_records(
 
 def test_an_unknown_prefix_names_the_setting_to_fix(postgres_url: str, pg_schema: str) -> None:
     env = {"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}
-    for group in ("parked", "quarantine"):
+    for group in ("parked", "quarantine", "review"):
         result = _cli(env, group, "--backend", "distributed", "list")
         assert isinstance(result.exception, UserError)
         message = str(result.exception)

@@ -9,8 +9,8 @@ Parked records carry the masked PAN and the card token only, never a card number
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -18,15 +18,8 @@ import msgspec
 import typer
 from rich.table import Table
 
-from paypost.cli.bus import BusChoice
 from paypost.cli.common import DataDirOption, JsonOption, console, emit_json
-from paypost.cli.distributed import (
-    BackendOption,
-    ConfigOption,
-    DbUrlOption,
-    PrefixOption,
-    check_backend,
-)
+from paypost.cli.readers import add_backend_options, backend_flag, open_reader
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.money import Money
 from paypost.stages.dedup import (
@@ -51,17 +44,7 @@ ReasonOption = Annotated[
     typer.Option("--reason", help=f"Only this reason: {', '.join(PARK_REASONS)}."),
 ]
 
-
-@app.callback()
-def _choose(
-    ctx: typer.Context,
-    backend: BackendOption = "embedded",
-    config: ConfigOption = None,
-    db_url: DbUrlOption = None,
-    prefix: PrefixOption = None,
-) -> None:
-    """Options of the group (before the subcommand): which backend's records to read."""
-    ctx.obj = BusChoice(check_backend(backend), config, None, db_url, prefix)
+add_backend_options(app)
 
 
 def _open(data_dir: Path) -> sqlite3.Connection:
@@ -115,29 +98,9 @@ class _EmbeddedParked:
         return count_parked(self.conn)
 
 
-def _choice(ctx: typer.Context) -> BusChoice:
-    return ctx.obj if isinstance(ctx.obj, BusChoice) else BusChoice()
-
-
-def _backend_flag(ctx: typer.Context) -> str:
-    """The option to repeat in a hint for the next command."""
-    return " --backend distributed" if _choice(ctx).backend == "distributed" else ""
-
-
-@contextmanager
-def _reader(ctx: typer.Context, data_dir: Path) -> Iterator[ParkedReader]:
+def _reader(ctx: typer.Context, data_dir: Path) -> AbstractContextManager[ParkedReader]:
     """The parked records of the chosen backend (read-only), closed on exit."""
-    choice = _choice(ctx)
-    if choice.backend == "distributed":
-        from paypost.distributed.queries import open_configured_reader
-
-        with open_configured_reader(
-            choice.config, db_url=choice.db_url, prefix=choice.prefix
-        ) as reader:
-            yield reader
-    else:
-        with closing(_open(data_dir)) as conn:
-            yield _EmbeddedParked(conn)
+    return open_reader(ctx, partial(_open, data_dir), _EmbeddedParked)
 
 
 def _amount(record: ParkedRecord) -> str:
@@ -206,7 +169,7 @@ def list_command(
         )
     console.print(table)
     console.print(
-        f"details: paypost parked{_backend_flag(ctx)} show ID (an id prefix of 8+ characters "
+        f"details: paypost parked{backend_flag(ctx)} show ID (an id prefix of 8+ characters "
         "is enough)",
         highlight=False,
     )
@@ -229,7 +192,7 @@ def show_command(
     if record is None:
         raise UserError(
             f"no parked authorization with id {event_id!r}; list them with "
-            f"`paypost parked{_backend_flag(ctx)} list`"
+            f"`paypost parked{backend_flag(ctx)} list`"
         )
     if as_json:
         emit_json(record)

@@ -10,8 +10,8 @@ way. Every stored record has its card numbers masked (first 6, last 4).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Protocol
 
@@ -19,15 +19,8 @@ import msgspec
 import typer
 from rich.table import Table
 
-from paypost.cli.bus import BusChoice
 from paypost.cli.common import DataDirOption, JsonOption, console, emit_json
-from paypost.cli.distributed import (
-    BackendOption,
-    ConfigOption,
-    DbUrlOption,
-    PrefixOption,
-    check_backend,
-)
+from paypost.cli.readers import add_backend_options, backend_flag, open_reader
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.stages.ingest import QuarantineEntry, get_quarantine, list_quarantine
 
@@ -38,21 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-
-@app.callback()
-def _choose(
-    ctx: typer.Context,
-    backend: BackendOption = "embedded",
-    config: ConfigOption = None,
-    db_url: DbUrlOption = None,
-    prefix: PrefixOption = None,
-) -> None:
-    """Options of the group (before the subcommand): which backend's records to read."""
-    ctx.obj = BusChoice(check_backend(backend), config, None, db_url, prefix)
-
-
-def _choice(ctx: typer.Context) -> BusChoice:
-    return ctx.obj if isinstance(ctx.obj, BusChoice) else BusChoice()
+add_backend_options(app)
 
 
 def _open(data_dir: Path) -> sqlite3.Connection:
@@ -102,20 +81,9 @@ class _EmbeddedQuarantine:
         return get_quarantine(self.conn, entry_id)
 
 
-@contextmanager
-def _reader(ctx: typer.Context, data_dir: Path) -> Iterator[QuarantineReader]:
+def _reader(ctx: typer.Context, data_dir: Path) -> AbstractContextManager[QuarantineReader]:
     """The quarantined records of the chosen backend (read-only), closed on exit."""
-    choice = _choice(ctx)
-    if choice.backend == "distributed":
-        from paypost.distributed.queries import open_configured_reader
-
-        with open_configured_reader(
-            choice.config, db_url=choice.db_url, prefix=choice.prefix
-        ) as reader:
-            yield reader
-    else:
-        with closing(_open(data_dir)) as conn:
-            yield _EmbeddedQuarantine(conn)
+    return open_reader(ctx, partial(_open, data_dir), _EmbeddedQuarantine)
 
 
 @app.command("list")
@@ -160,10 +128,9 @@ def show_cmd(
     with _reader(ctx, data_dir) as reader:
         entry = reader.get_quarantine(entry_id)
     if entry is None:
-        backend = " --backend distributed" if _choice(ctx).backend == "distributed" else ""
         raise UserError(
-            f"no quarantined record with id {entry_id}: see `paypost quarantine{backend} list` "
-            "for ids"
+            f"no quarantined record with id {entry_id}: see "
+            f"`paypost quarantine{backend_flag(ctx)} list` for ids"
         )
     if json:
         emit_json(msgspec.structs.asdict(entry))

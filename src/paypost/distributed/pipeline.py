@@ -5,8 +5,9 @@ embedded pipeline; what differs is where state lives and how a batch moves:
 
 - every stage consumes its own durable queue (`<p>.q.<stage>`) in its own unit of work —
   ONE PostgreSQL transaction with the stage's effects (dedup index, leg store, ledger,
-  posting outbox, counters), its tracking record and the outbox of its output events; the
-  bus relays the outputs to JetStream after commit (see `paypost.bus.nats`);
+  posting outbox, counters, held/rejected outcomes), its tracking record and the outbox of
+  its output events; the bus relays the outputs to JetStream after commit (see
+  `paypost.bus.nats`);
 - no fused in-process hops: any worker of any stage can take any event, so workers scale
   out by running more of them (`paypost worker --stage STAGE`);
 - an ingest batch commits its checkpoint, quarantine and sealed vault rows with the outbox
@@ -197,6 +198,7 @@ class DistributedPipeline:
                 counts: dict[str, int] = {}
                 _count(outputs, counts)
                 state.bump_counters(uow.conn, schema, counts)
+                state.record_outcomes(uow.conn, schema, state.outcome_rows(outputs))
                 if outputs:
                     uow.publish(outputs, dedup=False)
 
@@ -220,6 +222,7 @@ class DistributedPipeline:
         def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
             assert isinstance(uow, NatsUnitOfWork)
             counts: dict[str, int] = {}
+            outcomes: list[state.OutcomeRow] = []  # held/rejected, for `paypost review`
             pending: dict[str, list[Event]] = {DEDUP: [d.event for d in deliveries]}
             leased_at = time.monotonic()
             while pending:
@@ -235,11 +238,13 @@ class DistributedPipeline:
                     if not outputs:
                         continue
                     _count(outputs, counts)
+                    state.outcome_rows(outputs, into=outcomes)
                     result = uow.publish(outputs, dedup=False, inline=inline)
                     for target, evs in result.inline.items():
                         produced.setdefault(target, []).extend(evs)
                 pending = produced
             state.bump_counters(uow.conn, schema, counts)
+            state.record_outcomes(uow.conn, schema, outcomes)
 
         consumer = Consumer(self.bus, DEDUP, handle, name=DEDUP, sleep=self.sleep)
         consumer.config = msgspec.structs.replace(

@@ -1,9 +1,11 @@
 """Read queries over the distributed pipeline's PostgreSQL state, for the CLI readers.
 
-`paypost parked --backend distributed` and `paypost quarantine --backend distributed` read the
-same records as on the embedded backend (`dedup_parked`, `ingest_quarantine`), from the tables
+`paypost parked|quarantine|review --backend distributed` read the same records as on the
+embedded backend (`dedup_parked`, `ingest_quarantine`, `reconcile_outcomes`), from the tables
 `state.py` writes in the schema `<prefix>_state`, and return the SAME structs
-(`ParkedRecord`, `QuarantineEntry`) so that both backends print the same table and JSON.
+(`ParkedRecord`, `QuarantineEntry`) or rows (review: event id, tenant, state, reason,
+authorization id, as the embedded query selects them) so that both backends print the same
+table and JSON.
 
 Read-only: the connection runs READ ONLY transactions and never commits. The tables hold
 masked PANs and card tokens only (asserted on write, and again here before anything leaves).
@@ -41,6 +43,8 @@ _QUARANTINE_COLUMNS = sql.SQL(
     "to_char(quarantined_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') "
     "FROM {}.ingest_quarantine"
 )
+
+_REVIEW_COLUMNS = sql.SQL("SELECT event_id, tenant, state, reason, auth_id FROM {}.review_outcomes")
 
 
 class StateReader:
@@ -117,6 +121,60 @@ class StateReader:
             _QUARANTINE_COLUMNS.format(self.s) + sql.SQL(" WHERE id = %s"), (entry_id,)
         ).fetchone()
         return None if row is None else _quarantined(row)
+
+    # -- held and rejected transactions (DESIGN §3.3) ----------------------------------------
+    # Rows in the embedded `paypost review` query's column order: event_id, tenant, state,
+    # reason, auth_id; oldest first (seq), one per event (the event id is unique here).
+    def list_review(
+        self,
+        *,
+        state: str | None = None,
+        tenant: str | None = None,
+        reason: str | None = None,
+        limit: int = 50,
+    ) -> list[tuple[Any, ...]]:
+        """Held/rejected outcomes filtered by state, tenant and reason text (a substring,
+        case-sensitive as the embedded instr())."""
+        self._require_review()
+        return self.conn.execute(
+            _REVIEW_COLUMNS.format(self.s)
+            + sql.SQL(
+                " WHERE (%(st)s::text IS NULL OR state = %(st)s) "
+                "AND (%(t)s::text IS NULL OR tenant = %(t)s) "
+                "AND (%(r)s::text IS NULL OR strpos(reason, %(r)s) > 0) ORDER BY seq LIMIT %(n)s"
+            ),
+            {"st": state, "t": tenant, "r": reason, "n": limit},
+        ).fetchall()
+
+    def find_review(self, prefix: str) -> list[tuple[Any, ...]]:
+        """At most two outcomes whose event id starts with PREFIX (ILIKE, as the embedded
+        SQLite LIKE ignores ASCII case)."""
+        self._require_review()
+        pattern = prefix.replace("%", "").replace("_", "").replace("\\", "") + "%"
+        return self.conn.execute(
+            _REVIEW_COLUMNS.format(self.s)
+            + sql.SQL(" WHERE event_id ILIKE %s ORDER BY seq LIMIT 2"),
+            (pattern,),
+        ).fetchall()
+
+    def count_review(self) -> dict[str, int]:
+        """Outcomes per state (held, rejected)."""
+        self._require_review()
+        rows = self.conn.execute(
+            sql.SQL("SELECT state, count(*) FROM {}.review_outcomes GROUP BY state").format(self.s)
+        )
+        return {str(st): int(n) for st, n in rows}
+
+    def _require_review(self) -> None:
+        row = self.conn.execute(
+            "SELECT to_regclass(%s)", (f'"{self.schema}".review_outcomes',)
+        ).fetchone()
+        if row is None or row[0] is None:
+            raise UserError(
+                f"the distributed state {self.schema!r} has no review outcomes table: it was "
+                "created by an older paypost; run the pipeline with this version (paypost run "
+                "--backend distributed) to record held and rejected transactions."
+            )
 
 
 def _parked(row: tuple[Any, ...]) -> ParkedRecord:
