@@ -57,6 +57,29 @@ def test_rules_targets_and_queues_survive_a_restart(tmp_path: Path) -> None:
     assert mode == "wal"
 
 
+def test_a_new_database_has_16_kib_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    import sqlite3
+
+    from paypost.config import SQLITE_PAGE_SIZE
+
+    bus = SqliteBus.open(tmp_path / "new")
+    assert bus.conn.execute("PRAGMA page_size").fetchone()[0] == SQLITE_PAGE_SIZE == 16384
+    bus.close()
+    # A database made before the change (4 KiB pages, WAL) is opened as it is and works.
+    (tmp_path / "old").mkdir()
+    old = sqlite3.connect(tmp_path / "old" / DB_FILENAME)
+    old.execute("PRAGMA page_size=4096")
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("CREATE TABLE before_the_change (x)")
+    old.close()
+    again = SqliteBus.open(tmp_path / "old")
+    assert again.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    again.put_target(TargetConfig(name="holds"))
+    again.put_rule(Rule(name="r", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
+    again.publish([held(1)])
+    assert [d.event.id for d in again.receive("holds")] == ["held-1"]
+
+
 def test_a_second_connection_sees_rule_changes(tmp_path: Path) -> None:
 
     pipeline = SqliteBus.open(tmp_path)

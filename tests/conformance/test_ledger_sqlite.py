@@ -64,6 +64,7 @@ def test_durability_pragmas(tmp_path: Path) -> None:
     conn = _setup(tmp_path / "paypost.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384  # a new file
 
 
 def test_posting_joins_the_callers_transaction(tmp_path: Path) -> None:
