@@ -162,6 +162,8 @@ class DistributedPipeline:
         index = state.PostgresDedupIndex(uow.conn, self.state_schema)
         result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
         index.apply(result.effects)
+        # the reconciler's record of what came in, with the dedup effects (FR10)
+        state.record_inbound(uow.conn, self.state_schema, state.inbound_rows(result.outputs))
         return result.outputs
 
     def _account_interface(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:

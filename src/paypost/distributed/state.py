@@ -8,6 +8,9 @@ stage logic (the pure stages in `paypost.stages` decide; these classes only stor
 - pipeline counters: append-only deltas summed on read (no hot row shared by workers);
 - review outcomes: each held or rejected transaction with its reason (DESIGN §3.3), the
   embedded `reconcile_outcomes` record, read by `paypost review --backend distributed`;
+- the reconciler's inbound record: one row per `AuthorizationAccepted` (the embedded
+  `reconcile_inbound`), written with the dedup stage's effects, read by `paypost reconcile
+  --backend distributed` (`paypost.distributed.reconcile`);
 - the pipeline's configuration documents (reference data version, rules text) that a job
   publishes and workers load at start: one source of truth for every worker. Holder
   personal data stays sealed at rest (`HolderCipher`, as in the SQLite refdata store).
@@ -41,7 +44,7 @@ from paypost.refdata.model import (
 from paypost.refdata.store import HolderCipher
 from paypost.stages.dedup import DedupEffects, KeySighting, SeenEvent, _parked_row
 from paypost.stages.ingest import Checkpoint, IngestBatch, assert_no_clear_pan
-from paypost.stages.reconcile import NON_POSTING
+from paypost.stages.reconcile import NON_POSTING, InboundRow, inbound_row
 
 Conn = psycopg.Connection[Any]
 
@@ -88,6 +91,9 @@ CREATE TABLE IF NOT EXISTS {s}.review_outcomes (
     seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,
     tenant TEXT NOT NULL, auth_id TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,
     event_time TEXT NOT NULL, recorded_at TIMESTAMPTZ NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS {s}.reconcile_inbound (
+    accepted_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, auth_id TEXT NOT NULL,
+    day TEXT NOT NULL, amount BIGINT NOT NULL, currency TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.pipeline_counters (name TEXT NOT NULL, value BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.pipeline_config (name TEXT PRIMARY KEY, doc BYTEA NOT NULL)
 """
@@ -393,6 +399,58 @@ def record_outcomes(conn: Conn, schema: str, rows: list[OutcomeRow]) -> None:
             "%b::text[], %b::text[]) ON CONFLICT DO NOTHING"
         ).format(sql.Identifier(schema)),
         (list(ids), list(tenants), list(auths), list(states), list(reasons), list(times)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The reconciler's inbound record: one row per accepted authorization (FR10)
+
+
+def inbound_rows(events: Iterable[Event]) -> list[InboundRow]:
+    """The inbound records of the `AuthorizationAccepted` events among EVENTS (the dedup
+    stage's outputs): the same fields as the embedded record (`reconcile.inbound_row`)."""
+    return [inbound_row(e) for e in events if e.detail_type == "AuthorizationAccepted"]
+
+
+_US = "\x1f"  # between the fields of a packed inbound record
+_RS = "\x1e"  # between packed inbound records
+
+
+def record_inbound(conn: Conn, schema: str, rows: list[InboundRow]) -> None:
+    """Store ROWS (`inbound_rows`) in the caller's transaction (the dedup stage's unit of
+    work): ONE statement per batch; a redelivered or replayed acceptance (same event id)
+    adds no second row.
+
+    Every accepted authorization passes here, so the client cost counts: the rows travel as
+    one text parameter (fields joined by US, records by RS, split by the server) instead of
+    six binary arrays, whose element-by-element dumping cost ~0.8 µs per field (measured:
+    4.7 vs 9.4 µs of client CPU per authorization, and less server CPU too). A field that
+    holds a separator (never seen: ids, days, currency codes) sends the batch as six binary
+    arrays instead (`unnest`, as `record_outcomes`)."""
+    if not rows:
+        return
+    s = sql.Identifier(schema)
+    payload = _RS.join([_US.join((t, a, i, d, str(m), c)) for t, a, i, d, m, c in rows])
+    if payload.count(_US) == 5 * len(rows) and payload.count(_RS) == len(rows) - 1:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.reconcile_inbound (tenant, auth_id, accepted_id, day, amount, "
+                "currency) SELECT split_part(r, E'\\x1f', 1), split_part(r, E'\\x1f', 2), "
+                "split_part(r, E'\\x1f', 3), split_part(r, E'\\x1f', 4), "
+                "split_part(r, E'\\x1f', 5)::bigint, split_part(r, E'\\x1f', 6) "
+                "FROM unnest(string_to_array(%b::text, E'\\x1e')) AS r ON CONFLICT DO NOTHING"
+            ).format(s),
+            (payload,),
+        )
+        return
+    tenants, auths, ids, days, amounts, currencies = zip(*rows, strict=True)
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.reconcile_inbound (tenant, auth_id, accepted_id, day, amount, "
+            "currency) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], "
+            "%b::bigint[], %b::text[]) ON CONFLICT DO NOTHING"
+        ).format(s),
+        (list(tenants), list(auths), list(ids), list(days), list(amounts), list(currencies)),
     )
 
 

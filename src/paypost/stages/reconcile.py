@@ -245,27 +245,36 @@ def _utc_day(text: str) -> str:
     return moment.astimezone(UTC).date().isoformat()
 
 
+#: one `reconcile_inbound` record: tenant, authorization (correlation) id, accepted event id,
+#: transmission day (UTC), amount (minor units), currency
+InboundRow = tuple[str, str, str, str, int, str]
+
+
+def inbound_row(e: Event) -> InboundRow:
+    """The inbound record of an `AuthorizationAccepted` event (pure): what both backends
+    store (`track` here, `paypost.distributed.state.record_inbound` on PostgreSQL)."""
+    req = e.detail.get("request") or {}
+    amount = req.get("amount") or {}
+    return (
+        e.tenant,
+        e.correlation_id,
+        e.id,
+        _utc_day(str(req.get("transmission_time") or e.time)),
+        int(amount.get("minor") or 0),
+        str(amount.get("currency") or ""),
+    )
+
+
 def track(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
     """The pipeline's per-batch record for reconciliation (in the caller's unit of work):
     each `AuthorizationAccepted` and each non-posting terminal event. One pass, two
     `executemany` with append-only keys: a few µs per authorization."""
-    accepted: list[tuple[str, str, str, str, int, str]] = []
+    accepted: list[InboundRow] = []
     outcomes: list[tuple[str, str, str, str, str | None]] = []
     for e in events:
         dt = e.detail_type
         if dt == "AuthorizationAccepted":
-            req = e.detail.get("request") or {}
-            amount = req.get("amount") or {}
-            accepted.append(
-                (
-                    e.tenant,
-                    e.correlation_id,
-                    e.id,
-                    _utc_day(str(req.get("transmission_time") or e.time)),
-                    int(amount.get("minor") or 0),
-                    str(amount.get("currency") or ""),
-                )
-            )
+            accepted.append(inbound_row(e))
         else:
             state = NON_POSTING.get(dt)
             if state is not None:
