@@ -7,6 +7,7 @@ posting file in one snapshot and classifies them exactly as the embedded one doe
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -16,8 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from typer.testing import CliRunner
 
-from paypost.events import Event, SchemaRef
+import paypost.cli
+from paypost.cli import app
+from paypost.events import Event, SchemaRef, derive_event_id
+from paypost.ledger.model import JournalEntry, Leg
+from paypost.security.tokens import find_pans
+from paypost.stages import reconcile as rec
+
+paypost.cli._register()
+runner = CliRunner()
 
 KEY = bytes(range(32))
 
@@ -38,13 +48,22 @@ class Run:
 
 @contextmanager
 def distributed_run(
-    nats_url: str, postgres_url: str, prefix: str, data_dir: Path, *, events: int, fused: bool
+    nats_url: str,
+    postgres_url: str,
+    prefix: str,
+    data_dir: Path,
+    *,
+    events: int,
+    fused: bool,
+    embedded_dir: Path | None = None,
 ) -> Iterator[Run]:
     """A complete demo run on the distributed backend, its posting file exported to
-    DATA_DIR/postings/postings.csv (as `paypost run --backend distributed` does)."""
+    DATA_DIR/postings/postings.csv (as `paypost run --backend distributed` does); with
+    EMBEDDED_DIR, the same inputs also run through the embedded pipeline there first."""
     from paypost.demo import demo_inputs
     from paypost.distributed.runtime import DistributedJob, DistributedSettings, destroy
     from paypost.pipeline import PipelineSettings
+    from paypost.runner import Job
     from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
     settings = DistributedSettings(bus_url=nats_url, db_url=postgres_url, prefix=prefix)
@@ -53,6 +72,12 @@ def distributed_run(
         refdata = inputs.generated.refdata
         text = default_rules_text()
         book = parse_rules(text, "<default>", variables_from_tenants(refdata.tenants.values()))
+        if embedded_dir is not None:
+            embedded = Job(embedded_dir, refdata, book, PipelineSettings(), KEY)
+            try:
+                embedded.run(inputs.sources)
+            finally:
+                embedded.close()
         job = DistributedJob(
             settings=settings,
             refdata=refdata,
@@ -156,3 +181,259 @@ def test_a_per_stage_run_records_every_accepted_authorization_once(
         assert len(rows) == run.accepted > 0
         assert len({(r[0], r[1]) for r in rows}) == len(rows)
         assert all(r[4] > 0 and len(r[5]) == 3 and len(r[3]) == 10 for r in rows)
+
+
+def _reconcile(env: dict[str, str], data_dir: Path, *args: str, code: int = 0) -> Any:
+    """`paypost reconcile --json` (distributed when ENV names a database) -> its document."""
+    backend = ["--backend", "distributed"] if env else []
+    result = runner.invoke(
+        app, ["reconcile", *backend, "--data-dir", str(data_dir), "--json", *args], env=env
+    )
+    assert not find_pans(result.output)
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+def _comparable(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k not in ("seconds", "outcome")}
+    out["breaks"] = sorted(out["breaks"], key=lambda b: b["break_id"])
+    return out
+
+
+def _delete_pg(conn: psycopg.Connection[Any], schema: str, entry_id: str) -> None:
+    """A posting the ledger lost: its entry, legs and their effect on the balances."""
+    s = f'"{schema}"'
+    (pk,) = conn.execute(f"SELECT pk FROM {s}.ledger_entries WHERE id = %s", (entry_id,)).fetchone()
+    for account_pk, amount in conn.execute(
+        f"SELECT account_pk, amount FROM {s}.ledger_legs WHERE entry_pk = %s", (pk,)
+    ).fetchall():
+        conn.execute(
+            f"UPDATE {s}.ledger_balances SET balance = balance - %s, debits = debits - %s, "
+            "credits = credits - %s, legs = legs - 1 WHERE account_pk = %s",
+            (amount, -amount if amount < 0 else 0, amount if amount > 0 else 0, account_pk),
+        )
+    conn.execute(f"DELETE FROM {s}.ledger_legs WHERE entry_pk = %s", (pk,))
+    conn.execute(f"DELETE FROM {s}.ledger_entries WHERE pk = %s", (pk,))
+
+
+def _delete_sqlite(conn: sqlite3.Connection, tenant: str, entry_id: str) -> None:
+    (pk,) = conn.execute(
+        "SELECT pk FROM ledger_entries WHERE tenant = ? AND id = ?", (tenant, entry_id)
+    ).fetchone()
+    for account_pk, amount in conn.execute(
+        "SELECT account_pk, amount FROM ledger_legs WHERE entry_pk = ?", (pk,)
+    ).fetchall():
+        conn.execute(
+            "UPDATE ledger_balances SET balance = balance - ?, debits = debits - ?, "
+            "credits = credits - ?, legs = legs - 1 WHERE account_pk = ?",
+            (amount, -amount if amount < 0 else 0, amount if amount > 0 else 0, account_pk),
+        )
+    conn.execute("DELETE FROM ledger_legs WHERE entry_pk = ?", (pk,))
+    conn.execute("DELETE FROM ledger_entries WHERE pk = ?", (pk,))
+
+
+def _alter_amount(conn: psycopg.Connection[Any], schema: str, delta: int) -> str:
+    """Make one two-leg same-currency posting DELTA minor units larger on both legs (a
+    posting for the wrong amount, still balanced); returns its entry id."""
+    s = f'"{schema}"'
+    (entry_pk, entry_id) = conn.execute(
+        f"SELECT e.pk, e.id FROM {s}.ledger_entries e JOIN {s}.ledger_legs l "
+        f"ON l.entry_pk = e.pk JOIN {s}.ledger_accounts a ON a.pk = l.account_pk "
+        "WHERE e.reversal_of IS NULL AND e.metadata -> 'reconciliation' IS NULL AND e.id "
+        f"NOT IN (SELECT reversal_of FROM {s}.ledger_entries WHERE reversal_of IS NOT NULL) "
+        "GROUP BY e.pk, e.id HAVING count(*) = 2 AND count(DISTINCT a.currency) = 1 "
+        "AND bool_or(a.kind = 'customer') AND bool_or(a.role = 'settlement') "
+        "ORDER BY e.pk DESC LIMIT 1"
+    ).fetchone()
+    for account_pk, amount, idx in conn.execute(
+        f"SELECT account_pk, amount, idx FROM {s}.ledger_legs WHERE entry_pk = %s", (entry_pk,)
+    ).fetchall():
+        change = delta if amount > 0 else -delta
+        conn.execute(
+            f"UPDATE {s}.ledger_legs SET amount = amount + %s WHERE entry_pk = %s AND idx = %s",
+            (change, entry_pk, idx),
+        )
+        conn.execute(
+            f"UPDATE {s}.ledger_balances SET balance = balance + %s, debits = debits + %s, "
+            "credits = credits + %s WHERE account_pk = %s",
+            (change, delta if amount < 0 else 0, delta if amount > 0 else 0, account_pk),
+        )
+    return str(entry_id)
+
+
+def _copy_of(original: Any) -> JournalEntry:
+    """A second posting of ORIGINAL (a faulty writer): same legs, sequence and reference."""
+    return JournalEntry(
+        id=derive_event_id(original.id, "test-duplicate"),
+        tenant=original.tenant,
+        legs=tuple(Leg(account=lg.account, side=lg.side, amount=lg.amount) for lg in original.legs),
+        sequence_id=original.sequence_id,
+        source_event_id=original.source_event_id,
+        booked_at=original.booked_at,
+        description=original.description,
+        metadata=original.metadata,
+    )
+
+
+def test_reconcile_distributed_finds_and_patches_what_the_embedded_one_does(
+    nats_url: str, postgres_url: str, pg_schema: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """A clean fused run reconciles with no break, every accepted authorization in one class,
+    and the same report as the embedded reconciler over the same inputs. A posting deleted
+    from a tenant's PostgreSQL ledger and a second posting of another are reported as
+    missing / duplicate (as embedded reports the same faults); a real run reverses the
+    duplicate once (entry id derived from the break), refuses to re-drive the missing one
+    with the reason, and a second and third run post nothing more."""
+    from paypost.bus.sqlite import SqliteBus
+    from paypost.distributed.reconcile import ledger_schemas
+    from paypost.ledger import sqlite as ledger_sqlite
+    from paypost.ledger.postgres import PostgresLedger
+    from paypost.stages import posting_file_pg
+    from paypost.stages.posting_file import add_to_outbox, record_for
+
+    embedded_dir = tmp_path / "embedded"
+    embedded_dir.mkdir()
+    with distributed_run(
+        nats_url, postgres_url, pg_schema, data_dir, events=1000, fused=True,
+        embedded_dir=embedded_dir,
+    ) as run:  # fmt: skip
+        env = run.env
+        # -- clean: zero breaks, the classes add up to the accepted authorizations ----------
+        doc = _reconcile(env, data_dir, "--dry-run")
+        assert doc["breaks_total"] == 0 and doc["open_breaks"] == 0, doc["breaks"][:3]
+        c = doc["counts"]
+        assert doc["authorizations"] == run.accepted
+        assert c["matched"] + c["held"] + c["rejected"] + c["reversed"] == run.accepted
+        assert (c["held"], c["rejected"], c["in_flight"]) == (
+            run.report.held,
+            run.report.rejected,
+            0,
+        )
+        assert c["matched"] == run.report.posted == doc["entries"] == doc["file_records"]
+        # the same report as the embedded reconciler over the same inputs
+        emb = _reconcile({}, embedded_dir, "--dry-run")
+        assert _comparable(emb) == _comparable(doc)
+        # a real run on a clean ledger changes nothing
+        real = _reconcile(env, data_dir)
+        assert real["outcome"]["patched"] == real["outcome"]["entries_posted"] == 0
+
+        # -- break the ledger in PostgreSQL (and the embedded one the same way) -------------
+        ledger_prefix = f"{pg_schema}_ledger"
+        tenant, schema = sorted(
+            ledger_schemas(psycopg.connect(postgres_url), ledger_prefix).items()
+        )[0]
+        with psycopg.connect(postgres_url) as pg:
+            lost, doubled = [
+                str(r[0])
+                for r in pg.execute(
+                    f'SELECT id FROM "{schema}".ledger_entries ORDER BY pk LIMIT 2'
+                ).fetchall()
+            ]
+            _delete_pg(pg, schema, lost)
+        ledger = PostgresLedger(postgres_url, prefix=ledger_prefix)
+        try:
+            original = ledger.get_entry(tenant, doubled)
+            assert original is not None
+            copy = _copy_of(original)
+            assert [r.status for r in ledger.post_batch([copy])] == ["posted"]
+            with psycopg.connect(postgres_url) as pg:  # and it reached the bank's file
+                posting_file_pg.add_to_outbox(pg, [record_for(copy)], f"{pg_schema}_postings")
+            run.job.pipeline.export_postings(data_dir / "postings" / "postings.csv")
+            entries_before = sum(run.job.pipeline.posted_entries().values())
+
+            bus = SqliteBus.open(embedded_dir)
+            try:
+                with bus.unit_of_work() as uow:
+                    _delete_sqlite(uow.conn, tenant, lost)
+                    ledger_sqlite.post_batch_in(uow.conn, [copy])
+                    add_to_outbox(uow.conn, [record_for(copy)])
+                from paypost.cli.reconcile import exporter
+
+                exporter(bus, embedded_dir)()
+            finally:
+                bus.close()
+
+            broken = _reconcile(env, data_dir, "--dry-run", code=1)
+            kinds = sorted(b["kind"] for b in broken["breaks"])
+            assert kinds == ["duplicate", "missing"], broken["breaks"]
+            by_kind = {b["kind"]: b for b in broken["breaks"]}
+            assert by_kind["missing"]["evidence"]["expected_entry_id"] == lost
+            assert by_kind["missing"]["evidence"]["in_posting_file"] is True
+            assert by_kind["duplicate"]["evidence"]["duplicate_entry_id"] == copy.id
+            assert by_kind["duplicate"]["evidence"]["kept_entry_id"] == doubled
+            assert broken["counts"]["matched"] == c["matched"] - 1  # (the kept one matches)
+            emb_broken = _reconcile({}, embedded_dir, "--dry-run", code=1)
+            assert _comparable(emb_broken) == _comparable(broken)
+
+            # -- patch: the duplicate is reversed; the missing one is refused, with why -----
+            first = _reconcile(env, data_dir, code=1)
+            out = first["outcome"]
+            assert (out["detected"], out["patched"], out["failed"]) == (2, 1, 1)
+            assert out["entries_posted"] == 1 and out["trial_balance_zero"] is True
+            failed = [d for d in out["details"] if d["status"] == "failed"]
+            assert "not supported on the distributed backend" in failed[0]["reason"]
+            dup_break = by_kind["duplicate"]["break_id"]
+            reversal = ledger.get_entry(tenant, rec.patch_entry_id_for(dup_break))
+            assert reversal is not None and reversal.reversal_of == copy.id
+            assert reversal.metadata["reconciliation"]["break_id"] == dup_break
+            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 1
+
+            second = _reconcile(env, data_dir, code=1)
+            assert [b["kind"] for b in second["breaks"]] == ["missing"]
+            assert second["counts"]["matched"] == c["matched"] - 1
+            assert second["counts"]["file_orphan"] == second["counts"]["file_missing"] == 0
+            assert second["outcome"]["detected"] == second["outcome"]["entries_posted"] == 0
+            assert second["outcome"]["failed"] == 1
+            third = _reconcile(env, data_dir, code=1)
+            assert _comparable(third) == _comparable(second)
+            assert third["outcome"]["entries_posted"] == 0
+            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 1
+            with psycopg.connect(postgres_url) as pg:
+                statuses = dict(
+                    pg.execute(
+                        f'SELECT kind, status FROM "{pg_schema}_state".reconcile_breaks'
+                    ).fetchall()
+                )
+            assert statuses == {"duplicate": "patched", "missing": "failed"}
+
+            # -- a posting for the wrong amount gets an adjustment entry, once --------------
+            with psycopg.connect(postgres_url) as pg:
+                wrong = _alter_amount(pg, schema, delta=37)
+            altered = _reconcile(env, data_dir, "--dry-run", code=1)
+            kinds = sorted(b["kind"] for b in altered["breaks"])
+            assert kinds == ["file_mismatch", "mismatch", "missing"], altered["breaks"]
+            mismatch = next(b for b in altered["breaks"] if b["kind"] == "mismatch")
+            assert mismatch["evidence"]["entry_id"] == wrong and mismatch["action"] == "adjust"
+            assert mismatch["evidence"]["difference"]["minor"] in (37, -37)
+            fixed = _reconcile(env, data_dir, code=1)
+            assert fixed["outcome"]["patched"] == fixed["outcome"]["entries_posted"] == 1
+            assert fixed["outcome"]["trial_balance_zero"] is True
+            adjustment = ledger.get_entry(tenant, rec.patch_entry_id_for(mismatch["break_id"]))
+            assert adjustment is not None
+            assert adjustment.metadata["reconciliation"]["adjusts"] == wrong
+            after = _reconcile(env, data_dir, code=1)
+            assert sorted(b["kind"] for b in after["breaks"]) == ["file_mismatch", "missing"]
+            assert after["outcome"]["entries_posted"] == 0
+            assert after["counts"]["matched"] == c["matched"] - 1
+            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 2
+        finally:
+            ledger.close()
+
+
+def test_reconcile_distributed_names_the_setting_to_fix(postgres_url: str, pg_schema: str) -> None:
+    """An unreachable database names PAYPOST_DB_URL, a prefix with no pipeline names
+    PAYPOST_PREFIX; what the distributed backend does not do is refused, saying so."""
+    from paypost.config import UserError
+
+    def fails(env: dict[str, str], *args: str) -> str:
+        result = runner.invoke(app, ["reconcile", "--backend", "distributed", *args], env=env)
+        assert isinstance(result.exception, UserError), result.output
+        return str(result.exception)
+
+    down = fails({"PAYPOST_DB_URL": "postgresql://postgres@127.0.0.1:1/none"}, "--dry-run")
+    assert "PAYPOST_DB_URL" in down
+    unknown = fails({"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}, "--dry-run")
+    assert "PAYPOST_PREFIX" in unknown and pg_schema in unknown
+    env = {"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}
+    assert "not supported with --backend distributed" in fails(env, "--approve", "b-1")
+    assert "does not re-drive" in fails(env, "--rules", "rules.yaml")

@@ -1,7 +1,8 @@
 """`paypost reconcile`: authorizations in vs ledger vs posting file, and automatic patches (FR10).
 
-Thin: parse the options, open the data dir, call `paypost.stages.reconcile`, render.
-See docs/reconciliation.md.
+Thin: parse the options, open the data dir (or, with `--backend distributed`, the distributed
+pipeline's PostgreSQL state: `paypost.distributed.reconcile`), call `paypost.stages.reconcile`,
+render. See docs/reconciliation.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from rich.table import Table
 
 from paypost.bus.sqlite import DB_FILENAME, SqliteBus
 from paypost.cli.common import DataDirOption, JsonOption, console, emit_json, err_console
+from paypost.cli.distributed import (
+    BackendOption,
+    BusUrlOption,
+    DbUrlOption,
+    PrefixOption,
+    check_backend,
+)
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.stages import reconcile as rec
 
@@ -341,6 +349,18 @@ def reconcile(
     limit: Annotated[
         int, typer.Option("--limit", min=0, help="Breaks listed in the text output.")
     ] = 50,
+    backend: BackendOption = "embedded",
+    distributed_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--distributed-config",
+            help="With --backend distributed: YAML file with bus_url, db_url, prefix (env "
+            "PAYPOST_CONFIG); PAYPOST_BUS_URL / PAYPOST_DB_URL / PAYPOST_PREFIX override it.",
+        ),
+    ] = None,
+    bus_url: BusUrlOption = None,
+    db_url: DbUrlOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
     """Reconcile authorizations in, the ledger and the posting file, and patch every break.
 
@@ -354,6 +374,13 @@ def reconcile(
     if scope.first_day and scope.last_day and scope.first_day > scope.last_day:
         raise UserError(f"--from {scope.first_day} is after --to {scope.last_day}: swap them.")
     config = load_config(config_path)
+    if check_backend(backend) == "distributed":
+        _distributed(
+            data_dir, scope, config, dry_run=dry_run, as_json=as_json, limit=limit,
+            every=every, max_runs=max_runs, approve=approve, rules=rules,
+            settings=(distributed_config, bus_url, db_url, prefix),
+        )  # fmt: skip
+        return
     bus = open_bus(data_dir)
     try:
         if tenant is not None:
@@ -376,32 +403,101 @@ def reconcile(
                     highlight=False,
                 )
             return
-        if every is not None:
-            _continuous(bus, data_dir, scope, config, dry_run, rules, every, as_json, max_runs)
-            return
-        interactive = not as_json and err_console.is_terminal
-        with _progress(interactive) as progress:
-            report, outcome = run_once(
+
+        def once(progress: rec.Progress | None) -> Outcome:
+            return run_once(
                 bus, data_dir, scope, config, dry_run=dry_run, rules=rules, progress=progress
             )
-        if as_json:
-            emit_json(_as_json(report, outcome, dry_run))
-        else:
-            _render(report, outcome, limit)
-        still_open = report.open_breaks if outcome is None else outcome.held + outcome.failed
-        if still_open:
-            raise typer.Exit(1)
+
+        _drive(once, dry_run=dry_run, as_json=as_json, limit=limit, every=every, max_runs=max_runs)
     finally:
         bus.close()
 
 
-def _continuous(
-    bus: SqliteBus,
+Outcome = tuple[rec.Report, rec.PatchOutcome | None]
+
+
+def _drive(
+    once: Callable[[rec.Progress | None], Outcome],
+    *,
+    dry_run: bool,
+    as_json: bool,
+    limit: int,
+    every: float | None,
+    max_runs: int | None,
+) -> None:
+    """One run (rendered; exit status 1 while breaks stay open) or, with EVERY, a loop."""
+    if every is not None:
+        _continuous(once, dry_run, every, as_json, max_runs)
+        return
+    interactive = not as_json and err_console.is_terminal
+    with _progress(interactive) as progress:
+        report, outcome = once(progress)
+    if as_json:
+        emit_json(_as_json(report, outcome, dry_run))
+    else:
+        _render(report, outcome, limit)
+    still_open = report.open_breaks if outcome is None else outcome.held + outcome.failed
+    if still_open:
+        raise typer.Exit(1)
+
+
+def _distributed(
     data_dir: Path,
     scope: rec.Scope,
     config: rec.ReconcileConfig,
+    *,
     dry_run: bool,
+    as_json: bool,
+    limit: int,
+    every: float | None,
+    max_runs: int | None,
+    approve: str | None,
     rules: Path | None,
+    settings: tuple[Path | None, str | None, str | None, str | None],
+) -> None:
+    """`paypost reconcile --backend distributed`: the same report from the distributed
+    pipeline's state (`paypost.distributed.reconcile`); patches where that backend can."""
+    if approve is not None:
+        raise UserError(
+            "--approve is not supported with --backend distributed: held breaks are listed "
+            "(status held) but approving them is embedded-only for now; post the correction "
+            "with `paypost ledger` by hand, or reconcile an embedded run."
+        )
+    if rules is not None:
+        raise UserError(
+            "--rules names the rules for re-driven authorizations, and the distributed backend "
+            "does not re-drive missing ones (see docs/reconciliation.md, 'Distributed "
+            "backend'): drop --rules."
+        )
+    from paypost.distributed import reconcile as drec
+
+    path, bus_url, db_url, prefix = settings
+    with drec.open_reconciler(
+        data_dir, path, bus_url=bus_url, db_url=db_url, prefix=prefix
+    ) as reconciler:
+        if scope.tenant is not None:
+            known = reconciler.tenants()
+            if scope.tenant not in known:
+                raise UserError(
+                    f"--tenant {scope.tenant!r} has no accounts in this ledger "
+                    f"(tenants: {', '.join(known) or 'none'})."
+                )
+
+        def once(progress: rec.Progress | None) -> Outcome:
+            report = reconciler.report(scope, config, progress or (lambda s, d, t: None))
+            if dry_run:
+                return report, None
+            return report, drec.apply_patches(
+                reconciler, report, progress=progress or (lambda s, d, t: None)
+            )
+
+        _drive(once, dry_run=dry_run, as_json=as_json, limit=limit, every=every, max_runs=max_runs)
+
+
+def _continuous(
+    run: Callable[[rec.Progress | None], Outcome],
+    dry_run: bool,
     every: float,
     as_json: bool,
     max_runs: int | None,
@@ -409,7 +505,7 @@ def _continuous(
     stop = threading.Event()
 
     def once() -> None:
-        report, outcome = run_once(bus, data_dir, scope, config, dry_run=dry_run, rules=rules)
+        report, outcome = run(None)
         if as_json:
             emit_json(_as_json(report, outcome, dry_run))
         else:

@@ -10,7 +10,8 @@ stage logic (the pure stages in `paypost.stages` decide; these classes only stor
   embedded `reconcile_outcomes` record, read by `paypost review --backend distributed`;
 - the reconciler's inbound record: one row per `AuthorizationAccepted` (the embedded
   `reconcile_inbound`), written with the dedup stage's effects, read by `paypost reconcile
-  --backend distributed` (`paypost.distributed.reconcile`);
+  --backend distributed` (`paypost.distributed.reconcile`), and its breaks
+  (`reconcile_breaks`, the embedded table's columns);
 - the pipeline's configuration documents (reference data version, rules text) that a job
   publishes and workers load at start: one source of truth for every worker. Holder
   personal data stays sealed at rest (`HolderCipher`, as in the SQLite refdata store).
@@ -94,6 +95,10 @@ CREATE TABLE IF NOT EXISTS {s}.review_outcomes (
 CREATE TABLE IF NOT EXISTS {s}.reconcile_inbound (
     accepted_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, auth_id TEXT NOT NULL,
     day TEXT NOT NULL, amount BIGINT NOT NULL, currency TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.reconcile_breaks (
+    break_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    action TEXT NOT NULL, entry_id TEXT, evidence TEXT NOT NULL, note TEXT,
+    detected_at TEXT NOT NULL, patched_at TEXT);
 CREATE TABLE IF NOT EXISTS {s}.pipeline_counters (name TEXT NOT NULL, value BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.pipeline_config (name TEXT PRIMARY KEY, doc BYTEA NOT NULL)
 """
