@@ -7,6 +7,7 @@ posting file in one snapshot and classifies them exactly as the embedded one doe
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import uuid
@@ -67,7 +68,12 @@ def distributed_run(
     from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
     settings = DistributedSettings(bus_url=nats_url, db_url=postgres_url, prefix=prefix)
-    env = {"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": prefix, "PAYPOST_BUS_URL": nats_url}
+    env = {
+        "PAYPOST_DB_URL": postgres_url,
+        "PAYPOST_PREFIX": prefix,
+        "PAYPOST_BUS_URL": nats_url,
+        **VAULT,
+    }
     with demo_inputs(events, KEY, seed=3, mode="near-realtime") as inputs:
         refdata = inputs.generated.refdata
         text = default_rules_text()
@@ -183,9 +189,12 @@ def test_a_per_stage_run_records_every_accepted_authorization_once(
         assert all(r[4] > 0 and len(r[5]) == 3 and len(r[3]) == 10 for r in rows)
 
 
+VAULT = {"PAYPOST_VAULT_KEY": base64.b64encode(KEY).decode()}
+
+
 def _reconcile(env: dict[str, str], data_dir: Path, *args: str, code: int = 0) -> Any:
     """`paypost reconcile --json` (distributed when ENV names a database) -> its document."""
-    backend = ["--backend", "distributed"] if env else []
+    backend = ["--backend", "distributed"] if "PAYPOST_DB_URL" in env else []
     result = runner.invoke(
         app, ["reconcile", *backend, "--data-dir", str(data_dir), "--json", *args], env=env
     )
@@ -282,8 +291,9 @@ def test_reconcile_distributed_finds_and_patches_what_the_embedded_one_does(
     and the same report as the embedded reconciler over the same inputs. A posting deleted
     from a tenant's PostgreSQL ledger and a second posting of another are reported as
     missing / duplicate (as embedded reports the same faults); a real run reverses the
-    duplicate once (entry id derived from the break), refuses to re-drive the missing one
-    with the reason, and a second and third run post nothing more."""
+    duplicate (entry id derived from the break) and re-drives the missing one through the
+    pipeline's stages, once: the second run is clean and the third changes nothing; an
+    altered amount gets an adjustment entry."""
     from paypost.bus.sqlite import SqliteBus
     from paypost.distributed.reconcile import ledger_schemas
     from paypost.ledger import sqlite as ledger_sqlite
@@ -365,43 +375,46 @@ def test_reconcile_distributed_finds_and_patches_what_the_embedded_one_does(
             emb_broken = _reconcile({}, embedded_dir, "--dry-run", code=1)
             assert _comparable(emb_broken) == _comparable(broken)
 
-            # -- patch: the duplicate is reversed; the missing one is refused, with why -----
-            first = _reconcile(env, data_dir, code=1)
+            # -- patch: the duplicate is reversed, the missing one re-driven, once ----------
+            first = _reconcile(env, data_dir)
             out = first["outcome"]
-            assert (out["detected"], out["patched"], out["failed"]) == (2, 1, 1)
-            assert out["entries_posted"] == 1 and out["trial_balance_zero"] is True
-            failed = [d for d in out["details"] if d["status"] == "failed"]
-            assert "not supported on the distributed backend" in failed[0]["reason"]
+            assert (out["detected"], out["patched"], out["failed"], out["held"]) == (2, 2, 0, 0)
+            assert out["entries_posted"] == 2 and out["trial_balance_zero"] is True
+            assert out["exported"] == 1  # the reversal's record; the re-driven one is in the file
             dup_break = by_kind["duplicate"]["break_id"]
             reversal = ledger.get_entry(tenant, rec.patch_entry_id_for(dup_break))
             assert reversal is not None and reversal.reversal_of == copy.id
             assert reversal.metadata["reconciliation"]["break_id"] == dup_break
-            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 1
+            reposted = ledger.get_entry(tenant, lost)
+            assert reposted is not None and reposted.sequence_id == lost  # the pipeline's own
+            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 2
 
-            second = _reconcile(env, data_dir, code=1)
-            assert [b["kind"] for b in second["breaks"]] == ["missing"]
-            assert second["counts"]["matched"] == c["matched"] - 1
-            assert second["counts"]["file_orphan"] == second["counts"]["file_missing"] == 0
+            second = _reconcile(env, data_dir)
+            assert second["breaks_total"] == 0 and second["counts"]["matched"] == c["matched"]
             assert second["outcome"]["detected"] == second["outcome"]["entries_posted"] == 0
-            assert second["outcome"]["failed"] == 1
-            third = _reconcile(env, data_dir, code=1)
+            third = _reconcile(env, data_dir)
             assert _comparable(third) == _comparable(second)
-            assert third["outcome"]["entries_posted"] == 0
-            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 1
+            assert third["outcome"]["entries_posted"] == third["outcome"]["exported"] == 0
+            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 2
             with psycopg.connect(postgres_url) as pg:
                 statuses = dict(
                     pg.execute(
                         f'SELECT kind, status FROM "{pg_schema}_state".reconcile_breaks'
                     ).fetchall()
                 )
-            assert statuses == {"duplicate": "patched", "missing": "failed"}
+            assert statuses == {"duplicate": "patched", "missing": "patched"}
+            # the embedded reconciler patches its copy of the faults to the same ledger
+            assert _reconcile(VAULT, embedded_dir)["outcome"]["patched"] == 2
+            assert _comparable(_reconcile({}, embedded_dir, "--dry-run")) == _comparable(
+                {**second, "dry_run": True}
+            )
 
             # -- a posting for the wrong amount gets an adjustment entry, once --------------
             with psycopg.connect(postgres_url) as pg:
                 wrong = _alter_amount(pg, schema, delta=37)
             altered = _reconcile(env, data_dir, "--dry-run", code=1)
             kinds = sorted(b["kind"] for b in altered["breaks"])
-            assert kinds == ["file_mismatch", "mismatch", "missing"], altered["breaks"]
+            assert kinds == ["file_mismatch", "mismatch"], altered["breaks"]
             mismatch = next(b for b in altered["breaks"] if b["kind"] == "mismatch")
             assert mismatch["evidence"]["entry_id"] == wrong and mismatch["action"] == "adjust"
             assert mismatch["evidence"]["difference"]["minor"] in (37, -37)
@@ -412,10 +425,10 @@ def test_reconcile_distributed_finds_and_patches_what_the_embedded_one_does(
             assert adjustment is not None
             assert adjustment.metadata["reconciliation"]["adjusts"] == wrong
             after = _reconcile(env, data_dir, code=1)
-            assert sorted(b["kind"] for b in after["breaks"]) == ["file_mismatch", "missing"]
+            assert [b["kind"] for b in after["breaks"]] == ["file_mismatch"]  # held: append-only
             assert after["outcome"]["entries_posted"] == 0
-            assert after["counts"]["matched"] == c["matched"] - 1
-            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 2
+            assert after["counts"]["matched"] == c["matched"]
+            assert sum(run.job.pipeline.posted_entries().values()) == entries_before + 3
         finally:
             ledger.close()
 
@@ -436,4 +449,4 @@ def test_reconcile_distributed_names_the_setting_to_fix(postgres_url: str, pg_sc
     assert "PAYPOST_PREFIX" in unknown and pg_schema in unknown
     env = {"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}
     assert "not supported with --backend distributed" in fails(env, "--approve", "b-1")
-    assert "does not re-drive" in fails(env, "--rules", "rules.yaml")
+    assert "rules the job published" in fails(env, "--rules", "rules.yaml")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import typer
@@ -32,6 +32,9 @@ from paypost.cli.distributed import (
 )
 from paypost.config import DEFAULT_DATA_DIR, UserError
 from paypost.stages import reconcile as rec
+
+if TYPE_CHECKING:
+    from paypost.distributed.pipeline import DistributedPipeline
 
 POSTING_FILE = Path("postings") / "postings.csv"
 
@@ -108,11 +111,6 @@ def pipeline_redriver(
     def build() -> rec.Redriver:
         from paypost.pipeline import Pipeline, PipelineSettings
         from paypost.refdata.store import HolderCipher, load_refdata_from_db
-        from paypost.security.tokens import (
-            DEMO_KEY_FILENAME,
-            load_configured_key,
-            load_or_create_demo_key,
-        )
         from paypost.stages.rules import (
             default_rules_text,
             load_rules,
@@ -120,15 +118,7 @@ def pipeline_redriver(
             variables_from_tenants,
         )
 
-        key = load_configured_key()
-        if key is None:
-            if not (data_dir / DEMO_KEY_FILENAME).is_file():
-                raise UserError(
-                    "re-driving needs the vault key the reference data was stored with: set "
-                    "PAYPOST_VAULT_KEY or PAYPOST_VAULT_KEY_FILE (or keep the demo's "
-                    f"{DEMO_KEY_FILENAME} in the data dir)."
-                )
-            key, _ = load_or_create_demo_key(data_dir)
+        key = _vault_key(data_dir)
         refdata = load_refdata_from_db(bus.conn, HolderCipher.from_master(key))
         variables = variables_from_tenants(refdata.tenants.values())
         book = (
@@ -466,9 +456,9 @@ def _distributed(
         )
     if rules is not None:
         raise UserError(
-            "--rules names the rules for re-driven authorizations, and the distributed backend "
-            "does not re-drive missing ones (see docs/reconciliation.md, 'Distributed "
-            "backend'): drop --rules."
+            "--rules is not supported with --backend distributed: missing authorizations are "
+            "re-driven with the rules the job published for its workers (`paypost run "
+            "--backend distributed --rules FILE` publishes them); drop --rules."
         )
     from paypost.distributed import reconcile as drec
 
@@ -484,15 +474,56 @@ def _distributed(
                     f"(tenants: {', '.join(known) or 'none'})."
                 )
 
+        built: list[DistributedPipeline] = []
+
+        def redriver() -> DistributedPipeline:
+            """The pipeline the job published (reference data, rules), on first need."""
+            if not built:
+                from paypost.distributed.runtime import load_pipeline
+
+                built.append(load_pipeline(reconciler.bus, _vault_key(data_dir), wait_s=0))
+            return built[0]
+
         def once(progress: rec.Progress | None) -> Outcome:
             report = reconciler.report(scope, config, progress or (lambda s, d, t: None))
             if dry_run:
                 return report, None
             return report, drec.apply_patches(
-                reconciler, report, progress=progress or (lambda s, d, t: None)
+                reconciler,
+                report,
+                config=config,
+                redriver=redriver,
+                progress=progress or (lambda s, d, t: None),
             )
 
-        _drive(once, dry_run=dry_run, as_json=as_json, limit=limit, every=every, max_runs=max_runs)
+        try:
+            _drive(
+                once, dry_run=dry_run, as_json=as_json, limit=limit, every=every, max_runs=max_runs
+            )
+        finally:
+            for pipeline in built:
+                pipeline.close()
+
+
+def _vault_key(data_dir: Path) -> bytes:
+    """The vault key the reference data was stored with (re-driving needs the holders)."""
+    from paypost.security.tokens import (
+        DEMO_KEY_FILENAME,
+        load_configured_key,
+        load_or_create_demo_key,
+    )
+
+    key = load_configured_key()
+    if key is not None:
+        return key
+    if not (data_dir / DEMO_KEY_FILENAME).is_file():
+        raise UserError(
+            "re-driving needs the vault key the reference data was stored with: set "
+            "PAYPOST_VAULT_KEY or PAYPOST_VAULT_KEY_FILE (or keep the demo's "
+            f"{DEMO_KEY_FILENAME} in the data dir)."
+        )
+    key, _ = load_or_create_demo_key(data_dir)
+    return key
 
 
 def _continuous(

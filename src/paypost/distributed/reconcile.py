@@ -25,11 +25,14 @@ evidence.
 
 **Patches** (`apply_patches`), each in a unit of work of the `NatsBus` (ONE PostgreSQL
 transaction with its `ReconciliationBreakDetected` / `...Patched` events in the bus outbox):
-duplicate → reversal entry, mismatch → adjustment entry (or held above the limit), both
-posted to the tenant's PostgreSQL ledger with the deterministic patch entry id and queued
-for the posting file; file_missing → the entry's record queued again. A missing authorization
-is NOT re-driven on this backend (see `REDRIVE_UNSUPPORTED`): its break is recorded `failed`
-with that reason and stays open. Breaks are recorded in `<p>_state.reconcile_breaks`.
+missing → the archived `AuthorizationAccepted` is re-driven through the real stage handlers
+of the published pipeline (`runtime.load_pipeline`: the job's reference data and rules), from
+standardize on, in one unit of work as the fused worker runs them (`redrive`), after the
+assembler's memory of the sequence as complete is dropped; duplicate → reversal entry,
+mismatch → adjustment entry (or held above the limit), both posted to the tenant's
+PostgreSQL ledger with the deterministic patch entry id and queued for the posting file;
+file_missing → the entry's record queued again. Breaks are recorded in
+`<p>_state.reconcile_breaks`. Not built here: `--approve` of held breaks (refused by the CLI).
 """
 
 from __future__ import annotations
@@ -44,29 +47,35 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from paypost.bus.nats import NatsBus, connect_db
+from paypost.bus.core import ArchiveQuery
+from paypost.bus.nats import NatsBus, NatsUnitOfWork, connect_db
 from paypost.config import UserError
 from paypost.events import (
+    Event,
     ReconciliationBreakDetected,
     ReconciliationBreakPatched,
     derive_event_id,
 )
 from paypost.ledger.postgres import PostgresLedger, tenant_schema
-from paypost.pipeline import STAGE_ORDER
+from paypost.pipeline import STAGE_ORDER, STANDARDIZE, _count
 from paypost.stages import posting_file_pg
 from paypost.stages import reconcile as rec
 from paypost.stages.posting_file import PostingFileWriter, PostingRecord
 
+from .pipeline import DistributedPipeline
 from .runtime import DistributedSettings, load_settings, open_bus
-from .state import ensure_schema, state_schema
+from .state import (
+    OutcomeRow,
+    bump_counters,
+    ensure_schema,
+    outcome_rows,
+    record_outcomes,
+    state_schema,
+)
 
-#: why a missing authorization is not re-driven here, and what to do instead
-REDRIVE_UNSUPPORTED = (
-    "re-driving a missing authorization is not supported on the distributed backend (a "
-    "republished event would be skipped by the stage workers' tracking records, and the "
-    "assembler remembers its sequence as posted); if it was dead-lettered, redrive it with "
-    "`paypost bus --backend distributed dlq redrive`; otherwise investigate it by hand. The "
-    "break stays open and is reported again by the next run"
+#: a re-driven authorization that did not end posted, held or rejected
+NOT_POSTED = (
+    "re-driven, but not posted yet (handed to a stage queue or dead-lettered); retried next run"
 )
 
 _BREAKS_SQL = "SELECT break_id, status, entry_id, note FROM {}.reconcile_breaks"
@@ -489,7 +498,9 @@ def _mark(
     b.status = status
 
 
-def _patched(uow: Any, schema: str, b: rec.Break, action: str, entry_id: str, note: str) -> None:
+def _patched(
+    uow: Any, schema: str, b: rec.Break, action: str, entry_id: str | None, note: str
+) -> None:
     _mark(uow, schema, b, "patched", entry_id, note, action)
     uow.publish(
         [
@@ -508,6 +519,8 @@ def apply_patches(
     r: Reconciler,
     report: rec.Report,
     *,
+    config: rec.ReconcileConfig | None = None,
+    redriver: Callable[[], DistributedPipeline] | None = None,
     export: bool = True,
     progress: rec.Progress = rec._no_progress,
 ) -> rec.PatchOutcome:
@@ -538,18 +551,7 @@ def apply_patches(
                 progress("patching", done, len(todo))
     missing = [b for b in todo if b.action == "redrive"]
     if missing:
-        with r.bus.unit_of_work() as uow:
-            for b in missing:
-                _mark(uow, schema, b, "failed", None, REDRIVE_UNSUPPORTED, "redrive")
-                out.failed += 1
-                out.details.append(
-                    {
-                        "break_id": b.break_id,
-                        "kind": b.kind,
-                        "status": "failed",
-                        "reason": REDRIVE_UNSUPPORTED,
-                    }
-                )
+        _apply_redrives(r, missing, config or rec.ReconcileConfig(), redriver, out)
     if export:
         out.exported = r.export()
     for tenant in sorted({b.tenant for b in report.breaks}):
@@ -616,3 +618,192 @@ def _apply_ledger_patch(r: Reconciler, uow: Any, b: rec.Break, out: rec.PatchOut
     out.details.append(
         {"break_id": b.break_id, "kind": b.kind, "status": "patched", "entry_id": patch.id}
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Re-driving missing authorizations
+
+
+def redrive(pipeline: DistributedPipeline, uow: NatsUnitOfWork, events: list[Event]) -> None:
+    """Run archived `AuthorizationAccepted` EVENTS through the real stage handlers from
+    standardize on, in the caller's unit of work, as the fused worker runs a batch (a stage
+    that fails on an event hands it to that stage's durable queue); counters and held /
+    rejected outcomes are recorded as the workers record them."""
+    inline = frozenset(pipeline.handlers)
+    counts: dict[str, int] = {}
+    outcomes: list[OutcomeRow] = []
+    pending: dict[str, list[Event]] = {STANDARDIZE: list(events)}
+    while pending:
+        produced: dict[str, list[Event]] = {}
+        for name in STAGE_ORDER:
+            batch = pending.pop(name, None)
+            if not batch:
+                continue
+            outputs = pipeline._run_isolated(uow, name, batch)
+            if not outputs:
+                continue
+            _count(outputs, counts)
+            outcome_rows(outputs, into=outcomes)
+            result = uow.publish(outputs, dedup=False, inline=inline)
+            for target, evs in result.inline.items():
+                produced.setdefault(target, []).extend(evs)
+        pending = produced
+    bump_counters(uow.conn, pipeline.state_schema, counts)
+    record_outcomes(uow.conn, pipeline.state_schema, outcomes)
+
+
+def archived_events(bus: NatsBus, event_ids: Sequence[str]) -> dict[str, Event]:
+    """The archived `AuthorizationAccepted` events with these ids (one archive scan)."""
+    import time
+
+    wanted = set(event_ids)
+    found: dict[str, Event] = {}
+    if not wanted:
+        return found
+    query = ArchiveQuery(
+        start=0.0,
+        end=time.time() + 3600,
+        pattern={"detail-type": ["AuthorizationAccepted"], "id": sorted(wanted)},
+    )
+    for archived in bus.archive(query):
+        ev = archived.event
+        if ev.id in wanted and ev.id not in found:
+            found[ev.id] = ev
+    return found
+
+
+def _entry_exists(conn: psycopg.Connection[Any], r: Reconciler, tenant: str, entry_id: str) -> bool:
+    schema = r.ledger.schema(tenant)
+    if not _exists(conn, f'"{schema}".ledger_entries'):
+        return False
+    row = conn.execute(
+        sql.SQL("SELECT 1 FROM {}.ledger_entries WHERE id = %s").format(sql.Identifier(schema)),
+        (entry_id,),
+    ).fetchone()
+    return row is not None
+
+
+def _apply_redrives(
+    r: Reconciler,
+    breaks: Sequence[rec.Break],
+    config: rec.ReconcileConfig,
+    redriver: Callable[[], DistributedPipeline] | None,
+    out: rec.PatchOutcome,
+) -> None:
+    schema = r.target.state
+    if redriver is None:
+        with r.bus.unit_of_work() as uow:
+            for b in breaks:
+                _mark(uow, schema, b, "failed", None, "no pipeline to re-drive through", "redrive")
+        out.failed += len(breaks)
+        return
+    pipeline = redriver()
+    archived = archived_events(r.bus, [str(b.evidence["accepted_event_id"]) for b in breaks])
+    assembly = sql.Identifier(pipeline.assembly_schema)
+    postings = sql.Identifier(r.target.postings)
+    for start in range(0, len(breaks), config.redrive_batch):
+        chunk = breaks[start : start + config.redrive_batch]
+        with r.bus.unit_of_work() as uow:
+            assert isinstance(uow, NatsUnitOfWork)
+            conn = uow.conn
+            events: list[Event] = []
+            ready: list[rec.Break] = []
+            for b in chunk:
+                ev = archived.get(str(b.evidence["accepted_event_id"]))
+                if ev is None:
+                    _mark(
+                        uow,
+                        schema,
+                        b,
+                        "held",
+                        None,
+                        "the accepted authorization is not in the archive (purged?): held "
+                        "for review",
+                        "hold",
+                    )
+                    out.held += 1
+                    continue
+                events.append(ev)
+                ready.append(b)
+            # The assembler remembers the sequence as complete; the ledger does not hold it
+            # (that is the break): forget it, and the legs assemble and post once (the
+            # ledger's entry id still guards).
+            seqs = [
+                str(b.evidence["expected_entry_id"])
+                for b in ready
+                if not _entry_exists(conn, r, b.tenant, str(b.evidence["expected_entry_id"]))
+            ]
+            if seqs:
+                conn.execute(
+                    sql.SQL(
+                        "DELETE FROM {}.assembly_sequences WHERE state = 'complete' AND "
+                        "sequence_id = ANY(%s)"
+                    ).format(assembly),
+                    (seqs,),
+                )
+            in_file = [
+                str(b.evidence["expected_entry_id"])
+                for b in ready
+                if b.evidence.get("in_posting_file")
+            ]
+            row = conn.execute(
+                sql.SQL("SELECT COALESCE(MAX(id), 0) FROM {}.assembly_posting_outbox").format(
+                    postings
+                )
+            ).fetchone()
+            last_queued = int(row[0]) if row is not None else 0
+            if events:
+                redrive(pipeline, uow, events)
+            if in_file:
+                # the bank's file already holds this entry (the ledger lost it after export)
+                conn.execute(
+                    sql.SQL(
+                        "DELETE FROM {}.assembly_posting_outbox WHERE id > %s AND "
+                        "convert_from(record, 'UTF8')::jsonb ->> 'entry_id' = ANY(%s)"
+                    ).format(postings),
+                    (last_queued, in_file),
+                )
+            for b in ready:
+                entry_id = str(b.evidence["expected_entry_id"])
+                if _entry_exists(conn, r, b.tenant, entry_id):
+                    _patched(uow, schema, b, "redrive", entry_id, "re-driven through the pipeline")
+                    out.patched += 1
+                    out.entries_posted += 1
+                    out.details.append(
+                        {
+                            "break_id": b.break_id,
+                            "kind": b.kind,
+                            "status": "patched",
+                            "entry_id": entry_id,
+                        }
+                    )
+                    continue
+                ended = conn.execute(
+                    sql.SQL(
+                        "SELECT state, reason FROM {}.review_outcomes WHERE tenant = %s AND "
+                        "auth_id = %s ORDER BY seq DESC LIMIT 1"
+                    ).format(sql.Identifier(schema)),
+                    (b.tenant, b.evidence["authorization_id"]),
+                ).fetchone()
+                if ended is not None:
+                    _patched(uow, schema, b, "redrive", None, f"re-driven: {ended[0]} ({ended[1]})")
+                    out.patched += 1
+                    out.details.append(
+                        {
+                            "break_id": b.break_id,
+                            "kind": b.kind,
+                            "status": "patched",
+                            "ended": ended[0],
+                        }
+                    )
+                    continue
+                _mark(uow, schema, b, "failed", None, NOT_POSTED, "redrive")
+                out.failed += 1
+                out.details.append(
+                    {
+                        "break_id": b.break_id,
+                        "kind": b.kind,
+                        "status": "failed",
+                        "reason": NOT_POSTED,
+                    }
+                )
