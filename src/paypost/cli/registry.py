@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 
@@ -45,3 +47,31 @@ def register(app: typer.Typer) -> None:
     app.command("schemas")(schemas.schemas)
     app.add_typer(iso20022.app, name="iso20022")
     app.add_typer(generate.app, name="generate")
+    unwrap_help(app)
+
+
+def unwrap_help(app: typer.Typer) -> None:
+    """Join the source's line breaks inside each paragraph of every command's help.
+
+    Docstrings are wrapped at 100 columns in the source, and Typer's rich help keeps those
+    breaks, so `--help` printed ragged half-empty lines on any terminal width. A paragraph
+    that starts with \\b keeps its line breaks (click's convention). Idempotent."""
+    for command in app.registered_commands:
+        text = command.help if isinstance(command.help, str) else None
+        text = text or (inspect.getdoc(command.callback) if command.callback else None)
+        if text:
+            command.help = unwrapped(text)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            info = group.typer_instance.info
+            if isinstance(info.help, str):
+                info.help = unwrapped(info.help)
+            unwrap_help(group.typer_instance)
+
+
+def unwrapped(text: str) -> str:
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.split("\n"))
+        for p in paragraphs
+    )
