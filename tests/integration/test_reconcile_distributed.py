@@ -450,3 +450,6 @@ def test_reconcile_distributed_names_the_setting_to_fix(postgres_url: str, pg_sc
     env = {"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}
     assert "not supported with --backend distributed" in fails(env, "--approve", "b-1")
     assert "rules the job published" in fails(env, "--rules", "rules.yaml")
+    embedded = runner.invoke(app, ["reconcile", "--db-url", postgres_url, "--dry-run"])
+    assert isinstance(embedded.exception, UserError)
+    assert "add --backend distributed" in str(embedded.exception)

@@ -371,6 +371,11 @@ def reconcile(
             settings=(distributed_config, bus_url, db_url, prefix),
         )  # fmt: skip
         return
+    if any(v is not None for v in (distributed_config, bus_url, db_url, prefix)):
+        raise UserError(
+            "--distributed-config, --bus-url, --db-url and --prefix name a distributed "
+            "pipeline: add --backend distributed (the embedded backend reads --data-dir)."
+        )
     bus = open_bus(data_dir)
     try:
         if tenant is not None:
