@@ -187,7 +187,7 @@ def run_once(
         scope,
         config,
         posting_file=data_dir / POSTING_FILE,
-        progress=progress or (lambda s, d, t: None),
+        progress=progress or rec.no_progress,
     )
     if dry_run:
         return report, None
@@ -197,7 +197,7 @@ def run_once(
         config=config,
         redrive=pipeline_redriver(conn_bus, data_dir, rules),
         export=exporter(conn_bus, data_dir),
-        progress=progress or (lambda s, d, t: None),
+        progress=progress or rec.no_progress,
     )
     return report, outcome
 
@@ -490,7 +490,7 @@ def _distributed(
             return built[0]
 
         def once(progress: rec.Progress | None) -> Outcome:
-            report = reconciler.report(scope, config, progress or (lambda s, d, t: None))
+            report = reconciler.report(scope, config, progress or rec.no_progress)
             if dry_run:
                 return report, None
             return report, drec.apply_patches(
@@ -498,7 +498,7 @@ def _distributed(
                 report,
                 config=config,
                 redriver=redriver,
-                progress=progress or (lambda s, d, t: None),
+                progress=progress or rec.no_progress,
             )
 
         try:

@@ -50,12 +50,8 @@ from psycopg import sql
 from paypost.bus.core import ArchiveQuery
 from paypost.bus.nats import NatsBus, NatsUnitOfWork, connect_db
 from paypost.config import UserError
-from paypost.events import (
-    Event,
-    ReconciliationBreakDetected,
-    ReconciliationBreakPatched,
-    derive_event_id,
-)
+from paypost.events import Event
+from paypost.ledger.model import JournalEntry, PostedEntry, PostResult
 from paypost.ledger.postgres import PostgresLedger, tenant_schema
 from paypost.pipeline import STAGE_ORDER, STANDARDIZE, _count
 from paypost.stages import posting_file_pg
@@ -71,11 +67,6 @@ from .state import (
     outcome_rows,
     record_outcomes,
     state_schema,
-)
-
-#: a re-driven authorization that did not end posted, held or rejected
-NOT_POSTED = (
-    "re-driven, but not posted yet (handed to a stage queue or dead-lettered); retried next run"
 )
 
 _BREAKS_SQL = "SELECT break_id, status, entry_id, note FROM {}.reconcile_breaks"
@@ -185,7 +176,7 @@ def _entries(
                     pk=int(pk),
                     tenant=tenant,
                     id=eid,
-                    day=rec._day_of_micros(int(booked), days),
+                    day=rec.day_of_micros(int(booked), days),
                     sequence_id=seq,
                     transaction_ref=ref,
                     reversal_of=rev,
@@ -208,7 +199,7 @@ def load_views(
     check_file: bool = True,
     pending: Callable[[], int] | None = None,
     dead_letters: dict[tuple[str, str], list[dict[str, Any]]] | None = None,
-    progress: rec.Progress = rec._no_progress,
+    progress: rec.Progress = rec.no_progress,
 ) -> rec.Views:
     """The reconciler's views of a distributed pipeline (read-only; see the module docs).
     PENDING (the bus's count of work in flight) is asked right after the snapshot;
@@ -365,7 +356,7 @@ class Reconciler:
         self,
         scope: rec.Scope,
         config: rec.ReconcileConfig,
-        progress: rec.Progress = rec._no_progress,
+        progress: rec.Progress = rec.no_progress,
     ) -> rec.Report:
         """Load the views and classify them (read-only): the dry run."""
         import time
@@ -433,86 +424,119 @@ def open_reconciler(
 # Patches
 
 
-def _record_breaks(uow: Any, schema: str, breaks: Sequence[rec.Break]) -> list[rec.Break]:
-    """Record breaks not seen before (one statement) and publish their
-    ReconciliationBreakDetected events in the same unit of work."""
-    if not breaks:
-        return []
-    now = rec.now_text()
-    rows = uow.conn.execute(
-        sql.SQL(
-            "INSERT INTO {}.reconcile_breaks (break_id, tenant, kind, status, action, evidence, "
-            "note, detected_at) SELECT u.*, %s FROM unnest(%s::text[], %s::text[], %s::text[], "
-            "%s::text[], %s::text[], %s::text[], %s::text[]) AS u ON CONFLICT DO NOTHING "
-            "RETURNING break_id"
-        ).format(sql.Identifier(schema)),
-        (
-            now,
-            [b.break_id for b in breaks],
-            [b.tenant for b in breaks],
-            [b.kind for b in breaks],
-            ["held" if b.action == "hold" else "open" for b in breaks],
-            [b.action for b in breaks],
-            [msgspec.json.encode(b.evidence).decode() for b in breaks],
-            [b.reason for b in breaks],
-        ),
-    ).fetchall()
-    new = {r[0] for r in rows}
-    fresh = [b for b in breaks if b.break_id in new]
-    if fresh:
-        uow.publish(
-            [
-                rec._event(
-                    ReconciliationBreakDetected(
-                        break_id=b.break_id,
-                        kind=b.kind,
-                        evidence={**b.evidence, "planned_action": b.action, "reason": b.reason},
-                    ),
-                    b,
-                    "reconcile-detected",
-                )
-                for b in fresh
-            ],
-            dedup=True,
+@dataclass
+class PostgresBreakStore:
+    """`rec.BreakStore` of the distributed backend: breaks in `<p>_state.reconcile_breaks`,
+    units of work of the `NatsBus`, the tenants' PostgreSQL ledgers, the postings outbox."""
+
+    r: Reconciler
+    #: the re-driving pipeline's assembler schema (set when the pipeline is built)
+    assembly_schema: str | None = None
+
+    @property
+    def schema(self) -> str:
+        return self.r.target.state
+
+    def unit_of_work(self) -> Any:
+        return self.r.bus.unit_of_work()
+
+    def ensure_schema(self, uow: Any) -> None:
+        ensure_schema(uow.conn, self.schema)  # reconcile_breaks, on a state from before it
+
+    def record(self, uow: Any, breaks: Sequence[rec.Break]) -> list[rec.Break]:
+        rows = uow.conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.reconcile_breaks (break_id, tenant, kind, status, action, "
+                "evidence, note, detected_at) SELECT u.*, %s FROM unnest(%s::text[], "
+                "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS u "
+                "ON CONFLICT DO NOTHING RETURNING break_id"
+            ).format(sql.Identifier(self.schema)),
+            (
+                rec.now_text(),
+                [b.break_id for b in breaks],
+                [b.tenant for b in breaks],
+                [b.kind for b in breaks],
+                ["held" if b.action == "hold" else "open" for b in breaks],
+                [b.action for b in breaks],
+                [msgspec.json.encode(b.evidence).decode() for b in breaks],
+                [b.reason for b in breaks],
+            ),
+        ).fetchall()
+        new = {r[0] for r in rows}
+        return [b for b in breaks if b.break_id in new]
+
+    def mark(
+        self,
+        uow: Any,
+        b: rec.Break,
+        status: str,
+        entry_id: str | None,
+        note: str | None,
+        action: str,
+    ) -> None:
+        uow.conn.execute(
+            sql.SQL(
+                "UPDATE {}.reconcile_breaks SET status = %s, entry_id = %s, note = %s, "
+                "action = %s, patched_at = CASE WHEN %s = 'patched' THEN %s ELSE patched_at "
+                "END WHERE break_id = %s"
+            ).format(sql.Identifier(self.schema)),
+            (status, entry_id, note, action, status, rec.now_text(), b.break_id),
         )
-    return fresh
 
+    def get_entry(self, uow: Any, tenant: str, entry_id: str) -> PostedEntry | None:
+        return self.r.ledger.get_entry(tenant, entry_id)
 
-def _mark(
-    uow: Any,
-    schema: str,
-    b: rec.Break,
-    status: str,
-    entry_id: str | None,
-    note: str | None,
-    action: str,
-) -> None:
-    uow.conn.execute(
-        sql.SQL(
-            "UPDATE {}.reconcile_breaks SET status = %s, entry_id = %s, note = %s, action = %s, "
-            "patched_at = CASE WHEN %s = 'patched' THEN %s ELSE patched_at END "
-            "WHERE break_id = %s"
-        ).format(sql.Identifier(schema)),
-        (status, entry_id, note, action, status, rec.now_text(), b.break_id),
-    )
-    b.status = status
+    def post(self, uow: Any, entry: JournalEntry) -> PostResult:
+        return self.r.ledger.post_batch_in(uow.conn, [entry])[0]
 
+    def queue(self, uow: Any, records: list[PostingRecord]) -> None:
+        posting_file_pg.add_to_outbox(uow.conn, records, self.r.target.postings)
 
-def _patched(
-    uow: Any, schema: str, b: rec.Break, action: str, entry_id: str | None, note: str
-) -> None:
-    _mark(uow, schema, b, "patched", entry_id, note, action)
-    uow.publish(
-        [
-            rec._event(
-                ReconciliationBreakPatched(break_id=b.break_id, action=action, entry_id=entry_id),
-                b,
-                "reconcile-patched",
-                causation=derive_event_id(b.break_id, "reconcile-detected", 0),
+    def trial_balance_zero(self, tenant: str) -> bool:
+        return trial_balance_zero(self.r, tenant)
+
+    def archived(self, event_ids: Sequence[str]) -> dict[str, Event]:
+        return archived_events(self.r.bus, event_ids)
+
+    def has_entry(self, uow: Any, tenant: str, entry_id: str) -> bool:
+        return _entry_exists(uow.conn, self.r, tenant, entry_id)
+
+    def forget_complete(self, uow: Any, sequence_ids: list[str]) -> None:
+        assert self.assembly_schema is not None
+        uow.conn.execute(
+            sql.SQL(
+                "DELETE FROM {}.assembly_sequences WHERE state = 'complete' AND "
+                "sequence_id = ANY(%s)"
+            ).format(sql.Identifier(self.assembly_schema)),
+            (sequence_ids,),
+        )
+
+    def outbox_high_water(self, uow: Any) -> int | None:
+        row = uow.conn.execute(
+            sql.SQL("SELECT COALESCE(MAX(id), 0) FROM {}.assembly_posting_outbox").format(
+                sql.Identifier(self.r.target.postings)
             )
-        ],
-        dedup=True,
-    )
+        ).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def drop_queued(self, uow: Any, after: int, entry_ids: list[str]) -> None:
+        uow.conn.execute(
+            sql.SQL(
+                "DELETE FROM {}.assembly_posting_outbox WHERE id > %s AND "
+                "convert_from(record, 'UTF8')::jsonb ->> 'entry_id' = ANY(%s)"
+            ).format(sql.Identifier(self.r.target.postings)),
+            (after, entry_ids),
+        )
+
+    def ended(self, uow: Any, tenant: str, auth_id: str) -> tuple[str, str | None] | None:
+        row = uow.conn.execute(
+            sql.SQL(
+                "SELECT state, reason FROM {}.review_outcomes WHERE tenant = %s AND "
+                "auth_id = %s ORDER BY seq DESC LIMIT 1"
+            ).format(sql.Identifier(self.schema)),
+            (tenant, auth_id),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
 
 
 def apply_patches(
@@ -522,41 +546,34 @@ def apply_patches(
     config: rec.ReconcileConfig | None = None,
     redriver: Callable[[], DistributedPipeline] | None = None,
     export: bool = True,
-    progress: rec.Progress = rec._no_progress,
+    progress: rec.Progress = rec.no_progress,
 ) -> rec.PatchOutcome:
-    """Carry out REPORT's patch plan where the distributed backend can (see the module docs);
-    idempotent: break ids, patch entry ids and event ids are derived, and the ledger posts an
-    entry id once."""
-    out = rec.PatchOutcome()
-    schema = r.target.state
-    with r.bus.unit_of_work() as uow:
-        ensure_schema(uow.conn, schema)  # reconcile_breaks, on a state from before it
-        out.detected = len(_record_breaks(uow, schema, report.breaks))
-    todo = [b for b in report.breaks if b.status not in ("patched", "held")]
-    out.unchanged = len(report.breaks) - len(todo)
-    for b in report.breaks:
-        if b.status == "held" or (b.action == "hold" and b.status != "patched"):
-            b.status = "held"
-    out.held = sum(1 for b in report.breaks if b.status == "held")
-    for b in todo:
-        if b.action == "hold":
-            out.details.append({"break_id": b.break_id, "kind": b.kind, "status": "held"})
-    work = [b for b in todo if b.action in ("reverse", "adjust", "requeue")]
-    done = 0
-    if work:
-        with r.bus.unit_of_work() as uow:
-            for b in work:
-                _apply_ledger_patch(r, uow, b, out)
-                done += 1
-                progress("patching", done, len(todo))
-    missing = [b for b in todo if b.action == "redrive"]
-    if missing:
-        _apply_redrives(r, missing, config or rec.ReconcileConfig(), redriver, out)
-    if export:
-        out.exported = r.export()
-    for tenant in sorted({b.tenant for b in report.breaks}):
-        out.trial_balance_zero = out.trial_balance_zero and trial_balance_zero(r, tenant)
-    return out
+    """Carry out REPORT's patch plan where the distributed backend can (see the module docs):
+    the embedded reconciler's flow (`rec.run_patches`) on a `PostgresBreakStore`; idempotent:
+    break ids, patch entry ids and event ids are derived, and the ledger posts an entry id
+    once."""
+
+    store = PostgresBreakStore(r)
+
+    def build() -> rec.Redriver:
+        assert redriver is not None
+        pipeline = redriver()
+        store.assembly_schema = pipeline.assembly_schema
+
+        def drive(uow: Any, events: list[Event]) -> None:
+            assert isinstance(uow, NatsUnitOfWork)
+            redrive(pipeline, uow, events)
+
+        return drive
+
+    return rec.run_patches(
+        store,
+        report,
+        config=config,
+        redrive=None if redriver is None else build,
+        export=r.export if export else None,
+        progress=progress,
+    )
 
 
 def trial_balance_zero(r: Reconciler, tenant: str) -> bool:
@@ -564,60 +581,6 @@ def trial_balance_zero(r: Reconciler, tenant: str) -> bool:
         return r.ledger.trial_balance(tenant).balanced
     except AssertionError:  # the ledger asserts a zero trial balance on read
         return False
-
-
-def _apply_ledger_patch(r: Reconciler, uow: Any, b: rec.Break, out: rec.PatchOutcome) -> None:
-    schema = r.target.state
-    if b.action == "requeue":
-        entry = r.ledger.get_entry(b.tenant, str(b.evidence["entry_id"]))
-        if entry is None:
-            _mark(uow, schema, b, "failed", None, "the entry is no longer in the ledger", b.action)
-            out.failed += 1
-            return
-        posting_file_pg.add_to_outbox(
-            uow.conn, [rec._posting_record(rec._journal_of(entry))], r.target.postings
-        )
-        _patched(uow, schema, b, "requeue", entry.id, "posting-file record queued again")
-        out.patched += 1
-        out.details.append({"break_id": b.break_id, "kind": b.kind, "status": "patched"})
-        return
-    target_id = str(
-        b.evidence["duplicate_entry_id"] if b.action == "reverse" else b.evidence["entry_id"]
-    )
-    original = r.ledger.get_entry(b.tenant, target_id)
-    if original is None:
-        _mark(uow, schema, b, "failed", None, f"entry {target_id} is not in the ledger", b.action)
-        out.failed += 1
-        return
-    assert b.patch_entry_id is not None
-    if b.action == "reverse":
-        patch = rec.reversal_patch(b, original, b.patch_entry_id)
-    else:
-        diff = int(b.evidence["difference"]["minor"])
-        try:
-            patch = rec.adjustment_patch(
-                b, original, b.patch_entry_id, diff * rec._settlement_sign(original)
-            )
-        except ValueError as exc:
-            _mark(uow, schema, b, "held", None, f"cannot adjust automatically: {exc}", "hold")
-            out.held += 1
-            return
-    result = r.ledger.post_batch_in(uow.conn, [patch])[0]
-    if not result.applied:
-        _mark(uow, schema, b, "failed", None, f"ledger {result.status}: {result.reason}", b.action)
-        out.failed += 1
-        out.details.append(
-            {"break_id": b.break_id, "kind": b.kind, "status": "failed", "reason": result.reason}
-        )
-        return
-    if result.status == "posted":
-        out.entries_posted += 1
-        posting_file_pg.add_to_outbox(uow.conn, [rec._posting_record(patch)], r.target.postings)
-    _patched(uow, schema, b, b.action, patch.id, b.reason)
-    out.patched += 1
-    out.details.append(
-        {"break_id": b.break_id, "kind": b.kind, "status": "patched", "entry_id": patch.id}
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,129 +644,3 @@ def _entry_exists(conn: psycopg.Connection[Any], r: Reconciler, tenant: str, ent
         (entry_id,),
     ).fetchone()
     return row is not None
-
-
-def _apply_redrives(
-    r: Reconciler,
-    breaks: Sequence[rec.Break],
-    config: rec.ReconcileConfig,
-    redriver: Callable[[], DistributedPipeline] | None,
-    out: rec.PatchOutcome,
-) -> None:
-    schema = r.target.state
-    if redriver is None:
-        with r.bus.unit_of_work() as uow:
-            for b in breaks:
-                _mark(uow, schema, b, "failed", None, "no pipeline to re-drive through", "redrive")
-        out.failed += len(breaks)
-        return
-    pipeline = redriver()
-    archived = archived_events(r.bus, [str(b.evidence["accepted_event_id"]) for b in breaks])
-    assembly = sql.Identifier(pipeline.assembly_schema)
-    postings = sql.Identifier(r.target.postings)
-    for start in range(0, len(breaks), config.redrive_batch):
-        chunk = breaks[start : start + config.redrive_batch]
-        with r.bus.unit_of_work() as uow:
-            assert isinstance(uow, NatsUnitOfWork)
-            conn = uow.conn
-            events: list[Event] = []
-            ready: list[rec.Break] = []
-            for b in chunk:
-                ev = archived.get(str(b.evidence["accepted_event_id"]))
-                if ev is None:
-                    _mark(
-                        uow,
-                        schema,
-                        b,
-                        "held",
-                        None,
-                        "the accepted authorization is not in the archive (purged?): held "
-                        "for review",
-                        "hold",
-                    )
-                    out.held += 1
-                    continue
-                events.append(ev)
-                ready.append(b)
-            # The assembler remembers the sequence as complete; the ledger does not hold it
-            # (that is the break): forget it, and the legs assemble and post once (the
-            # ledger's entry id still guards).
-            seqs = [
-                str(b.evidence["expected_entry_id"])
-                for b in ready
-                if not _entry_exists(conn, r, b.tenant, str(b.evidence["expected_entry_id"]))
-            ]
-            if seqs:
-                conn.execute(
-                    sql.SQL(
-                        "DELETE FROM {}.assembly_sequences WHERE state = 'complete' AND "
-                        "sequence_id = ANY(%s)"
-                    ).format(assembly),
-                    (seqs,),
-                )
-            in_file = [
-                str(b.evidence["expected_entry_id"])
-                for b in ready
-                if b.evidence.get("in_posting_file")
-            ]
-            row = conn.execute(
-                sql.SQL("SELECT COALESCE(MAX(id), 0) FROM {}.assembly_posting_outbox").format(
-                    postings
-                )
-            ).fetchone()
-            last_queued = int(row[0]) if row is not None else 0
-            if events:
-                redrive(pipeline, uow, events)
-            if in_file:
-                # the bank's file already holds this entry (the ledger lost it after export)
-                conn.execute(
-                    sql.SQL(
-                        "DELETE FROM {}.assembly_posting_outbox WHERE id > %s AND "
-                        "convert_from(record, 'UTF8')::jsonb ->> 'entry_id' = ANY(%s)"
-                    ).format(postings),
-                    (last_queued, in_file),
-                )
-            for b in ready:
-                entry_id = str(b.evidence["expected_entry_id"])
-                if _entry_exists(conn, r, b.tenant, entry_id):
-                    _patched(uow, schema, b, "redrive", entry_id, "re-driven through the pipeline")
-                    out.patched += 1
-                    out.entries_posted += 1
-                    out.details.append(
-                        {
-                            "break_id": b.break_id,
-                            "kind": b.kind,
-                            "status": "patched",
-                            "entry_id": entry_id,
-                        }
-                    )
-                    continue
-                ended = conn.execute(
-                    sql.SQL(
-                        "SELECT state, reason FROM {}.review_outcomes WHERE tenant = %s AND "
-                        "auth_id = %s ORDER BY seq DESC LIMIT 1"
-                    ).format(sql.Identifier(schema)),
-                    (b.tenant, b.evidence["authorization_id"]),
-                ).fetchone()
-                if ended is not None:
-                    _patched(uow, schema, b, "redrive", None, f"re-driven: {ended[0]} ({ended[1]})")
-                    out.patched += 1
-                    out.details.append(
-                        {
-                            "break_id": b.break_id,
-                            "kind": b.kind,
-                            "status": "patched",
-                            "ended": ended[0],
-                        }
-                    )
-                    continue
-                _mark(uow, schema, b, "failed", None, NOT_POSTED, "redrive")
-                out.failed += 1
-                out.details.append(
-                    {
-                        "break_id": b.break_id,
-                        "kind": b.kind,
-                        "status": "failed",
-                        "reason": NOT_POSTED,
-                    }
-                )

@@ -32,6 +32,10 @@ money moves, a journal entry linked to its break (metadata `reconciliation.break
 - file breaks → an entry missing from the file is queued again; the others are held (the file
   is append-only; the bank's core system deduplicates by entry id).
 
+The flow is one for both backends: `run_patches` over a `BreakStore` (where breaks are kept,
+entries read and posted, records queued); `SqliteBreakStore` here, `PostgresBreakStore` in
+`paypost.distributed.reconcile`.
+
 Idempotent: break ids derive from (tenant, kind, subject), patch entry ids and event ids from
 the break id, and `reconcile_breaks` records each break's status, so patching twice changes
 nothing. Money is conserved: every patch entry balances and the trial balance is checked after.
@@ -61,7 +65,7 @@ from paypost.events import (
 )
 from paypost.iso.iso20022 import message_id_for
 from paypost.ledger import sqlite as ledger_sqlite
-from paypost.ledger.model import JournalEntry, Leg, PostedEntry
+from paypost.ledger.model import JournalEntry, Leg, PostedEntry, PostResult
 from paypost.money import Money
 from paypost.stages.post import sequence_id_for
 from paypost.stages.posting_file import (
@@ -404,14 +408,14 @@ class Views(msgspec.Struct, kw_only=True):
 Progress = Callable[[str, int, int], None]
 
 
-def _no_progress(step: str, done: int, total: int) -> None:
+def no_progress(step: str, done: int, total: int) -> None:
     return None
 
 
 _DAY_US = 86_400_000_000
 
 
-def _day_of_micros(us: int, cache: dict[int, str]) -> str:
+def day_of_micros(us: int, cache: dict[int, str]) -> str:
     n = us // _DAY_US
     day = cache.get(n)
     if day is None:
@@ -428,7 +432,7 @@ def load_views(
     scope: Scope,
     *,
     posting_file: Path | None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> Views:
     """Read the three views (set-based queries, one pass each). Read-only.
 
@@ -577,7 +581,7 @@ def _load_entries(
                     pk=pk,
                     tenant=t,
                     id=eid,
-                    day=_day_of_micros(booked, days),
+                    day=day_of_micros(booked, days),
                     sequence_id=seq,
                     transaction_ref=ref,
                     reversal_of=rev,
@@ -602,7 +606,7 @@ _OUTBOX_BATCH = re.compile(r"[a-z]+-(\d+)-(\d+)")
 def read_posting_file(
     path: Path,
     tenant: str | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
     *,
     snapshot_outbox_id: int | None = None,
 ) -> list[FileRecord]:
@@ -1196,7 +1200,7 @@ def reconcile(
     config: ReconcileConfig | None = None,
     *,
     posting_file: Path | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> Report:
     """Load the views and classify them (read-only): the dry run."""
     scope = scope or Scope()
@@ -1250,7 +1254,8 @@ def now_text() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _event(detail: Any, b: Break, stage: str, causation: str | None = None) -> Event:
+def break_event(detail: Any, b: Break, stage: str, causation: str | None = None) -> Event:
+    """The event of break B at STAGE (its id derives from the break id: published once)."""
     return new_event(
         detail,
         source=SOURCE,
@@ -1261,33 +1266,78 @@ def _event(detail: Any, b: Break, stage: str, causation: str | None = None) -> E
     )
 
 
-def _record_breaks(uow: Any, breaks: Sequence[Break]) -> list[Break]:
+#: a re-driven authorization that did not end posted, held or rejected
+NOT_POSTED = (
+    "re-driven, but not posted yet (handed to a stage queue or dead-lettered); retried next run"
+)
+
+
+class BreakStore(Protocol):
+    """The storage half of the patch flow (`run_patches`): where a backend keeps its breaks
+    (`reconcile_breaks`), reads and posts ledger entries, queues posting-file records and
+    finds what a re-drive needs. `SqliteBreakStore` (embedded) and
+    `paypost.distributed.reconcile.PostgresBreakStore`; the flow itself is one."""
+
+    def unit_of_work(self) -> Any: ...
+
+    def ensure_schema(self, uow: Any) -> None: ...
+
+    def record(self, uow: Any, breaks: Sequence[Break]) -> list[Break]:
+        """Record the breaks not recorded before; those, in order."""
+        ...
+
+    def mark(
+        self, uow: Any, b: Break, status: str, entry_id: str | None, note: str | None, action: str
+    ) -> None:
+        """Store B's status, entry, note and action (and the time, when patched)."""
+        ...
+
+    def get_entry(self, uow: Any, tenant: str, entry_id: str) -> PostedEntry | None: ...
+
+    def post(self, uow: Any, entry: JournalEntry) -> PostResult: ...
+
+    def queue(self, uow: Any, records: list[PostingRecord]) -> None:
+        """Queue posting-file records (the outbox) in UOW."""
+        ...
+
+    def trial_balance_zero(self, tenant: str) -> bool: ...
+
+    # Re-driving missing authorizations
+
+    def archived(self, event_ids: Sequence[str]) -> dict[str, Event]:
+        """The archived `AuthorizationAccepted` events with these ids."""
+        ...
+
+    def has_entry(self, uow: Any, tenant: str, entry_id: str) -> bool:
+        """Whether the ledger holds the entry, as UOW sees it (its own postings included)."""
+        ...
+
+    def forget_complete(self, uow: Any, sequence_ids: list[str]) -> None:
+        """Drop the assembler's memory of these sequences as complete."""
+        ...
+
+    def outbox_high_water(self, uow: Any) -> int | None:
+        """The last posting-file outbox id queued (None: no outbox)."""
+        ...
+
+    def drop_queued(self, uow: Any, after: int, entry_ids: list[str]) -> None:
+        """Delete the outbox records of ENTRY_IDS queued after outbox id AFTER."""
+        ...
+
+    def ended(self, uow: Any, tenant: str, auth_id: str) -> tuple[str, str | None] | None:
+        """The last non-posting end (state, reason) of the authorization, if any."""
+        ...
+
+
+def record_breaks(store: BreakStore, uow: Any, breaks: Sequence[Break]) -> list[Break]:
     """Record breaks not seen before and publish their ReconciliationBreakDetected events."""
-    conn = uow.conn
-    fresh: list[Break] = []
-    now = now_text()
-    for b in breaks:
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO reconcile_breaks (break_id, tenant, kind, status, action, "
-            "entry_id, evidence, note, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                b.break_id,
-                b.tenant,
-                b.kind,
-                "held" if b.action == "hold" else "open",
-                b.action,
-                None,
-                msgspec.json.encode(b.evidence).decode(),
-                b.reason,
-                now,
-            ),
-        )
-        if cur.rowcount:
-            fresh.append(b)
+    if not breaks:
+        return []
+    fresh = store.record(uow, breaks)
     if fresh:
         uow.publish(
             [
-                _event(
+                break_event(
                     ReconciliationBreakDetected(
                         break_id=b.break_id,
                         kind=b.kind,
@@ -1303,22 +1353,27 @@ def _record_breaks(uow: Any, breaks: Sequence[Break]) -> list[Break]:
     return fresh
 
 
-def _mark(
-    uow: Any, b: Break, status: str, entry_id: str | None, note: str | None, action: str
+def mark(
+    store: BreakStore,
+    uow: Any,
+    b: Break,
+    status: str,
+    entry_id: str | None,
+    note: str | None,
+    action: str,
 ) -> None:
-    uow.conn.execute(
-        "UPDATE reconcile_breaks SET status = ?, entry_id = ?, note = ?, action = ?, "
-        "patched_at = CASE WHEN ? = 'patched' THEN ? ELSE patched_at END WHERE break_id = ?",
-        (status, entry_id, note, action, status, now_text(), b.break_id),
-    )
+    store.mark(uow, b, status, entry_id, note, action)
     b.status = status
 
 
-def _patched(uow: Any, b: Break, action: str, entry_id: str | None, note: str) -> None:
-    _mark(uow, b, "patched", entry_id, note, action)
+def patched(
+    store: BreakStore, uow: Any, b: Break, action: str, entry_id: str | None, note: str
+) -> None:
+    """Mark B patched and publish its ReconciliationBreakPatched event."""
+    mark(store, uow, b, "patched", entry_id, note, action)
     uow.publish(
         [
-            _event(
+            break_event(
                 ReconciliationBreakPatched(break_id=b.break_id, action=action, entry_id=entry_id),
                 b,
                 "reconcile-patched",
@@ -1399,7 +1454,8 @@ def adjustment_patch(b: Break, entry: PostedEntry, entry_id: str, difference: in
 _INTERNAL_PREFIXES = ("settlement", "fx", "fees")
 
 
-def _posting_record(entry: JournalEntry) -> PostingRecord:
+def posting_record(entry: JournalEntry) -> PostingRecord:
+    """ENTRY's posting-file record (leg roles inferred from the account names if missing)."""
     meta = dict(entry.metadata)
     roles = meta.get("roles")
     if not roles or len(roles) != len(entry.legs):
@@ -1410,6 +1466,101 @@ def _posting_record(entry: JournalEntry) -> PostingRecord:
     return record_for(entry, meta)
 
 
+@dataclass
+class SqliteBreakStore:
+    """`BreakStore` of the embedded backend: the bus's SQLite database."""
+
+    bus: BusLike
+
+    def unit_of_work(self) -> Any:
+        return self.bus.unit_of_work()
+
+    def ensure_schema(self, uow: Any) -> None:
+        ensure_schema(uow.conn)
+
+    def record(self, uow: Any, breaks: Sequence[Break]) -> list[Break]:
+        fresh: list[Break] = []
+        now = now_text()
+        for b in breaks:
+            cur = uow.conn.execute(
+                "INSERT OR IGNORE INTO reconcile_breaks (break_id, tenant, kind, status, action, "
+                "entry_id, evidence, note, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    b.break_id,
+                    b.tenant,
+                    b.kind,
+                    "held" if b.action == "hold" else "open",
+                    b.action,
+                    None,
+                    msgspec.json.encode(b.evidence).decode(),
+                    b.reason,
+                    now,
+                ),
+            )
+            if cur.rowcount:
+                fresh.append(b)
+        return fresh
+
+    def mark(
+        self, uow: Any, b: Break, status: str, entry_id: str | None, note: str | None, action: str
+    ) -> None:
+        uow.conn.execute(
+            "UPDATE reconcile_breaks SET status = ?, entry_id = ?, note = ?, action = ?, "
+            "patched_at = CASE WHEN ? = 'patched' THEN ? ELSE patched_at END WHERE break_id = ?",
+            (status, entry_id, note, action, status, now_text(), b.break_id),
+        )
+
+    def get_entry(self, uow: Any, tenant: str, entry_id: str) -> PostedEntry | None:
+        return ledger_sqlite.get_entry_in(uow.conn, tenant, entry_id)
+
+    def post(self, uow: Any, entry: JournalEntry) -> PostResult:
+        return ledger_sqlite.post_batch_in(uow.conn, [entry])[0]
+
+    def queue(self, uow: Any, records: list[PostingRecord]) -> None:
+        add_to_outbox(uow.conn, records)
+
+    def trial_balance_zero(self, tenant: str) -> bool:
+        return ledger_sqlite.trial_balance_in(self.bus.conn, tenant).balanced
+
+    def archived(self, event_ids: Sequence[str]) -> dict[str, Event]:
+        return _archived_events(self.bus.conn, event_ids)
+
+    def has_entry(self, uow: Any, tenant: str, entry_id: str) -> bool:
+        return ledger_sqlite.get_entry_in(uow.conn, tenant, entry_id) is not None
+
+    def forget_complete(self, uow: Any, sequence_ids: list[str]) -> None:
+        if _table_exists(uow.conn, "assembly_sequences"):
+            uow.conn.execute(
+                "DELETE FROM assembly_sequences WHERE state = 'complete' AND sequence_id IN "
+                "(SELECT value FROM json_each(?))",
+                (msgspec.json.encode(sequence_ids).decode(),),
+            )
+
+    def outbox_high_water(self, uow: Any) -> int | None:
+        if not _table_exists(uow.conn, "assembly_posting_outbox"):
+            return None
+        (last,) = uow.conn.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM assembly_posting_outbox"
+        ).fetchone()
+        return int(last)
+
+    def drop_queued(self, uow: Any, after: int, entry_ids: list[str]) -> None:
+        uow.conn.execute(
+            "DELETE FROM assembly_posting_outbox WHERE id > ? AND "
+            "json_extract(CAST(record AS TEXT), '$.entry_id') IN "
+            "(SELECT value FROM json_each(?))",
+            (after, msgspec.json.encode(entry_ids).decode()),
+        )
+
+    def ended(self, uow: Any, tenant: str, auth_id: str) -> tuple[str, str | None] | None:
+        row = uow.conn.execute(
+            "SELECT state, reason FROM reconcile_outcomes WHERE tenant = ? AND "
+            "auth_id = ? ORDER BY seq DESC LIMIT 1",
+            (tenant, auth_id),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+
 def apply_patches(
     bus: BusLike,
     report: Report,
@@ -1417,19 +1568,38 @@ def apply_patches(
     config: ReconcileConfig | None = None,
     redrive: Callable[[], Redriver] | None = None,
     export: Callable[[], int] | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> PatchOutcome:
     """Carry out REPORT's patch plan (idempotent; see the module docs).
 
     REDRIVE builds the re-driver (the pipeline) on first need; without it, missing
     authorizations stay open (`failed`, with the reason). EXPORT writes the posting file after
     the patches (the outbox records they queued)."""
+    return run_patches(
+        SqliteBreakStore(bus),
+        report,
+        config=config,
+        redrive=redrive,
+        export=export,
+        progress=progress,
+    )
+
+
+def run_patches(
+    store: BreakStore,
+    report: Report,
+    *,
+    config: ReconcileConfig | None = None,
+    redrive: Callable[[], Redriver] | None = None,
+    export: Callable[[], int] | None = None,
+    progress: Progress = no_progress,
+) -> PatchOutcome:
+    """`apply_patches` on any backend's STORE: the one patch flow."""
     config = config or ReconcileConfig()
     out = PatchOutcome()
-    conn = bus.conn
-    with bus.unit_of_work() as uow:
-        ensure_schema(uow.conn)
-        fresh = _record_breaks(uow, report.breaks)
+    with store.unit_of_work() as uow:
+        store.ensure_schema(uow)
+        fresh = record_breaks(store, uow, report.breaks)
     out.detected = len(fresh)
     todo = [b for b in report.breaks if b.status not in ("patched", "held")]
     out.unchanged = len(report.breaks) - len(todo)
@@ -1445,43 +1615,41 @@ def apply_patches(
     # Money-moving patches of one kind share a unit of work (one transaction).
     ledger_work = [b for b in todo if b.action in ("reverse", "adjust", "requeue")]
     if ledger_work:
-        with bus.unit_of_work() as uow:
+        with store.unit_of_work() as uow:
             for b in ledger_work:
-                _apply_ledger_patch(uow, b, out)
+                apply_ledger_patch(store, uow, b, out)
                 done += 1
                 progress("patching", done, total)
     missing = [b for b in todo if b.action == "redrive"]
     if missing:
-        _apply_redrives(bus, missing, config, redrive, out, progress, done, total)
+        _apply_redrives(store, missing, config, redrive, out, progress, done, total)
     if export is not None:
         out.exported = export()
     tenants = sorted({b.tenant for b in report.breaks})
     for tenant in tenants:
-        out.trial_balance_zero = (
-            out.trial_balance_zero and ledger_sqlite.trial_balance_in(conn, tenant).balanced
-        )
+        out.trial_balance_zero = out.trial_balance_zero and store.trial_balance_zero(tenant)
     return out
 
 
-def _apply_ledger_patch(uow: Any, b: Break, out: PatchOutcome) -> None:
-    conn = uow.conn
+def apply_ledger_patch(store: BreakStore, uow: Any, b: Break, out: PatchOutcome) -> None:
+    """B's requeue, reversal or adjustment, in UOW."""
     if b.action == "requeue":
-        entry = ledger_sqlite.get_entry_in(conn, b.tenant, b.evidence["entry_id"])
+        entry = store.get_entry(uow, b.tenant, str(b.evidence["entry_id"]))
         if entry is None:
-            _mark(uow, b, "failed", None, "the entry is no longer in the ledger", b.action)
+            mark(store, uow, b, "failed", None, "the entry is no longer in the ledger", b.action)
             out.failed += 1
             return
-        add_to_outbox(conn, [_posting_record(_journal_of(entry))])
-        _patched(uow, b, "requeue", entry.id, "posting-file record queued again")
+        store.queue(uow, [posting_record(journal_of(entry))])
+        patched(store, uow, b, "requeue", entry.id, "posting-file record queued again")
         out.patched += 1
         out.details.append({"break_id": b.break_id, "kind": b.kind, "status": "patched"})
         return
-    target_id = (
+    target_id = str(
         b.evidence["duplicate_entry_id"] if b.action == "reverse" else b.evidence["entry_id"]
     )
-    target = ledger_sqlite.get_entry_in(conn, b.tenant, target_id)
+    target = store.get_entry(uow, b.tenant, target_id)
     if target is None:
-        _mark(uow, b, "failed", None, f"entry {target_id} is not in the ledger", b.action)
+        mark(store, uow, b, "failed", None, f"entry {target_id} is not in the ledger", b.action)
         out.failed += 1
         return
     assert b.patch_entry_id is not None
@@ -1489,16 +1657,16 @@ def _apply_ledger_patch(uow: Any, b: Break, out: PatchOutcome) -> None:
         patch = reversal_patch(b, target, b.patch_entry_id)
     else:
         diff = int(b.evidence["difference"]["minor"])
-        settled_sign = _settlement_sign(target)
+        settled_sign = settlement_sign(target)
         try:
             patch = adjustment_patch(b, target, b.patch_entry_id, diff * settled_sign)
         except ValueError as exc:
-            _mark(uow, b, "held", None, f"cannot adjust automatically: {exc}", "hold")
+            mark(store, uow, b, "held", None, f"cannot adjust automatically: {exc}", "hold")
             out.held += 1
             return
-    result = ledger_sqlite.post_batch_in(conn, [patch])[0]
+    result = store.post(uow, patch)
     if not result.applied:
-        _mark(uow, b, "failed", None, f"ledger {result.status}: {result.reason}", b.action)
+        mark(store, uow, b, "failed", None, f"ledger {result.status}: {result.reason}", b.action)
         out.failed += 1
         out.details.append(
             {"break_id": b.break_id, "kind": b.kind, "status": "failed", "reason": result.reason}
@@ -1506,22 +1674,22 @@ def _apply_ledger_patch(uow: Any, b: Break, out: PatchOutcome) -> None:
         return
     if result.status == "posted":
         out.entries_posted += 1
-        add_to_outbox(conn, [_posting_record(patch)])
-    _patched(uow, b, b.action, patch.id, b.reason)
+        store.queue(uow, [posting_record(patch)])
+    patched(store, uow, b, b.action, patch.id, b.reason)
     out.patched += 1
     out.details.append(
         {"break_id": b.break_id, "kind": b.kind, "status": "patched", "entry_id": patch.id}
     )
 
 
-def _settlement_sign(entry: PostedEntry) -> int:
+def settlement_sign(entry: PostedEntry) -> int:
     for lg in entry.legs:
         if lg.account.startswith("settlement-"):
             return 1 if lg.side == "credit" else -1
     return 1
 
 
-def _journal_of(p: PostedEntry) -> JournalEntry:
+def journal_of(p: PostedEntry) -> JournalEntry:
     return JournalEntry(
         id=p.id,
         tenant=p.tenant,
@@ -1555,7 +1723,7 @@ def _archived_events(conn: sqlite3.Connection, event_ids: Sequence[str]) -> dict
 
 
 def _apply_redrives(
-    bus: BusLike,
+    store: BreakStore,
     breaks: Sequence[Break],
     config: ReconcileConfig,
     redrive: Callable[[], Redriver] | None,
@@ -1565,25 +1733,24 @@ def _apply_redrives(
     total: int,
 ) -> None:
     if redrive is None:
-        with bus.unit_of_work() as uow:
+        with store.unit_of_work() as uow:
             for b in breaks:
-                _mark(uow, b, "failed", None, "no pipeline to re-drive through", "redrive")
+                mark(store, uow, b, "failed", None, "no pipeline to re-drive through", "redrive")
         out.failed += len(breaks)
         return
     driver = redrive()
-    wanted = [str(b.evidence["accepted_event_id"]) for b in breaks]
-    archived = _archived_events(bus.conn, wanted)
+    archived = store.archived([str(b.evidence["accepted_event_id"]) for b in breaks])
     step = config.redrive_batch
     for start in range(0, len(breaks), step):
         chunk = breaks[start : start + step]
-        with bus.unit_of_work() as uow:
-            conn = uow.conn
+        with store.unit_of_work() as uow:
             events: list[Event] = []
             ready: list[Break] = []
             for b in chunk:
                 ev = archived.get(str(b.evidence["accepted_event_id"]))
                 if ev is None:
-                    _mark(
+                    mark(
+                        store,
                         uow,
                         b,
                         "held",
@@ -1602,39 +1769,25 @@ def _apply_redrives(
             seqs = [
                 str(b.evidence["expected_entry_id"])
                 for b in ready
-                if ledger_sqlite.get_entry_in(conn, b.tenant, str(b.evidence["expected_entry_id"]))
-                is None
+                if not store.has_entry(uow, b.tenant, str(b.evidence["expected_entry_id"]))
             ]
-            if seqs and _table_exists(conn, "assembly_sequences"):
-                conn.execute(
-                    "DELETE FROM assembly_sequences WHERE state = 'complete' AND sequence_id IN "
-                    "(SELECT value FROM json_each(?))",
-                    (msgspec.json.encode(seqs).decode(),),
-                )
+            if seqs:
+                store.forget_complete(uow, seqs)
             in_file = [
                 str(b.evidence["expected_entry_id"])
                 for b in ready
                 if b.evidence.get("in_posting_file")
             ]
-            outbox = _table_exists(conn, "assembly_posting_outbox")
-            (last_queued,) = (
-                conn.execute("SELECT COALESCE(MAX(id), 0) FROM assembly_posting_outbox").fetchone()
-                if outbox
-                else (0,)
-            )
+            last_queued = store.outbox_high_water(uow)
             if events:
                 driver(uow, events)
-            if in_file and outbox:
-                conn.execute(
-                    "DELETE FROM assembly_posting_outbox WHERE id > ? AND "
-                    "json_extract(CAST(record AS TEXT), '$.entry_id') IN "
-                    "(SELECT value FROM json_each(?))",
-                    (last_queued, msgspec.json.encode(in_file).decode()),
-                )
+            if in_file and last_queued is not None:
+                # the bank's file already holds this entry (the ledger lost it after export)
+                store.drop_queued(uow, last_queued, in_file)
             for b in ready:
                 entry_id = str(b.evidence["expected_entry_id"])
-                if ledger_sqlite.get_entry_in(conn, b.tenant, entry_id) is not None:
-                    _patched(uow, b, "redrive", entry_id, "re-driven through the pipeline")
+                if store.has_entry(uow, b.tenant, entry_id):
+                    patched(store, uow, b, "redrive", entry_id, "re-driven through the pipeline")
                     out.patched += 1
                     out.entries_posted += 1
                     out.details.append(
@@ -1646,35 +1799,31 @@ def _apply_redrives(
                         }
                     )
                     continue
-                outcome = conn.execute(
-                    "SELECT state, reason FROM reconcile_outcomes WHERE tenant = ? AND "
-                    "auth_id = ? ORDER BY seq DESC LIMIT 1",
-                    (b.tenant, b.evidence["authorization_id"]),
-                ).fetchone()
-                if outcome is not None:
+                ended = store.ended(uow, b.tenant, str(b.evidence["authorization_id"]))
+                if ended is not None:
                     # Re-driven to a legitimate end without a posting (held / rejected).
-                    _patched(uow, b, "redrive", None, f"re-driven: {outcome[0]} ({outcome[1]})")
+                    note = f"re-driven: {ended[0]} ({ended[1]})"
+                    patched(store, uow, b, "redrive", None, note)
                     out.patched += 1
                     out.details.append(
                         {
                             "break_id": b.break_id,
                             "kind": b.kind,
                             "status": "patched",
-                            "ended": outcome[0],
+                            "ended": ended[0],
                         }
                     )
                     continue
-                _mark(
-                    uow,
-                    b,
-                    "failed",
-                    None,
-                    "re-driven, but not posted yet (handed to a stage queue or dead-lettered); "
-                    "retried next run",
-                    "redrive",
-                )
+                mark(store, uow, b, "failed", None, NOT_POSTED, "redrive")
                 out.failed += 1
-                out.details.append({"break_id": b.break_id, "kind": b.kind, "status": "failed"})
+                out.details.append(
+                    {
+                        "break_id": b.break_id,
+                        "kind": b.kind,
+                        "status": "failed",
+                        "reason": NOT_POSTED,
+                    }
+                )
         done += len(chunk)
         progress("patching", done, total)
 
@@ -1729,7 +1878,7 @@ def approve(
             "(see docs/reconciliation.md)."
         )
     with bus.unit_of_work() as uow:
-        _apply_ledger_patch(uow, b, out)
+        apply_ledger_patch(SqliteBreakStore(bus), uow, b, out)
     if export is not None:
         out.exported = export()
     out.trial_balance_zero = ledger_sqlite.trial_balance_in(conn, tenant).balanced
