@@ -31,8 +31,6 @@ from paypost.distributed.runtime import (
     load_settings,
     wait_for_completion,
 )
-from paypost.pipeline import PipelineSettings
-from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
 KEY = bytes(range(32))
 
@@ -66,17 +64,11 @@ def main() -> None:
     args = ap.parse_args()
     settings = load_settings(prefix=f"bench_{uuid.uuid4().hex[:8]}")
     with demo_inputs(args.events, KEY, seed=1, mode=args.mode) as inputs:
-        refdata = inputs.generated.refdata
-        text = default_rules_text()
-        book = parse_rules(text, "<default>", variables_from_tenants(refdata.tenants.values()))
-        job = DistributedJob(
-            settings=settings,
-            refdata=refdata,
-            rulebook=book,
-            rules_text=text,
-            rules_source="<default>",
-            pipeline_settings=PipelineSettings(mode=args.mode),  # type: ignore[arg-type]
-            master_key=KEY,
+        job = DistributedJob.with_default_rules(
+            settings,
+            inputs.generated.refdata,
+            KEY,
+            mode=args.mode,
             in_process_workers=False,
         )
         env = dict(os.environ)

@@ -62,26 +62,12 @@ def test_parked_and_quarantined_records_of_a_distributed_run(
 ) -> None:
     from paypost.demo import demo_inputs
     from paypost.distributed.runtime import DistributedJob, DistributedSettings, destroy
-    from paypost.pipeline import PipelineSettings
     from paypost.stages.ingest import SourceConfig
-    from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
     settings = DistributedSettings(bus_url=nats_url, db_url=postgres_url, prefix=pg_schema)
     env = {"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}
     with demo_inputs(600, KEY, seed=3, mode="near-realtime") as inputs:
-        refdata = inputs.generated.refdata
-        text = default_rules_text()
-        book = parse_rules(text, "<default>", variables_from_tenants(refdata.tenants.values()))
-        job = DistributedJob(
-            settings=settings,
-            refdata=refdata,
-            rulebook=book,
-            rules_text=text,
-            rules_source="<default>",
-            pipeline_settings=PipelineSettings(mode="near-realtime"),
-            master_key=KEY,
-            fused=True,
-        )
+        job = DistributedJob.with_default_rules(settings, inputs.generated.refdata, KEY, fused=True)
         card = inputs.generated.cards[0]
         odd = _odd_source(tmp_path / "odd.jsonl", card.pan, card.tenant)
         sources = [(s.config, s.path) for s in inputs.sources]

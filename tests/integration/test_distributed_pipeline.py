@@ -16,8 +16,6 @@ from paypost.distributed.runtime import (
     destroy,
     load_settings,
 )
-from paypost.pipeline import PipelineSettings
-from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
 KEY = bytes(range(32))
 
@@ -38,19 +36,7 @@ def make_job(
 ) -> tuple[Any, Any]:
     cm = demo_inputs(events, KEY, seed=seed, mode="near-realtime")
     inputs = cm.__enter__()
-    refdata = inputs.generated.refdata
-    text = default_rules_text()
-    book = parse_rules(text, "<default>", variables_from_tenants(refdata.tenants.values()))
-    job = DistributedJob(
-        settings=settings,
-        refdata=refdata,
-        rulebook=book,
-        rules_text=text,
-        rules_source="<default>",
-        pipeline_settings=PipelineSettings(mode="near-realtime"),
-        master_key=KEY,
-        fused=fused,
-    )
+    job = DistributedJob.with_default_rules(settings, inputs.generated.refdata, KEY, fused=fused)
     return job, (cm, inputs)
 
 

@@ -91,25 +91,11 @@ def test_held_and_rejected_of_a_distributed_run_are_listed_with_their_reasons(
         destroy,
         open_bus,
     )
-    from paypost.pipeline import PipelineSettings
-    from paypost.stages.rules import default_rules_text, parse_rules, variables_from_tenants
 
     settings = DistributedSettings(bus_url=nats_url, db_url=postgres_url, prefix=pg_schema)
     env = {"PAYPOST_DB_URL": postgres_url, "PAYPOST_PREFIX": pg_schema}
     with demo_inputs(1500, KEY, seed=3, mode="near-realtime") as inputs:
-        refdata = inputs.generated.refdata
-        text = default_rules_text()
-        book = parse_rules(text, "<default>", variables_from_tenants(refdata.tenants.values()))
-        job = DistributedJob(
-            settings=settings,
-            refdata=refdata,
-            rulebook=book,
-            rules_text=text,
-            rules_source="<default>",
-            pipeline_settings=PipelineSettings(mode="near-realtime"),
-            master_key=KEY,
-            fused=True,
-        )
+        job = DistributedJob.with_default_rules(settings, inputs.generated.refdata, KEY, fused=True)
         try:
             rep = job.run([(s.config, s.path) for s in inputs.sources], timeout_s=120)
             assert rep.complete, rep

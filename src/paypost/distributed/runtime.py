@@ -29,7 +29,12 @@ from paypost.pipeline import ASSEMBLER, DEDUP, STAGE_ORDER, Mode, PipelineSettin
 from paypost.refdata.model import RefData
 from paypost.refdata.store import HolderCipher
 from paypost.stages import ingest as ingest_stage
-from paypost.stages.rules import RuleBook, parse_rules, variables_from_tenants
+from paypost.stages.rules import (
+    RuleBook,
+    default_rules_text,
+    parse_rules,
+    variables_from_tenants,
+)
 
 from . import state
 from .pipeline import FUSED, WORKER_STAGES, DistributedPipeline, serve_stages
@@ -383,6 +388,32 @@ class DistributedJob:
     in_process_workers: bool = True
     fused: bool = False
     workers: WorkerSet | None = None
+
+    @classmethod
+    def with_default_rules(
+        cls,
+        settings: DistributedSettings,
+        refdata: RefData,
+        master_key: bytes,
+        *,
+        mode: Mode = "near-realtime",
+        fused: bool = False,
+        in_process_workers: bool = True,
+    ) -> DistributedJob:
+        """A job with paypost's default rules over REFDATA's tenants (tests, benchmarks)."""
+        text = default_rules_text()
+        book = parse_rules(text, "<default>", variables_from_tenants(refdata.tenants.values()))
+        return cls(
+            settings=settings,
+            refdata=refdata,
+            rulebook=book,
+            rules_text=text,
+            rules_source="<default>",
+            pipeline_settings=PipelineSettings(mode=mode),
+            master_key=master_key,
+            in_process_workers=in_process_workers,
+            fused=fused,
+        )
 
     def __post_init__(self) -> None:
         from paypost.security.tokens import VaultKeys
