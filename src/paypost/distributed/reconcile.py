@@ -170,24 +170,7 @@ def _entries(
     query = sql.SQL(_ENTRY_SQL).format(s=sql.Identifier(schema))
     with conn.cursor() as cur:
         cur.execute(query)
-        for pk, eid, booked, seq, rev, ref, brk, adj, settled, ccy, account, acc_ccy in cur:
-            out.append(
-                rec.EntryView(
-                    pk=int(pk),
-                    tenant=tenant,
-                    id=eid,
-                    day=rec.day_of_micros(int(booked), days),
-                    sequence_id=seq,
-                    transaction_ref=ref,
-                    reversal_of=rev,
-                    settled=int(settled or 0),
-                    currency=ccy,
-                    account=account,
-                    account_currency=acc_ccy,
-                    patch_break=brk,
-                    adjusts=adj,
-                )
-            )
+        out += [rec.entry_view(tenant, row, days) for row in cur]
     return out
 
 

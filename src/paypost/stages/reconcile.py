@@ -575,26 +575,31 @@ def _load_entries(
         rows = cur.fetchmany(20_000)
         if not rows:
             break
-        for pk, t, eid, booked, seq, rev, ref, brk, adj, settled, ccy, account, acc_ccy in rows:
-            out.append(
-                EntryView(
-                    pk=pk,
-                    tenant=t,
-                    id=eid,
-                    day=day_of_micros(booked, days),
-                    sequence_id=seq,
-                    transaction_ref=ref,
-                    reversal_of=rev,
-                    settled=int(settled or 0),
-                    currency=ccy,
-                    account=account,
-                    account_currency=acc_ccy,
-                    patch_break=brk,
-                    adjusts=adj,
-                )
-            )
+        out += [entry_view(row[1], row[:1] + row[2:], days) for row in rows]
         progress("ledger entries", len(out), total)
     return out
+
+
+def entry_view(tenant: str, row: Sequence[Any], days: dict[int, str]) -> EntryView:
+    """The ledger view of one entry from its row (pk, id, booked_at µs, sequence id,
+    reversal_of, transaction ref, patch break, adjusts, settled, currency, account, account
+    currency), as both backends' entry queries select it; DAYS caches day_of_micros."""
+    pk, eid, booked, seq, rev, ref, brk, adj, settled, ccy, account, acc_ccy = row
+    return EntryView(
+        pk=int(pk),
+        tenant=tenant,
+        id=eid,
+        day=day_of_micros(int(booked), days),
+        sequence_id=seq,
+        transaction_ref=ref,
+        reversal_of=rev,
+        settled=int(settled or 0),
+        currency=ccy,
+        account=account,
+        account_currency=acc_ccy,
+        patch_break=brk,
+        adjusts=adj,
+    )
 
 
 _DETAIL_INDEX = {name: i for i, name in enumerate(DETAIL_FIELDS)}
