@@ -304,7 +304,25 @@ class BatchOutcome:
     handed_to_queue: int = 0
 
 
-class Pipeline:
+class PureStageHandlers:
+    """The handlers of the stages that touch no store (standardize, enrich, rules), shared by
+    the embedded and the distributed pipeline: outputs collected into an EncodedEvents
+    (`encoded`), so the bus publishes the bodies encoded as they were appended."""
+
+    refdata: RefData
+    rulebook: RuleBook
+
+    def _standardize(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        return encoded(standardize, events)
+
+    def _enrich(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        return encoded(enrich, events, self.refdata)
+
+    def _rules(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
+        return encoded(apply_rules, events, self.rulebook)
+
+
+class Pipeline(PureStageHandlers):
     """paypost's stages wired to a bus over one SQLite database (the embedded default)."""
 
     def __init__(
@@ -377,15 +395,6 @@ class Pipeline:
         result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
         index.apply(result.effects)
         return result.outputs
-
-    def _standardize(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        return encoded(standardize, events)
-
-    def _enrich(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        return encoded(enrich, events, self.refdata)
-
-    def _rules(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        return encoded(apply_rules, events, self.rulebook)
 
     def _account_interface(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
         if self.buffer is not None:

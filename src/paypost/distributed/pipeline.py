@@ -45,6 +45,7 @@ from paypost.pipeline import (
     STAGE_ORDER,
     STANDARDIZE,
     PipelineSettings,
+    PureStageHandlers,
     StageHandler,
     _count,
     encoded,
@@ -56,11 +57,9 @@ from paypost.stages import assembler as asm
 from paypost.stages import assembler_pg, posting_file_pg
 from paypost.stages import dedup as dedup_stage
 from paypost.stages import ingest as ingest_stage
-from paypost.stages.enrich import enrich
 from paypost.stages.post import create_legs
 from paypost.stages.posting_file import PostingFileWriter
-from paypost.stages.rules import RuleBook, apply_rules
-from paypost.stages.standardize import standardize
+from paypost.stages.rules import RuleBook
 
 from . import state
 
@@ -89,7 +88,7 @@ def serve_stages(fused: bool) -> tuple[str, ...]:
     return (FUSED, *PER_STAGE[1:]) if fused else PER_STAGE
 
 
-class DistributedPipeline:
+class DistributedPipeline(PureStageHandlers):
     """The stage handlers over PostgreSQL state, consuming from a `NatsBus`."""
 
     def __init__(
@@ -147,17 +146,7 @@ class DistributedPipeline:
         return ledger_accounts(self.refdata)
 
     # -- stage handlers (thin: the pure stages decide, PostgreSQL stores) ------------------
-    # Outputs go into an EncodedEvents (`encoded`): each is encoded as the stage appends it
-    # (hot in cache), and the bus publishes those bodies instead of encoding again.
-    def _standardize(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        return encoded(standardize, events)
-
-    def _enrich(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        return encoded(enrich, events, self.refdata)
-
-    def _rules(self, events: list[Event], uow: UnitOfWork) -> Sequence[Event]:
-        return encoded(apply_rules, events, self.rulebook)
-
+    # standardize, enrich, rules: PureStageHandlers (shared with the embedded pipeline).
     def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
         index = state.PostgresDedupIndex(uow.conn, self.state_schema)
         result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
