@@ -273,7 +273,9 @@ def run_shard(
     from paypost.demo import demo_refdata
     from paypost.runner import peak_rss_mb
 
-    refdata = demo_refdata(events, master, seed).refdata
+    # whole tenants per shard: hold only their reference data
+    tenants = {s.config.tenant for s in sources}
+    refdata = demo_refdata(events, master, seed, tenants=tenants).refdata
     job = Job(data_dir, refdata, bench_rulebook(refdata), settings, master)
     if cache_mb is not None:
         job.bus.conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")
@@ -552,7 +554,8 @@ def latency_shard(
     until WANTED of them; returns (latencies in ms, seconds, problems)."""
     from paypost.demo import demo_refdata
 
-    refdata = demo_refdata(refdata_events, master, seed).refdata
+    tenants = {s.config.tenant for s in sources}
+    refdata = demo_refdata(refdata_events, master, seed, tenants=tenants).refdata
     job = Job(data_dir, refdata, bench_rulebook(refdata), PipelineSettings(mode="realtime"), master)
     latencies: list[float] = []
     try:
@@ -919,7 +922,7 @@ class BenchOptions:
     limit: bool = True
     data_dir: Path | None = None
     in_process: bool = False
-    #: SQLite page cache per shard connection, MB (None: paypost's default, 64 MB)
+    #: SQLite page cache per shard connection, MB (None: paypost's default, 32 MB)
     cache_mb: int | None = None
 
 

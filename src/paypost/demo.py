@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +37,20 @@ class DemoInputs:
     sources: list[Source]
 
 
-def demo_refdata(events: int, master_key: bytes, seed: int) -> GeneratedRefData:
-    """Accounts and cards for EVENTS authorizations (about 50 authorizations per account)."""
+def demo_refdata(
+    events: int, master_key: bytes, seed: int, *, tenants: Collection[str] | None = None
+) -> GeneratedRefData:
+    """Accounts and cards for EVENTS authorizations (about 50 authorizations per account);
+    only TENANTS' records when given (the same records as in the full set)."""
     tokenizer = Tokenizer(VaultKeys.from_master(master_key).token_key)
     n_accounts = max(30, events * ACCOUNTS_PER_1000_AUTHS // 1000)
-    return generate_refdata(n_accounts, seed=seed, tokenizer=tokenizer, declared=f"demo-{seed}")
+    return generate_refdata(
+        n_accounts,
+        seed=seed,
+        tokenizer=tokenizer,
+        declared=f"demo-{seed}",
+        only_tenants=tenants,
+    )
 
 
 @contextmanager

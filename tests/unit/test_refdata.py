@@ -174,3 +174,21 @@ def test_generator_makes_valid_ibans_and_keeps_pans_out(tmp_path: Path) -> None:
     assert load_refdata_dir(written).version_id == g.refdata.version_id
     text = "".join(p.read_text(encoding="utf-8") for p in written.iterdir())
     assert not any(card.pan in text for card in g.cards)
+
+
+def test_generator_for_some_tenants_keeps_exactly_their_records() -> None:
+    """A shard holding whole tenants loads only their reference data, record for record the
+    same as in the full data set of the same seed."""
+    tokenizer = Tokenizer(b"generator-test-key-0123456789abc")
+    full = generate_refdata(60, seed=4, tokenizer=tokenizer)
+    part = generate_refdata(60, seed=4, tokenizer=tokenizer, only_tenants={"euro-bank"})
+    assert set(part.refdata.tenants) == {"euro-bank"}
+    assert {b.tenant for b in part.refdata.branches.values()} == {"euro-bank"}
+    wanted = {k: a for k, a in full.refdata.accounts.items() if a.tenant == "euro-bank"}
+    assert wanted and part.refdata.accounts == wanted
+    assert part.cards == [c for c in full.cards if c.tenant == "euro-bank"]
+    assert part.refdata.rates == full.refdata.rates
+    # a different snapshot (its own content hash), not the full one relabelled
+    assert part.refdata.version_id != full.refdata.version_id
+    with pytest.raises(ValueError, match="only_tenants: no such tenant nope-bank"):
+        generate_refdata(6, seed=4, tokenizer=tokenizer, only_tenants={"nope-bank"})

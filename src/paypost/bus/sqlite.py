@@ -75,7 +75,7 @@ from paypost.bus.core import (
     id_keys,
     prepare,
 )
-from paypost.config import SQLITE_PAGE_SIZE, ensure_data_dir
+from paypost.config import SQLITE_CACHE_KIB, SQLITE_PAGE_SIZE, ensure_data_dir
 from paypost.events import Event
 
 DB_FILENAME = "paypost.db"
@@ -128,7 +128,7 @@ def connect(path: Path | str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 

@@ -92,7 +92,7 @@ def bench(
         typer.Option(
             "--cache-mb",
             min=1,
-            help="SQLite page cache per shard, MB (default: paypost's 64 MB).",
+            help="SQLite page cache per shard, MB (default: paypost's 32 MB).",
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data.")] = 7,

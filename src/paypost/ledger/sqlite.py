@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from paypost.config import SQLITE_PAGE_SIZE
+from paypost.config import SQLITE_CACHE_KIB, SQLITE_PAGE_SIZE
 from paypost.ledger.model import (
     Account,
     AccountError,
@@ -128,7 +128,6 @@ INSERT OR IGNORE INTO ledger_meta (id, accounts_version) VALUES (1, 0);
 """
 
 _CHUNK = 500
-CACHE_KIB = 65_536  # page cache per connection (64 MiB)
 _META_DEC = msgspec.json.Decoder(dict[str, Any])
 
 _ACCOUNT_COLS = (
@@ -158,9 +157,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
-    # Random-key index pages (entry ids, per-account legs) must stay cached: with the default
-    # 2 MB cache a large ledger re-reads a page from the OS for most inserts (3x slower).
-    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")  # see paypost.config
     return conn
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -267,8 +267,13 @@ def generate_refdata(
     *,
     declared: str | None = None,
     on_progress: Callable[[int], None] | None = None,
+    only_tenants: Collection[str] | None = None,
 ) -> GeneratedRefData:
     """N_ACCOUNTS accounts spread over TENANTS (default: `EXAMPLE_TENANTS`), 1–2 cards each.
+
+    ONLY_TENANTS, if given, keeps just those tenants' records (a shard that holds whole tenants
+    loads no one else's accounts): every kept account and card is the same as in the full
+    data set of the same seed, because the others are still drawn, only not kept.
 
     TOKENIZER turns each card's PAN into its token (it must use the key the pipeline
     tokenizes with, or enrichment will not find the accounts). Tenants must be in GB, IE or DE
@@ -286,6 +291,14 @@ def generate_refdata(
                 f"tenant {t.id}: no generator profile for country {t.country}; "
                 f"use one of {sorted(_PROFILES)}"
             )
+    if only_tenants is not None:
+        unknown = sorted(set(only_tenants) - {t.id for t in tenant_list})
+        if unknown:
+            raise ValueError(f"only_tenants: no such tenant {', '.join(unknown)}")
+
+    def kept(tenant_id: str) -> bool:
+        return only_tenants is None or tenant_id in only_tenants
+
     rng = random.Random(seed)
     branches: list[Branch] = []
     by_tenant: dict[str, list[Branch]] = {}
@@ -325,40 +338,46 @@ def generate_refdata(
         first, last = rng.choice(profile.first_names), rng.choice(profile.last_names)
         city = profile.cities[rng.randrange(len(profile.cities))][0]
         account_id = f"{t.id.upper()}-{i + 1:08d}"
+        keep = kept(t.id)
         tokens: list[str] = []
         for _ in range(1 if rng.random() < 0.7 else 2):
             pan = _pan(rng, rng.choice(profile.bins))
             while pan in seen_pans:
                 pan = _pan(rng, rng.choice(profile.bins))
             seen_pans.add(pan)
+            if not keep:
+                continue
             ct = tokenizer.tokenize(pan, t.id)
             tokens.append(ct.token)
             cards.append(GeneratedCard(t.id, account_id, pan, ct.token, ct.masked, currency))
-        accounts.append(
-            Account(
-                id=account_id,
-                tenant=t.id,
-                iban=iban,
-                sort_code=branch.sort_code,
-                account_number=number,
-                holder_id=f"CUST-{t.country}-{rng.randrange(10**7, 10**8)}",
-                holder_name=f"{first} {last}",
-                holder_address=_address(rng, t.country, profile, city),
-                product_type=product,
-                currency=currency,
-                branch_id=branch.id,
-                card_tokens=tuple(tokens),
+        holder_id = f"CUST-{t.country}-{rng.randrange(10**7, 10**8)}"
+        address = _address(rng, t.country, profile, city)
+        if keep:
+            accounts.append(
+                Account(
+                    id=account_id,
+                    tenant=t.id,
+                    iban=iban,
+                    sort_code=branch.sort_code,
+                    account_number=number,
+                    holder_id=holder_id,
+                    holder_name=f"{first} {last}",
+                    holder_address=address,
+                    product_type=product,
+                    currency=currency,
+                    branch_id=branch.id,
+                    card_tokens=tuple(tokens),
+                )
             )
-        )
         if on_progress is not None and (i + 1) % 1000 == 0:
             on_progress(i + 1)
     if on_progress is not None:
         on_progress(n_accounts)
     refdata = RefData.build(
         declared or f"generated-seed{seed}-n{n_accounts}",
-        tenants=tenant_list,
+        tenants=[t for t in tenant_list if kept(t.id)],
         accounts=accounts,
-        branches=branches,
+        branches=[b for b in branches if kept(b.tenant)],
         rates=list(EXAMPLE_RATES),
         merchants=list(EXAMPLE_MERCHANTS),
     )
