@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from paypost.stages.assembler_pg import DEFAULT_SCHEMA, schema_identifier
-from paypost.stages.posting_file import PostingFileWriter, PostingRecord
+from paypost.stages.posting_file import EXPORT_BATCH_RECORDS, PostingFileWriter, PostingRecord
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(PostingRecord)
@@ -73,7 +73,7 @@ def export_outbox(
     writer: PostingFileWriter,
     *,
     schema: str = DEFAULT_SCHEMA,
-    batch_size: int = 10_000,
+    batch_size: int = EXPORT_BATCH_RECORDS,
 ) -> int:
     """Move every committed record to the file (claim, write, delete); returns how many were
     written. Commits on CONN (it must not carry an open transaction of the caller)."""
