@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from ledger_surgery import delete_sqlite_entry
 from paypost.bus.core import ArchiveQuery, UnitOfWork, decode_event
 from paypost.demo import demo_inputs
 from paypost.events import Event, derive_event_id
@@ -147,20 +148,7 @@ def delete_posting(job: Job, tenant: str, entry_id: str) -> None:
     """A posting the ledger lost (e.g. restored from an older backup): entry, legs and their
     effect on the balances gone; the assembler still remembers the sequence as complete."""
     with job.bus.unit_of_work() as uow:
-        conn = uow.conn
-        (pk,) = conn.execute(
-            "SELECT pk FROM ledger_entries WHERE tenant = ? AND id = ?", (tenant, entry_id)
-        ).fetchone()
-        for account_pk, amount in conn.execute(
-            "SELECT account_pk, amount FROM ledger_legs WHERE entry_pk = ?", (pk,)
-        ).fetchall():
-            conn.execute(
-                "UPDATE ledger_balances SET balance = balance - ?, debits = debits - ?, "
-                "credits = credits - ?, legs = legs - 1 WHERE account_pk = ?",
-                (amount, -amount if amount < 0 else 0, amount if amount > 0 else 0, account_pk),
-            )
-        conn.execute("DELETE FROM ledger_legs WHERE entry_pk = ?", (pk,))
-        conn.execute("DELETE FROM ledger_entries WHERE pk = ?", (pk,))
+        delete_sqlite_entry(uow.conn, tenant, entry_id)
 
 
 def post_copy(job: Job, entry: JournalEntry) -> None:

@@ -21,6 +21,7 @@ import psycopg
 from typer.testing import CliRunner
 
 import paypost.cli
+from ledger_surgery import delete_sqlite_entry
 from paypost.cli import app
 from paypost.events import Event, SchemaRef, derive_event_id
 from paypost.ledger.model import JournalEntry, Leg
@@ -225,22 +226,6 @@ def _delete_pg(conn: psycopg.Connection[Any], schema: str, entry_id: str) -> Non
     conn.execute(f"DELETE FROM {s}.ledger_entries WHERE pk = %s", (pk,))
 
 
-def _delete_sqlite(conn: sqlite3.Connection, tenant: str, entry_id: str) -> None:
-    (pk,) = conn.execute(
-        "SELECT pk FROM ledger_entries WHERE tenant = ? AND id = ?", (tenant, entry_id)
-    ).fetchone()
-    for account_pk, amount in conn.execute(
-        "SELECT account_pk, amount FROM ledger_legs WHERE entry_pk = ?", (pk,)
-    ).fetchall():
-        conn.execute(
-            "UPDATE ledger_balances SET balance = balance - ?, debits = debits - ?, "
-            "credits = credits - ?, legs = legs - 1 WHERE account_pk = ?",
-            (amount, -amount if amount < 0 else 0, amount if amount > 0 else 0, account_pk),
-        )
-    conn.execute("DELETE FROM ledger_legs WHERE entry_pk = ?", (pk,))
-    conn.execute("DELETE FROM ledger_entries WHERE pk = ?", (pk,))
-
-
 def _alter_amount(conn: psycopg.Connection[Any], schema: str, delta: int) -> str:
     """Make one two-leg same-currency posting DELTA minor units larger on both legs (a
     posting for the wrong amount, still balanced); returns its entry id."""
@@ -354,7 +339,7 @@ def test_reconcile_distributed_finds_and_patches_what_the_embedded_one_does(
             bus = SqliteBus.open(embedded_dir)
             try:
                 with bus.unit_of_work() as uow:
-                    _delete_sqlite(uow.conn, tenant, lost)
+                    delete_sqlite_entry(uow.conn, tenant, lost)
                     ledger_sqlite.post_batch_in(uow.conn, [copy])
                     add_to_outbox(uow.conn, [record_for(copy)])
                 from paypost.cli.reconcile import exporter
