@@ -75,7 +75,7 @@ from paypost.bus.core import (
     id_keys,
     prepare,
 )
-from paypost.config import SQLITE_CACHE_KIB, SQLITE_PAGE_SIZE, ensure_data_dir
+from paypost.config import SQLITE_CACHE_KIB, ensure_data_dir, sqlite_page_size
 from paypost.events import Event
 
 DB_FILENAME = "paypost.db"
@@ -124,7 +124,7 @@ def connect(path: Path | str) -> sqlite3.Connection:
     Shareable between threads; the bus serialises its use with a lock.
     """
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # new files only (before WAL)
+    conn.execute(f"PRAGMA page_size={sqlite_page_size()}")  # new files only (before WAL)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")

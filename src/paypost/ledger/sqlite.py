@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from paypost.config import SQLITE_CACHE_KIB, SQLITE_PAGE_SIZE
+from paypost.config import SQLITE_CACHE_KIB, sqlite_page_size
 from paypost.ledger.model import (
     Account,
     AccountError,
@@ -153,7 +153,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     """A connection configured for the ledger: WAL, synchronous=FULL (durable commits),
     autocommit mode (transactions are explicit: BEGIN IMMEDIATE ... COMMIT)."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # new files only (before WAL)
+    conn.execute(f"PRAGMA page_size={sqlite_page_size()}")  # new files only (before WAL)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
