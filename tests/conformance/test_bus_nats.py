@@ -260,3 +260,53 @@ def test_extend_leases_restarts_only_deliveries_in_hand(
     finally:
         bus.destroy()
         bus.close()
+
+
+def test_vacuum_keeps_the_outbox_from_growing_without_autovacuum(
+    nats_url: str, postgres_url: str, pg_schema: str
+) -> None:
+    """Every event passes through the outbox (written, then deleted by the relay). PostgreSQL
+    reuses that space only after a VACUUM, and autovacuum may be off (it is on this
+    machine's CI server) or too slow: `vacuum_churn` keeps the outbox at the size of one
+    round of traffic instead of the sum of all rounds."""
+    bus = NatsBus(nats_url, postgres_url, prefix=pg_schema, sweep=False)
+    conn = bus.db()
+
+    def outbox_bytes() -> int:
+        row = conn.execute(
+            "SELECT pg_total_relation_size(%s::regclass)", (f"{bus.schema}.outbox",)
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def round_of_traffic(n: int, start: int) -> None:
+        for i in range(start, start + n, 500):
+            bus.publish([held(j, reason="r" * 900) for j in range(i, i + 500)])
+        # this session's row counts reach pg_stat_* at its next statement
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.execute("SELECT 1")
+
+    try:
+        bus.put_target(TargetConfig(name="holds", retry=NO_JITTER))
+        bus.put_rule(
+            Rule(name="holds", pattern={"detail-type": ["TransactionHeld"]}, target="holds")
+        )
+        # without a vacuum, each round of traffic adds its size again
+        round_of_traffic(2_000, 0)
+        one_round = outbox_bytes()
+        round_of_traffic(2_000, 2_000)
+        assert outbox_bytes() > 1.6 * one_round
+        # with one after each round, the space of the deleted rows is used again (or given
+        # back): four more rounds leave the outbox smaller than one round without
+        vacuumed = bus.vacuum_churn(min_dead_rows=1_000)
+        assert f"{bus.schema}.outbox" in [table for table, _ in vacuumed]
+        for r in range(2, 6):
+            round_of_traffic(2_000, r * 2_000)
+            assert bus.vacuum_churn(min_dead_rows=1_000)
+        assert outbox_bytes() < one_round / 2
+        assert bus.outbox_size() == 0 and bus.pending("holds") == 12_000
+        # nothing is due when nothing was deleted since: no table is vacuumed for nothing
+        assert bus.vacuum_churn(min_dead_rows=1_000) == []
+    finally:
+        bus.destroy()
+        bus.close()

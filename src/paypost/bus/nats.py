@@ -135,6 +135,13 @@ POSITION_STRIDE = 1_000_000  # archive position = segment seq × stride + index 
 MAX_MSG_ID_WINDOW_S = 86400.0
 #: outbox rows older than this are published by the sweeper (crashed relays)
 SWEEP_AFTER_S = 3.0
+#: how often a worker looks for paypost tables to vacuum, and the dead rows that make one due
+#: (`vacuum_churn`: the outbox alone writes and deletes ~10 KB per authorization)
+VACUUM_EVERY_S = 10.0
+VACUUM_DEAD_ROWS = 10_000
+#: the session advisory lock (int4, int4) that elects one vacuuming worker: the negative first
+#: half keeps it apart from the relay locks (`_relay_lock_key`, both halves non-negative)
+_VACUUM_LOCK = (-1, 0x7661_6375)
 
 _json = msgspec.json.Encoder()
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
@@ -695,10 +702,54 @@ class NatsBus(Bus):
         log.info("outbox.swept", rows=len(rows))
         return len(rows)
 
+    def vacuum_churn(self, min_dead_rows: int = VACUUM_DEAD_ROWS) -> list[tuple[str, int]]:
+        """VACUUM the tables of this deployment (schemas `<prefix>_*`) holding at least
+        MIN_DEAD_ROWS dead rows; returns (table, dead rows) of each one vacuumed.
+
+        paypost deletes or updates rows at the rate of the traffic: the outbox (every event
+        passes through it, ~10 KB per authorization), the posting-file outbox, assembly
+        sequences, counters. PostgreSQL only reuses that space after a VACUUM; with
+        autovacuum off (a common setting on CI and test servers) or slower than the traffic,
+        the outbox grows by gigabytes per million authorizations and every scan of it (the
+        sweeper's, `outbox_size`) reads the dead rows. One worker at a time (a session
+        advisory lock, skipped when held); `SKIP_LOCKED` leaves a table that autovacuum is
+        already working on."""
+        conn = self.db()
+        row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", _VACUUM_LOCK).fetchone()
+        if row is None or not row[0]:
+            return []
+        done: list[tuple[str, int]] = []
+        try:
+            # dead rows of the table and of its TOAST table (archive segments live there)
+            due = conn.execute(
+                "SELECT n.nspname, c.relname, s.n_dead_tup + coalesce(t.n_dead_tup, 0) AS dead "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "JOIN pg_stat_all_tables s ON s.relid = c.oid "
+                "LEFT JOIN pg_stat_all_tables t ON t.relid = c.reltoastrelid "
+                "WHERE c.relkind = 'r' AND (n.nspname = %s OR starts_with(n.nspname, %s)) "
+                "AND s.n_dead_tup + coalesce(t.n_dead_tup, 0) >= %s ORDER BY dead DESC",
+                (self.schema, f"{self.prefix}_", min_dead_rows),
+            ).fetchall()
+            for schema, table, dead in due:
+                conn.execute(
+                    sql.SQL("VACUUM (SKIP_LOCKED) {}.{}").format(
+                        sql.Identifier(schema), sql.Identifier(table)
+                    )
+                )
+                done.append((f"{schema}.{table}", int(dead)))
+                log.info("db.vacuumed", table=f"{schema}.{table}", dead_rows=int(dead))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", _VACUUM_LOCK)
+        return done
+
     def _sweep_loop(self) -> None:
+        vacuumed_at = time.monotonic()
         while not self._stop.wait(1.0):
             try:
                 self.sweep_outbox()
+                if time.monotonic() - vacuumed_at >= VACUUM_EVERY_S:
+                    vacuumed_at = time.monotonic()
+                    self.vacuum_churn()
             except Exception as exc:  # services down: try again on the next tick
                 log.warning("outbox.sweep_failed", error=repr(exc))
 
