@@ -310,3 +310,37 @@ def test_vacuum_keeps_the_outbox_from_growing_without_autovacuum(
     finally:
         bus.destroy()
         bus.close()
+
+
+def test_opening_the_bus_waits_for_a_cluster_electing_leaders(
+    nats_url: str, postgres_url: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a JetStream cluster elects new leaders (a node was lost) its API answers
+    nothing: a worker opening the bus then retries until it answers (up to
+    STREAM_SETUP_WAIT_S), and only a cluster that stays silent longer fails the open."""
+    import nats.errors
+
+    from paypost.bus import nats as nats_bus
+
+    bus = NatsBus(nats_url, postgres_url, prefix=pg_schema, sweep=False)
+    try:
+        real = bus.js.stream_info
+        silent = {"left": 3}
+
+        async def electing(name: str, *args: object, **kw: object) -> object:
+            if silent["left"] > 0:
+                silent["left"] -= 1
+                raise nats.errors.TimeoutError
+            return await real(name, *args, **kw)
+
+        monkeypatch.setattr(bus.js, "stream_info", electing)
+        bus._run(bus._ensure_streams())
+        assert silent["left"] == 0  # it asked again after each silence, then went on
+
+        silent["left"] = 1_000
+        monkeypatch.setattr(nats_bus, "STREAM_SETUP_WAIT_S", 1.0)
+        with pytest.raises(nats.errors.TimeoutError):
+            bus._run(bus._ensure_streams())
+    finally:
+        bus.destroy()
+        bus.close()

@@ -135,6 +135,8 @@ POSITION_STRIDE = 1_000_000  # archive position = segment seq × stride + index 
 MAX_MSG_ID_WINDOW_S = 86400.0
 #: outbox rows older than this are published by the sweeper (crashed relays)
 SWEEP_AFTER_S = 3.0
+#: how long opening the bus waits for JetStream to answer (a cluster electing leaders)
+STREAM_SETUP_WAIT_S = 30.0
 #: how often a worker looks for paypost tables to vacuum, and the dead rows that make one due
 #: (`vacuum_churn`: the outbox alone writes and deletes ~10 KB per authorization)
 VACUUM_EVERY_S = 10.0
@@ -500,12 +502,23 @@ class NatsBus(Bus):
                 num_replicas=self.replicas,
             ),
         ]
+        # A JetStream cluster that just lost a node answers no API request until it has
+        # elected new leaders (seconds): a worker starting meanwhile waits, it does not fail.
+        deadline = time.monotonic() + STREAM_SETUP_WAIT_S
         for cfg in wanted:
-            try:
-                await self.js.stream_info(cfg.name or "")
-                await self.js.update_stream(cfg)
-            except nats.js.errors.NotFoundError:
-                await self.js.add_stream(cfg)
+            while True:
+                try:
+                    try:
+                        await self.js.stream_info(cfg.name or "")
+                        await self.js.update_stream(cfg)
+                    except nats.js.errors.NotFoundError:
+                        await self.js.add_stream(cfg)
+                    break
+                except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                    if time.monotonic() >= deadline:
+                        raise
+                    log.warning("jetstream.not_ready", stream=cfg.name, error=repr(exc))
+                    await asyncio.sleep(0.5)
 
     def queue_subject(self, target: str) -> str:
         return f"{self.prefix}.q.{target}"
