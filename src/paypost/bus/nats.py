@@ -795,6 +795,13 @@ class NatsBus(Bus):
             for m in msgs:
                 md = m.metadata
                 seq, delivered = md.sequence.stream, md.num_delivered
+                with self._held_lock:
+                    seen = self._held.get((target, seq))
+                if seen is not None and delivered <= seen.delivered:
+                    # A copy of a delivery this bus already handed out (a pull request that
+                    # outlived its fetch's timeout can bring one late): the server's next
+                    # delivery of that message has a higher count. Not a new attempt.
+                    continue
                 if delivered > cfg.retry.max_attempts:
                     expired.append((m, delivered))
                     continue
