@@ -760,11 +760,14 @@ class NatsBus(Bus):
         while not self._stop.wait(1.0):
             try:
                 self.sweep_outbox()
-                if time.monotonic() - vacuumed_at >= VACUUM_EVERY_S:
-                    vacuumed_at = time.monotonic()
-                    self.vacuum_churn()
             except Exception as exc:  # services down: try again on the next tick
                 log.warning("outbox.sweep_failed", error=repr(exc))
+            if time.monotonic() - vacuumed_at >= VACUUM_EVERY_S:
+                vacuumed_at = time.monotonic()
+                try:
+                    self.vacuum_churn()
+                except Exception as exc:  # the same: the next round tries again
+                    log.warning("db.vacuum_failed", error=repr(exc))
 
     def outbox_size(self) -> int:
         row = self.db().execute(sql.SQL("SELECT count(*) FROM {}.outbox").format(self.s)).fetchone()
