@@ -317,7 +317,8 @@ def test_opening_the_bus_waits_for_a_cluster_electing_leaders(
 ) -> None:
     """While a JetStream cluster elects new leaders (a node was lost) its API answers
     nothing: a worker opening the bus then retries until it answers (up to
-    STREAM_SETUP_WAIT_S), and only a cluster that stays silent longer fails the open."""
+    STREAM_SETUP_WAIT_S), and only a cluster that stays silent longer fails the open, with an
+    error that names the setting and what to do."""
     import nats.errors
 
     from paypost.bus import nats as nats_bus
@@ -339,7 +340,7 @@ def test_opening_the_bus_waits_for_a_cluster_electing_leaders(
 
         silent["left"] = 1_000
         monkeypatch.setattr(nats_bus, "STREAM_SETUP_WAIT_S", 1.0)
-        with pytest.raises(nats.errors.TimeoutError):
+        with pytest.raises(ServiceUnavailable, match=r"PAYPOST_BUS_URL=.*start the missing nodes"):
             bus._run(bus._ensure_streams())
     finally:
         bus.destroy()

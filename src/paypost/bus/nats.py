@@ -516,7 +516,13 @@ class NatsBus(Bus):
                     break
                 except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
                     if time.monotonic() >= deadline:
-                        raise
+                        raise ServiceUnavailable(
+                            f"JetStream at {BUS_URL_SETTING}={self.nats_url} did not answer for "
+                            f"{STREAM_SETUP_WAIT_S:.0f} s while setting up stream {cfg.name} "
+                            f"({type(exc).__name__}). A cluster that lost a majority of its "
+                            "nodes cannot elect leaders: start the missing nodes (`nats server "
+                            "report jetstream` shows which), then start this process again."
+                        ) from exc
                     log.warning("jetstream.not_ready", stream=cfg.name, error=repr(exc))
                     await asyncio.sleep(0.5)
 
