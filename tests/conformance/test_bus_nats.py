@@ -22,14 +22,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import msgspec
 import psycopg
 import pytest
-from bus_suite import NO_JITTER, BusConformance, FakeClock, held
+from bus_suite import NO_JITTER, BusConformance, FakeClock, held, rejected
 from psycopg import sql
 
-from paypost.bus import Bus, BusConfig, RetryPolicy, Rule, TargetConfig, UnitOfWork
+from paypost.bus import Bus, BusConfig, Delivery, RetryPolicy, Rule, TargetConfig, UnitOfWork
+from paypost.bus.consumer import Consumer
 from paypost.bus.nats import NatsBus, ServiceUnavailable
 from paypost.events import Event
 
@@ -345,3 +347,132 @@ def test_opening_the_bus_waits_for_a_cluster_electing_leaders(
     finally:
         bus.destroy()
         bus.close()
+
+
+class _BundlingBus(NatsBus):
+    """A NatsBus whose every target packs up to BUNDLE events per queue message."""
+
+    BUNDLE = 64
+
+    def put_target(self, target: TargetConfig) -> None:
+        super().put_target(msgspec.structs.replace(target, bundle=self.BUNDLE))
+
+
+class TestNatsBusBundled(TestNatsBus):
+    """The whole suite again with every target bundling (`TargetConfig.bundle`): what a
+    unit of work publishes to one target travels as ONE queue message, yet deliveries,
+    acks, nacks, backoff, leases and dead letters stay per event."""
+
+    def make_bus(self, clock: FakeClock, config: BusConfig | None = None) -> Bus:
+        bus = _BundlingBus(
+            self.nats_url,
+            self.db_url,
+            config,
+            prefix=self.prefix,
+            clock=clock,
+            time_scale=SCALE,
+            fetch_wait_s=0.01,
+        )
+        bus.db().execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {}.test_effects (event_id TEXT NOT NULL)").format(
+                bus.s
+            )
+        )
+        self.opened.append(bus)
+        return bus
+
+    # Restated for bundles: the server leases, caps and counts MESSAGES (a bundle is one),
+    # while deliveries, acks and redeliveries stay per event.
+    def test_fan_out_each_target_has_its_own_queue(self, bus: Bus) -> None:
+        bus.publish([held(1), held(2)])
+        holds = bus.receive("holds")
+        audit = bus.receive("audit")
+        assert self.ids(holds) == self.ids(audit) == ["held-1", "held-2"]
+        assert bus.ack(holds) == 2
+        assert bus.pending("holds") == 0
+        assert bus.pending("audit") == 1  # one bundle of two, untouched
+
+    def test_max_in_flight_caps_leased_events(self, bus: Bus) -> None:
+        bus.put_target(TargetConfig(name="holds", batch_size=2, max_in_flight=2))
+        for i in range(3):  # three units of work: three bundles of two
+            bus.publish([held(2 * i), held(2 * i + 1)])
+        first = bus.receive("holds")
+        second = bus.receive("holds")
+        assert (self.ids(first), self.ids(second)) == (["held-0", "held-1"], ["held-2", "held-3"])
+        assert bus.receive("holds") == []  # two messages leased: the cap
+        bus.ack(first)
+        assert self.ids(_receive_soon(bus, "holds")) == ["held-4", "held-5"]  # type: ignore[arg-type]
+
+    def test_restart_with_events_in_flight(self, bus: Bus, clock: FakeClock) -> None:
+        bus.put_target(TargetConfig(name="holds", batch_size=3, lease_s=30, retry=NO_JITTER))
+        bus.publish([held(i) for i in range(5)])  # one bundle of five
+        batch = bus.receive("holds")  # held-0..2 handed out; the bundle is leased whole
+        bus.ack(batch[:1])  # held-0 done before the crash: recorded with the ack
+        restarted = self.reopen(bus)
+        assert restarted.pending("holds") == 1  # the bundle: nothing lost
+        assert restarted.receive("holds", 10) == []  # still leased by the dead process
+        clock.advance(31)
+        got: list[str] = []
+        for _ in range(50):
+            b = restarted.receive("holds", 10)
+            got += self.ids(b)
+            restarted.ack(b)
+            if len(got) >= 4:
+                break
+        assert sorted(got) == ["held-1", "held-2", "held-3", "held-4"]  # held-0 not again
+        assert got[0] == "held-1" and restarted.receive("holds", 10) == []
+        assert restarted.pending("holds") == 0
+
+    def test_consumer_commits_effects_outputs_and_acks_together(
+        self, bus: Bus, clock: FakeClock
+    ) -> None:
+        bus.publish([held(i) for i in range(4)])
+
+        def handler(ds: Sequence[Delivery], uow: UnitOfWork) -> None:
+            for d in ds:
+                self.apply_effect(uow, d.event)
+            uow.publish([rejected(int(d.event.id.split("-")[1])) for d in ds])
+
+        Consumer(bus, "holds", handler, name="rules", sleep=clock.advance).run(until_idle=True)
+        assert self.effect_counts(bus) == Counter({f"held-{i}": 1 for i in range(4)})
+        assert bus.pending("holds") == 0
+        got = TestNatsBusBundled.receive_at_least(bus, "audit", 8)
+        assert sorted(self.ids(got)) == sorted(
+            [f"held-{i}" for i in range(4)] + [f"rej-{i}" for i in range(4)]
+        )
+        assert bus.pending("audit") == 2  # the inputs' bundle and the outputs' bundle
+
+    def test_rate_limit_is_back_pressure_not_loss(self, bus: Bus, clock: FakeClock) -> None:
+        bus.put_target(TargetConfig(name="holds", batch_size=100, rate_limit_per_s=10))
+        bus.publish([held(i) for i in range(35)])  # one bundle
+        handled: list[tuple[float, int]] = []
+
+        def handler(ds: Sequence[Delivery], uow: UnitOfWork) -> None:
+            handled.append((clock(), len(ds)))
+
+        consumer = Consumer(bus, "holds", handler, sleep=clock.advance)
+        consumer.run(max_batches=1)
+        assert sum(n for _, n in handled) == 10  # one second's worth (the burst)
+        assert bus.pending("holds") == 1  # the bundle, 25 of its events waiting
+        consumer.run(until_idle=True)
+        assert sum(n for _, n in handled) == 35  # all delivered, each once
+        start = handled[0][0]
+        total = 0
+        for at, n in handled:
+            total += n
+            assert total <= 10 * (at - start) + 10 + 1e-9
+
+    def test_stats(self, bus: Bus, clock: FakeClock) -> None:
+        bus.publish([held(1), held(2), held(3), held(3)])
+        bus.receive("holds", 1)  # held-1 in flight: its bundle (held-1..3) is leased
+        (d,) = bus.receive("holds", 1)
+        bus.nack([d], "x")  # held-2's retry waits for its bundle to be settled whole
+        stats = {t.name: t for t in bus.stats().targets}
+        assert (stats["holds"].queued, stats["holds"].in_flight, stats["holds"].delayed) == (
+            0,
+            1,
+            0,
+        )
+        assert stats["audit"].queued == 1 and stats["audit"].routed_total == 3
+        s = bus.stats()
+        assert (s.archived, s.duplicates_dropped) == (3, 1)

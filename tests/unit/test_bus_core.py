@@ -38,6 +38,8 @@ class Clock:
         ({"rate_limit_per_s": 0}, "rate_limit_per_s must be > 0"),
         ({"linger_ms": -1}, "linger_ms must be >= 0"),
         ({"lease_s": 0}, "lease_s must be > 0"),
+        ({"bundle": 0}, "bundle must be between 1 and 1000"),
+        ({"bundle": 1001}, "bundle must be between 1 and 1000"),
     ],
 )
 def test_target_config_errors_name_the_target_and_field(

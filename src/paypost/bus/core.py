@@ -94,6 +94,10 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         return rand() * cap if self.jitter else cap
 
 
+#: the most events in one queue message (`TargetConfig.bundle`)
+MAX_BUNDLE = 1000
+
+
 class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
     """A target: one durable queue and how it is consumed.
 
@@ -106,6 +110,11 @@ class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
     - `lease_s`: how long a received batch stays invisible to others before it is redelivered
       (a crashed consumer's events come back after this);
     - `max_in_flight`: cap on leased events of this target across all receivers (0: no cap).
+    - `bundle`: events a unit of work may pack into ONE queue message for this target, on a
+      transport that charges per message (NATS JetStream; the embedded backends ignore it).
+      1 (the default): one message per event. Above 1, deliveries, acks, nacks, backoff and
+      dead letters stay per event, but the server sees bundles: `max_in_flight`, a lease
+      and the queue's stats count messages (see `paypost.bus.nats`).
     """
 
     name: str
@@ -116,6 +125,7 @@ class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
     retry: RetryPolicy = RetryPolicy()
     lease_s: float = 30.0
     max_in_flight: int = 0
+    bundle: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", ""):
@@ -137,6 +147,11 @@ class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise BusError(f"target {self.name!r}: lease_s must be > 0 (is {self.lease_s}).")
         if self.max_in_flight < 0:
             raise BusError(f"target {self.name!r}: max_in_flight must be >= 0.")
+        if not 1 <= self.bundle <= MAX_BUNDLE:
+            raise BusError(
+                f"target {self.name!r}: bundle must be between 1 and {MAX_BUNDLE} "
+                f"(is {self.bundle})."
+            )
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True):

@@ -121,6 +121,7 @@ DB_URL_SETTING = "PAYPOST_DB_URL"
 
 H_ARCHIVED_AT = "Paypost-Archived-At"  # of a segment: its oldest event
 H_EVENTS = "Paypost-Events"  # events in an archive segment
+H_BUNDLE = "Paypost-Bundle"  # events in a queue bundle (a target with `bundle` > 1)
 H_QUEUED_AT = "Paypost-Queued-At"
 H_ARCHIVE_ID = "Paypost-Archive-Id"  # the archive copy's Nats-Msg-Id
 H_ERROR = "Paypost-Error"
@@ -130,6 +131,9 @@ H_LAST_AT = "Paypost-Last-At"
 H_DEAD_AT = "Paypost-Dead-At"
 MSG_ID = "Nats-Msg-Id"
 POSITION_STRIDE = 1_000_000  # archive position = segment seq × stride + index in segment
+#: a delivery's queue id and position: queue seq × stride + its index in the message (0 for a
+#: message of one event)
+QUEUE_STRIDE = POSITION_STRIDE
 
 #: relay re-publish protection when the dedup window is longer (server memory per id)
 MAX_MSG_ID_WINDOW_S = 86400.0
@@ -193,6 +197,10 @@ def _schema_sql(s: sql.Identifier) -> list[sql.Composed]:
         "CREATE TABLE IF NOT EXISTS {s}.tracking (consumer TEXT NOT NULL, id_key BIGINT NOT NULL,"
         " content_hash BIGINT NOT NULL, PRIMARY KEY (consumer, id_key, content_hash))",
         "CREATE TABLE IF NOT EXISTS {s}.counters (name TEXT NOT NULL, n BIGINT NOT NULL)",
+        # members of a nacked queue bundle that were settled before it went back: its
+        # redelivery skips them (rows exist only between such a nack and the bundle's end)
+        "CREATE TABLE IF NOT EXISTS {s}.settled (target TEXT NOT NULL, seq BIGINT NOT NULL, "
+        "idx INTEGER NOT NULL, PRIMARY KEY (target, seq, idx))",
         # the transactional outbox: one row per message to publish after commit
         "CREATE TABLE IF NOT EXISTS {s}.outbox (uow BIGINT NOT NULL, idx INTEGER NOT NULL, "
         "created TIMESTAMPTZ NOT NULL DEFAULT now(), subject TEXT NOT NULL, "
@@ -295,13 +303,90 @@ class _Segment:
         )
 
 
+BUNDLE_MAX_BYTES = 512 * 1024
+_bundle_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
+
+
+def _bundle_rows(
+    subject: str, entries: list[tuple[str, bytes]], at: str, size: int, uow_id: int
+) -> Iterator[_OutRow]:
+    """The queue messages of ENTRIES ((archive id, body), one unit of work's events for one
+    target): one per event, or bundles of up to SIZE events / BUNDLE_MAX_BYTES when the
+    target's `bundle` allows. A bundle's Nats-Msg-Id is fixed by the unit of work, so a
+    relay and a sweeper that both publish it store it once."""
+    if size <= 1 or len(entries) == 1:
+        for entry_id, body in entries:
+            yield _OutRow(
+                subject=subject,
+                queues=[],
+                msg_id=f"{entry_id}>{subject}",
+                headers={H_QUEUED_AT: at, H_ARCHIVE_ID: entry_id},
+                body=body,
+            )
+        return
+    chunk: list[tuple[str, bytes]] = []
+    nbytes = 0
+    k = 0
+    for entry in entries:
+        extra = len(entry[1]) + len(entry[0]) + 8
+        if chunk and (len(chunk) >= size or nbytes + extra > BUNDLE_MAX_BYTES):
+            yield _bundle_row(subject, chunk, at, f"bnd.{uow_id:x}.{subject}.{k}")
+            chunk, nbytes, k = [], 0, k + 1
+        chunk.append(entry)
+        nbytes += extra
+    yield _bundle_row(subject, chunk, at, f"bnd.{uow_id:x}.{subject}.{k}")
+
+
+def _bundle_row(subject: str, chunk: list[tuple[str, bytes]], at: str, msg_id: str) -> _OutRow:
+    return _OutRow(
+        subject=subject,
+        queues=[],
+        msg_id=msg_id,
+        headers={H_QUEUED_AT: at, H_BUNDLE: str(len(chunk))},
+        body=_segment_encoder.encode(chunk),
+    )
+
+
+def _whole_messages(qids: list[int], want: int) -> list[int]:
+    """The first WANT or fewer of QIDS (sorted queue ids), not splitting a bundle unless one
+    alone holds more than WANT: a bundle settled in one unit of work needs no `settled`
+    record."""
+    taken: list[int] = []
+    i = 0
+    while i < len(qids) and len(taken) < want:
+        msg = qids[i] // QUEUE_STRIDE
+        j = i + 1
+        while j < len(qids) and qids[j] // QUEUE_STRIDE == msg:
+            j += 1
+        if taken and len(taken) + (j - i) > want:
+            break
+        taken += qids[i : min(j, i + want - len(taken))]
+        i = j
+    return taken
+
+
+def _member(m: Msg, index: int) -> tuple[str, bytes]:
+    """(archive id, body) of event INDEX of queue message M (a bundle or a single event)."""
+    headers = m.headers or {}
+    if H_BUNDLE in headers:
+        return _bundle_decoder.decode(m.data)[index]
+    return headers.get(H_ARCHIVE_ID, ""), m.data
+
+
 @dataclass
 class _Held:
-    """A delivery this process received and has not settled yet."""
+    """A queue message this process received and has not settled yet: one event, or a
+    bundle of `members` events settled one by one (the message is acked, or nacked with the
+    longest delay its members asked for, when the last member is settled)."""
 
     msg: Msg
     delivered: int
     first_at: float
+    members: int = 1
+    done: set[int] = field(default_factory=set)  # members settled (acked, nacked, dead)
+    nak_delay: float | None = None  # the server delay of a nacked member's retry
+    nak_until: float = 0.0  # when that retry is due, by the bus clock
+    recorded: bool = False  # `settled` rows may exist for this message
 
 
 @dataclass
@@ -309,6 +394,9 @@ class _Buffered:
     msg: Msg
     delivered: int
     queued_at: float
+    members: int
+    presettled: frozenset[int]
+    body: bytes
 
 
 @dataclass
@@ -790,6 +878,27 @@ class NatsBus(Bus):
         except (TimeoutError, nats.errors.TimeoutError):
             return []
 
+    def _fetch_events(self, cfg: TargetConfig, need: int) -> list[Msg]:
+        """Messages holding about NEED events. A bundling target's messages hold 1 to
+        `bundle` events: ask for NEED / bundle messages first, then for what is still
+        missing at the size seen, while the server says more are pending (a few rounds at
+        most; fetching NEED messages at once could lease NEED × bundle events)."""
+        if cfg.bundle <= 1:
+            return self._run(self._fetch(cfg.name, need, self.fetch_wait_s))
+        out: list[Msg] = []
+        n = -(-need // cfg.bundle)
+        for _ in range(4):
+            msgs = self._run(self._fetch(cfg.name, n, self.fetch_wait_s))
+            out += msgs
+            if len(msgs) < n or not msgs[-1].metadata.num_pending:
+                break
+            got = sum(int((m.headers or {}).get(H_BUNDLE, 1)) for m in msgs)
+            need -= got
+            if need <= 0:
+                break
+            n = -(-need * len(msgs) // got)
+        return out
+
     def receive(self, target: str, max_events: int | None = None) -> list[Delivery]:
         cfg = self.target(target)
         want = cfg.batch_size if max_events is None else max_events
@@ -798,9 +907,10 @@ class NatsBus(Bus):
         st = self._target_state(target)
         with st.lock:
             need = want - len(st.buffer)
-            msgs = self._run(self._fetch(target, need, self.fetch_wait_s)) if need > 0 else []
+            msgs = self._fetch_events(cfg, need) if need > 0 else []
             now = self.clock()
             expired: list[tuple[Msg, int]] = []
+            spent: list[Msg] = []
             for m in msgs:
                 md = m.metadata
                 seq, delivered = md.sequence.stream, md.num_delivered
@@ -814,8 +924,26 @@ class NatsBus(Bus):
                 if delivered > cfg.retry.max_attempts:
                     expired.append((m, delivered))
                     continue
-                queued_at = float((m.headers or {}).get(H_QUEUED_AT, now))
-                st.buffer[seq] = _Buffered(m, delivered, queued_at)
+                headers = m.headers or {}
+                queued_at = float(headers.get(H_QUEUED_AT, now))
+                base = seq * QUEUE_STRIDE
+                if H_BUNDLE not in headers:
+                    st.buffer[base] = _Buffered(m, delivered, queued_at, 1, frozenset(), m.data)
+                    continue
+                entries = _bundle_decoder.decode(m.data)
+                done = self._settled_members(target, seq) if delivered > 1 else frozenset()
+                if len(done) >= len(entries):  # all settled before a crash: nothing left
+                    spent.append(m)
+                    continue
+                for i, (_, body) in enumerate(entries):
+                    st.buffer.pop(base + i, None)  # an older copy's member
+                    if i not in done:
+                        st.buffer[base + i] = _Buffered(
+                            m, delivered, queued_at, len(entries), done, body
+                        )
+            if spent:
+                self._forget_settled(target, [m.metadata.sequence.stream for m in spent])
+                self._run(_ack_all(spent))
             if expired:
                 self._dead_letter_expired(cfg, expired, now)
             if not st.buffer:
@@ -824,86 +952,127 @@ class NatsBus(Bus):
                 oldest = min(b.queued_at for b in st.buffer.values())
                 if now < oldest + cfg.linger_ms / 1000.0:
                     return []
-            taken = sorted(st.buffer)[:want]
+            taken = _whole_messages(sorted(st.buffer), want)
             out: list[Delivery] = []
             with self._held_lock:
-                for seq in taken:
-                    b = st.buffer.pop(seq)
-                    key = (target, seq)
-                    prev = self._held.get(key)
-                    self._delayed.pop(key, None)
-                    if b.delivered == 1:
-                        first = now
-                    elif prev is not None:
-                        first = prev.first_at
-                    else:
-                        first = b.queued_at
-                    self._held[key] = _Held(b.msg, b.delivered, first)
-                    body = b.msg.data
+                for qid in taken:
+                    b = st.buffer.pop(qid)
+                    key = (target, qid // QUEUE_STRIDE)
+                    held = prev = self._held.get(key)
+                    if prev is None or prev.msg is not b.msg:
+                        self._delayed.pop(key, None)
+                        if b.delivered == 1:
+                            first = now
+                        elif prev is not None:
+                            first = prev.first_at
+                        else:
+                            first = b.queued_at
+                        held = self._held[key] = _Held(
+                            b.msg,
+                            b.delivered,
+                            first,
+                            members=b.members,
+                            done=set(b.presettled),
+                            recorded=bool(b.presettled),
+                        )
+                    assert held is not None
+                    body = b.body
                     event = decode_event(body)
                     out.append(
                         Delivery(
                             event=event,
                             target=target,
                             attempt=b.delivered,
-                            first_attempt_at=first,
+                            first_attempt_at=held.first_at,
                             last_attempt_at=now,
-                            handle=DeliveryHandle(seq, b.delivered),
-                            position=seq,  # its sequence in the queue stream
+                            handle=DeliveryHandle(qid, b.delivered),
+                            position=qid,  # queue sequence × QUEUE_STRIDE + index in it
                             id_key=id_key(event.id),
                             content_hash=content_hash(body),
                         )
                     )
             return out
 
+    def _settled_members(self, target: str, seq: int) -> frozenset[int]:
+        """Members of redelivered bundle SEQ settled before its nack (see `settled`)."""
+        rows = self.db().execute(
+            sql.SQL("SELECT idx FROM {}.settled WHERE target = %s AND seq = %s").format(self.s),
+            (target, seq),
+        )
+        return frozenset(int(r[0]) for r in rows)
+
+    def _forget_settled(self, target: str, seqs: list[int]) -> None:
+        self.db().execute(
+            sql.SQL("DELETE FROM {}.settled WHERE target = %s AND seq = ANY(%s)").format(self.s),
+            (target, seqs),
+        )
+
     def extend_leases(self, deliveries: Iterable[Delivery]) -> int:
         """Restart the lease of deliveries still in hand (JetStream "work in progress"), for
         a batch that runs long: without it a lease that runs out mid-batch sends the batch
         to another worker, both process it, one rolls back. Returns how many were
         extended."""
-        msgs = []
+        msgs: dict[int, Msg] = {}  # a bundle's members share one message and one lease
+        n = 0
         with self._held_lock:
             for d in deliveries:
-                held = self._held.get((d.target, d.handle.queue_id))
+                held = self._held.get((d.target, d.handle.queue_id // QUEUE_STRIDE))
                 if held is not None and held.delivered == d.handle.lease:
-                    msgs.append(held.msg)
+                    msgs[id(held)] = held.msg
+                    n += 1
         if msgs:
-            self._run(_in_progress_all(msgs))
-        return len(msgs)
+            self._run(_in_progress_all(msgs.values()))
+        return n
 
     def _dead_letter_expired(
         self, cfg: TargetConfig, expired: list[tuple[Msg, int]], now: float
     ) -> None:
         """Deliveries past the last attempt (their consumers kept crashing): to the DLQ."""
         rows = []
+        bundles = []
         for m, delivered in expired:
             error = (
                 f"lease expired without ack after attempt {delivered - 1} of "
                 f"{cfg.retry.max_attempts} (the consumer crashed or ran past "
                 f"lease_s={cfg.lease_s}s)"
             )
-            rows.append(self._dlq_row(cfg.name, m, delivered - 1, error, now))
+            headers = m.headers or {}
+            if H_BUNDLE not in headers:
+                rows.append(self._dlq_row(cfg.name, m, delivered - 1, error, now))
+                continue
+            seq = m.metadata.sequence.stream
+            done = self._settled_members(cfg.name, seq)
+            for i in range(int(headers[H_BUNDLE])):
+                if i not in done:
+                    rows.append(self._dlq_row(cfg.name, m, delivered - 1, error, now, i))
+            bundles.append(seq)
         self._run(self._publish_rows(rows))
+        if bundles:
+            self._forget_settled(cfg.name, bundles)
         self._run(_ack_all([m for m, _ in expired]))
 
-    def _dlq_row(self, target: str, m: Msg, attempts: int, error: str, now: float) -> _OutRow:
+    def _dlq_row(
+        self, target: str, m: Msg, attempts: int, error: str, now: float, index: int = 0
+    ) -> _OutRow:
+        """The dead letter of event INDEX of queue message M."""
         h = m.headers or {}
-        key = (target, m.metadata.sequence.stream)
-        held = self._held.get(key)
+        seq = m.metadata.sequence.stream
+        held = self._held.get((target, seq))
         first = held.first_at if held is not None else float(h.get(H_QUEUED_AT, now))
+        archive_id, body = _member(m, index)
         return _OutRow(
             subject=self.dlq_subject(target),
             queues=[],
-            msg_id=f"dlq.{target}.{m.metadata.sequence.stream}",
+            msg_id=f"dlq.{target}.{seq}" + (f".{index}" if H_BUNDLE in h else ""),
             headers={
                 H_ERROR: clean_error(error),
                 H_ATTEMPTS: str(attempts),
                 H_FIRST_AT: _f(first),
                 H_LAST_AT: _f(now),
                 H_DEAD_AT: _f(now),
-                H_ARCHIVE_ID: h.get(H_ARCHIVE_ID, ""),
+                H_ARCHIVE_ID: archive_id,
             },
-            body=m.data,
+            body=body,
         )
 
     async def _consumer_info(self, target: str) -> Any:
@@ -1182,7 +1351,14 @@ class NatsBus(Bus):
                 raw = self._run(self.js.get_msg(self.queue_stream, seq))
             except nats.js.errors.NotFoundError:
                 continue
-            out.add(dict(raw.headers or {}).get(H_ARCHIVE_ID, ""))
+            headers = dict(raw.headers or {})
+            if H_BUNDLE in headers:  # its members not settled yet
+                target = (raw.subject or "")[len(self.prefix) + len(".q.") :]
+                done = self._settled_members(target, seq)
+                entries = _bundle_decoder.decode(raw.data or b"")
+                out.update(e[0] for i, e in enumerate(entries) if i not in done)
+            else:
+                out.add(headers.get(H_ARCHIVE_ID, ""))
         return out
 
     # -- stats -----------------------------------------------------------------------------
@@ -1208,7 +1384,15 @@ class NatsBus(Bus):
                 delayed = sum(
                     1 for (tn, _), at in self._delayed.items() if tn == t.name and at > now
                 )
-            buffered = len(self._target_state(t.name).buffer)
+                # messages fetched but not handed out yet (a bundle partly handed out is
+                # in flight)
+                buffered = len(
+                    {
+                        q // QUEUE_STRIDE
+                        for q in self._target_state(t.name).buffer
+                        if (t.name, q // QUEUE_STRIDE) not in self._held
+                    }
+                )
             out.append(
                 TargetStats(
                     name=t.name,
@@ -1269,9 +1453,13 @@ class NatsUnitOfWork(UnitOfWork):
         self.id = secrets.randbits(62)
         self.rows: list[_OutRow] = []
         self.segments: list[_Segment] = []
+        # queue copies by queue subject: (archive id, body), made into messages at flush
+        self.queued: dict[str, list[tuple[str, bytes]]] = {}
+        self.queued_at: dict[str, str] = {}
+        self.publishes = 0
         self.counts: dict[str, int] = {}
         self.acks: dict[tuple[str, int], _Held] = {}
-        self.naks: dict[tuple[str, int], tuple[_Held, float]] = {}
+        self.naks: dict[tuple[str, int], tuple[_Held, float, float]] = {}
         self.tracked: set[tuple[str, int, int]] = set()
         self.callbacks: list[Callable[[], None]] = []
         self.relay_locked = False
@@ -1283,6 +1471,9 @@ class NatsUnitOfWork(UnitOfWork):
             archived = sum(len(seg.entries) for seg in self.segments)
             self._bump("archived", archived)
             self.rows[:0] = [seg.row(b.archive_subject) for seg in self.segments]
+        for subject, entries in self.queued.items():
+            size = b.target(subject[len(b.prefix) + len(".q.") :]).bundle
+            self.rows.extend(_bundle_rows(subject, entries, self.queued_at[subject], size, self.id))
         if self.rows:
             # held from before the commit until the relay deleted the rows (see sweep_outbox)
             self.conn.execute("SELECT pg_advisory_lock(%s, %s)", _relay_lock_key(self.id))
@@ -1310,6 +1501,7 @@ class NatsUnitOfWork(UnitOfWork):
                             r.body,
                         )
                     )
+        self._record_settled()
         counts = [(k, v) for k, v in self.counts.items() if v]
         if counts:
             with self.conn.cursor() as cur:
@@ -1336,16 +1528,90 @@ class NatsUnitOfWork(UnitOfWork):
             # committed: the rows stay in the outbox and the sweeper publishes them
             log.warning("outbox.relay_failed", rows=len(self.rows), error=repr(exc))
             self.release_relay_lock()
-        with b._held_lock:
-            for key, held in [*self.acks.items(), *((k, h) for k, (h, _) in self.naks.items())]:
-                if b._held.get(key) is held:
-                    del b._held[key]
+        acks, naks = self._settled_messages()
         try:
-            b._run(_settle(list(self.acks.values()), list(self.naks.values()), b))
+            b._run(_settle(acks, naks, b))
         except Exception as exc:  # redelivered later; the tracking record skips them
             log.warning("bus.ack_failed", error=repr(exc))
         for fn in self.callbacks:
             fn()
+
+    def _record_settled(self) -> None:
+        """In the transaction: make this unit of work's settled members of queue BUNDLES
+        durable when their bundle stays unsettled after it (other members still in hand) or
+        goes back to the queue (a member nacked), so that a redelivery — after a crash, a
+        lease or the nack — skips them: acks stay per event. A bundle settled whole by an
+        ack needs no record (and loses any it had)."""
+        b = self.bus
+        by_msg: dict[tuple[str, int], tuple[_Held, list[int], bool]] = {}
+        settled = [(k, h, False) for k, h in self.acks.items()]
+        settled += [(k, h, True) for k, (h, _, _) in self.naks.items()]
+        for (target, qid), held, nacked in settled:
+            if held.members == 1:
+                continue
+            key = (target, qid // QUEUE_STRIDE)
+            _, kept, any_nack = by_msg.get(key, (held, [], False))
+            if not nacked:
+                kept.append(qid % QUEUE_STRIDE)
+            by_msg[key] = (held, kept, any_nack or nacked)
+        if not by_msg:
+            return
+        rows: list[tuple[str, int, int]] = []
+        gone: list[tuple[str, int]] = []
+        with b._held_lock:
+            for key, (held, kept, any_nack) in by_msg.items():
+                done = len(held.done | set(kept)) + sum(
+                    1 for (t, q) in self.naks if t == key[0] and q // QUEUE_STRIDE == key[1]
+                )
+                whole = done >= held.members
+                if whole and not any_nack and held.nak_delay is None:
+                    if held.recorded:
+                        gone.append(key)
+                    continue
+                rows += [(key[0], key[1], i) for i in kept]
+                held.recorded = True
+        with self.conn.cursor() as cur:
+            if rows:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {}.settled VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+                    ).format(b.s),
+                    rows,
+                )
+            for target, seq in gone:
+                cur.execute(
+                    sql.SQL("DELETE FROM {}.settled WHERE target = %s AND seq = %s").format(b.s),
+                    (target, seq),
+                )
+
+    def _settled_messages(self) -> tuple[list[_Held], list[tuple[_Held, float]]]:
+        """After commit: mark this unit of work's acked and nacked events settled in their
+        messages; return the messages now settled whole — to ack, and to nack (with the
+        longest delay a member asked for)."""
+        b = self.bus
+        acks: list[_Held] = []
+        naks: list[tuple[_Held, float]] = []
+        settled: list[tuple[tuple[str, int], _Held, float | None, float]]
+        settled = [(k, h, None, 0.0) for k, h in self.acks.items()]
+        settled += [(k, h, delay, until) for k, (h, delay, until) in self.naks.items()]
+        with b._held_lock:
+            for (target, qid), held, delay, until in settled:
+                key = (target, qid // QUEUE_STRIDE)
+                index = qid % QUEUE_STRIDE
+                if b._held.get(key) is not held or index in held.done:
+                    continue  # a stale lease: the message went to another delivery
+                held.done.add(index)
+                if delay is not None and (held.nak_delay is None or delay > held.nak_delay):
+                    held.nak_delay, held.nak_until = delay, until
+                if len(held.done) < held.members:
+                    continue
+                del b._held[key]
+                if held.nak_delay is None:
+                    acks.append(held)
+                else:
+                    naks.append((held, held.nak_delay))
+                    b._delayed[key] = held.nak_until
+        return acks, naks
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -1354,11 +1620,17 @@ class NatsUnitOfWork(UnitOfWork):
         stage with it)."""
         rows, counts, segments = len(self.rows), dict(self.counts), len(self.segments)
         last = (len(self.segments[-1].entries), self.segments[-1].size) if self.segments else None
+        queued = {q: len(entries) for q, entries in self.queued.items()}
         try:
             with self.conn.transaction():
                 yield
         except BaseException:
             del self.rows[rows:]
+            for q in list(self.queued):
+                if q in queued:
+                    del self.queued[q][queued[q] :]
+                else:
+                    del self.queued[q], self.queued_at[q]
             del self.segments[segments:]
             if last is not None:
                 del self.segments[-1].entries[last[0] :]
@@ -1387,7 +1659,8 @@ class NatsUnitOfWork(UnitOfWork):
             # a stage's EncodedEvents already carries the bodies (encode_events reuses them)
             evs = events if isinstance(events, EncodedEvents) else list(events)
             result = PublishResult(published=len(evs))
-            nonce = f"{self.id:x}.{len(self.rows)}"
+            self.publishes += 1  # the nonce keeps two publishes of one event apart
+            nonce = f"{self.id:x}.{self.publishes}"
             return self._route(
                 evs,
                 encode_events(evs),
@@ -1458,7 +1731,7 @@ class NatsUnitOfWork(UnitOfWork):
         b = self.bus
         router = b.router()
         at = _f(now)
-        rows = self.rows
+        queued = self.queued
         route = router.route
         for i, event in enumerate(events):
             entry_id = msg_id(i)
@@ -1471,17 +1744,13 @@ class NatsUnitOfWork(UnitOfWork):
                 if t in inline:
                     result.inline.setdefault(t, []).append(event)
                 else:
-                    q = b.queue_subject(t)
                     # one queue stream for all targets: the msg id names the target too
-                    rows.append(
-                        _OutRow(
-                            subject=q,
-                            queues=[],
-                            msg_id=f"{entry_id}>{q}",
-                            headers={H_QUEUED_AT: at, H_ARCHIVE_ID: entry_id},
-                            body=body,
-                        )
-                    )
+                    q = b.queue_subject(t)
+                    copies = queued.get(q)
+                    if copies is None:
+                        copies = queued[q] = []
+                        self.queued_at[q] = at
+                    copies.append((entry_id, body))
         for t, n in result.routed.items():
             self._bump(f"routed:{t}", n)
         return result
@@ -1516,13 +1785,14 @@ class NatsUnitOfWork(UnitOfWork):
         return n
 
     def _current(self, d: Delivery) -> _Held | None:
-        key = (d.target, d.handle.queue_id)
+        qid = d.handle.queue_id
+        key = (d.target, qid)
         if key in self.acks or key in self.naks:
             return None
         with self.bus._held_lock:
-            held = self.bus._held.get(key)
-        if held is None or held.delivered != d.handle.lease:
-            return None
+            held = self.bus._held.get((d.target, qid // QUEUE_STRIDE))
+            if held is None or held.delivered != d.handle.lease or qid % QUEUE_STRIDE in held.done:
+                return None
         return held
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
@@ -1546,7 +1816,8 @@ class NatsUnitOfWork(UnitOfWork):
             cfg = b.target(d.target)
             key = (d.target, d.handle.queue_id)
             if held.delivered >= cfg.retry.max_attempts:
-                row = b._dlq_row(d.target, held.msg, held.delivered, error, now)
+                index = d.handle.queue_id % QUEUE_STRIDE
+                row = b._dlq_row(d.target, held.msg, held.delivered, error, now, index)
                 row.headers[H_FIRST_AT] = _f(held.first_at)
                 row.headers[H_LAST_AT] = _f(d.last_attempt_at)
                 self.rows.append(row)
@@ -1554,8 +1825,7 @@ class NatsUnitOfWork(UnitOfWork):
                 dead += 1
             else:
                 delay = cfg.retry.delay_s(held.delivered, b.rand)
-                self.naks[key] = (held, b._scaled(delay) if delay > 0 else 0.0)
-                self.callbacks.insert(0, _mark_delayed(b, key, now + delay))
+                self.naks[key] = (held, b._scaled(delay) if delay > 0 else 0.0, now + delay)
         return dead
 
     def processed(self, consumer: str, deliveries: Iterable[Delivery]) -> set[tuple[int, int]]:
@@ -1599,14 +1869,6 @@ class NatsUnitOfWork(UnitOfWork):
 
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.callbacks.append(fn)
-
-
-def _mark_delayed(bus: NatsBus, key: tuple[str, int], until: float) -> Callable[[], None]:
-    def mark() -> None:
-        with bus._held_lock:
-            bus._delayed[key] = until
-
-    return mark
 
 
 class ConcurrentDelivery(BusError):
