@@ -111,6 +111,7 @@ from paypost.bus.core import (
 )
 from paypost.events import Event
 from paypost.logs import get_logger
+from paypost.pgarray import Int8Array
 
 log = get_logger("paypost.bus.nats")
 
@@ -1679,7 +1680,7 @@ class NatsUnitOfWork(UnitOfWork):
                 sql.SQL(
                     "SELECT id_key, content_hash FROM {}.seen WHERE id_key = ANY(%s) AND at >= %s"
                 ).format(b.s),
-                (keys, window_start),
+                (Int8Array(keys), window_start),
             ):
                 seen.setdefault(k, set()).add(h)
         first_versions = {k for k in keys if k not in seen}
@@ -1837,7 +1838,7 @@ class NatsUnitOfWork(UnitOfWork):
                 "SELECT id_key, content_hash FROM {}.tracking WHERE consumer = %s "
                 "AND id_key = ANY(%s)"
             ).format(self.bus.s),
-            (consumer, list({k for k, _ in wanted})),
+            (consumer, Int8Array({k for k, _ in wanted})),
         ).fetchall()
         return {(int(k), int(h)) for k, h in rows} & wanted
 
@@ -1858,7 +1859,11 @@ class NatsUnitOfWork(UnitOfWork):
                     "INSERT INTO {}.tracking SELECT %s, k, h FROM unnest(%s::bigint[], "
                     "%s::bigint[]) AS u(k, h) ON CONFLICT DO NOTHING"
                 ).format(self.bus.s),
-                (consumer, [k for _, k, _ in fresh], [h for _, _, h in fresh]),
+                (
+                    consumer,
+                    Int8Array([k for _, k, _ in fresh]),
+                    Int8Array([h for _, _, h in fresh]),
+                ),
             )
             if cur.rowcount != len(fresh):
                 raise ConcurrentDelivery(

@@ -33,6 +33,7 @@ from psycopg import sql
 
 from paypost.config import UserError
 from paypost.events import Event
+from paypost.pgarray import Int8Array, TextArray
 from paypost.refdata.model import (
     Account,
     Branch,
@@ -132,7 +133,7 @@ class PostgresDedupIndex:
             sql.SQL(
                 "SELECT id_key, id_check, content_hash FROM {}.dedup_events WHERE id_key = ANY(%s)"
             ).format(self.s),
-            (list(id_keys),),
+            (Int8Array(id_keys),),
         )
         return {int(k): SeenEvent(int(c), int(h)) for k, c, h in rows}
 
@@ -145,14 +146,14 @@ class PostgresDedupIndex:
         # second wait for the first's commit and then see its key: it parks the duplicate.
         self.conn.execute(
             "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS u(k)",
-            (sorted({k for _, k in keys}),),
+            (Int8Array(sorted({k for _, k in keys})),),
         )
         rows = self.conn.execute(
             sql.SQL(
                 "SELECT k.key, k.event_id, k.ts FROM unnest(%s::bigint[], %s::bigint[]) "
                 "AS u(ts, key) JOIN {}.dedup_keys AS k ON k.ts = u.ts AND k.key = u.key"
             ).format(self.s),
-            ([t for t, _ in keys], [k for _, k in keys]),
+            (Int8Array([t for t, _ in keys]), Int8Array([k for _, k in keys])),
         )
         return {int(key): KeySighting(str(eid), int(ts)) for key, eid, ts in rows}
 
@@ -181,7 +182,7 @@ class PostgresDedupIndex:
                         "INSERT INTO {}.dedup_keys (ts, key, tenant, event_id) SELECT * FROM "
                         "unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[])"
                     ).format(s),
-                    (list(ts), list(key), list(tenant), list(event_id)),
+                    (Int8Array(ts), Int8Array(key), TextArray(tenant), TextArray(event_id)),
                 )
             if effects.events:
                 idk, check, digest, ets = zip(*effects.events, strict=True)
@@ -191,7 +192,7 @@ class PostgresDedupIndex:
                         "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], "
                         "%s::bigint[]) ON CONFLICT DO NOTHING"
                     ).format(s),
-                    (list(idk), list(check), list(digest), list(ets)),
+                    (Int8Array(idk), Int8Array(check), Int8Array(digest), Int8Array(ets)),
                 )
             if effects.high_water:
                 # append-only marks, max() on read: an upserted row per tenant would be locked

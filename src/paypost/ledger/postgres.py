@@ -59,6 +59,7 @@ from paypost.ledger.posting import (
     to_micros,
 )
 from paypost.money import Money
+from paypost.pgarray import Int8Array
 
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,29}")
 _RETRIES = 8
@@ -603,11 +604,11 @@ class PostgresLedger:
                     "WHERE b.account_pk = u.pk"
                 ).format(s),
                 (
-                    order,
-                    [d[k][0] for k in order],
-                    [d[k][1] for k in order],
-                    [d[k][2] for k in order],
-                    [d[k][3] for k in order],
+                    Int8Array(order),
+                    Int8Array([d[k][0] for k in order]),
+                    Int8Array([d[k][1] for k in order]),
+                    Int8Array([d[k][2] for k in order]),
+                    Int8Array([d[k][3] for k in order]),
                 ),
             )
             if cur.rowcount != len(order):

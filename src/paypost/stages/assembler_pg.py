@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from paypost.events import Event
+from paypost.pgarray import Int8Array, TextArray
 from paypost.stages.assembler import OPEN_STATES, SequenceRecord, StoredLeg
 
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -100,7 +101,7 @@ class PostgresLegStore:
                 "SELECT id, '', 0, 'pending', 0 FROM unnest(%s::text[]) AS id "
                 "ORDER BY id ON CONFLICT (sequence_id) DO NOTHING"
             ).format(self.s),
-            (ids,),
+            (TextArray(ids),),
         )
         rows = self.conn.execute(
             sql.SQL(
@@ -108,7 +109,7 @@ class PostgresLegStore:
                 "FROM {}.assembly_sequences WHERE sequence_id = ANY(%s) "
                 "ORDER BY sequence_id FOR UPDATE"
             ).format(self.s),
-            (ids,),
+            (TextArray(ids),),
         ).fetchall()
         return self._with_legs(rows)
 
@@ -131,7 +132,7 @@ class PostgresLegStore:
                     "SELECT sequence_id, leg_index, digest, event FROM {}.assembly_legs "
                     "WHERE sequence_id = ANY(%s)"
                 ).format(self.s),
-                (open_ids,),
+                (TextArray(open_ids),),
             ):
                 out[sid].legs[index] = StoredLeg(
                     leg_index=index, digest=bytes(digest), event=_DECODER.decode(bytes(blob))
@@ -147,7 +148,7 @@ class PostgresLegStore:
         if closed:
             self.conn.execute(
                 sql.SQL("DELETE FROM {}.assembly_legs WHERE sequence_id = ANY(%s)").format(self.s),
-                (list(closed),),
+                (TextArray(closed),),
             )
         if records:
             ordered = sorted(records, key=lambda r: r.sequence_id)
@@ -162,11 +163,11 @@ class PostgresLegStore:
                     "first_seen_us = excluded.first_seen_us, digests = excluded.digests"
                 ).format(self.s),
                 (
-                    [r.sequence_id for r in ordered],
-                    [r.tenant for r in ordered],
-                    [r.leg_count for r in ordered],
-                    [r.state for r in ordered],
-                    [r.first_seen_us for r in ordered],
+                    TextArray([r.sequence_id for r in ordered]),
+                    TextArray([r.tenant for r in ordered]),
+                    Int8Array([r.leg_count for r in ordered]),
+                    TextArray([r.state for r in ordered]),
+                    Int8Array([r.first_seen_us for r in ordered]),
                     [b"".join(r.digests) if r.digests else None for r in ordered],
                 ),
             )
