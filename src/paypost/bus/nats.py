@@ -10,8 +10,14 @@ JetStream (all streams file-backed, `replicas` copies each):
   `Paypost-Archive-Id`.
 - `<P>_QUEUE`, subjects `<p>.q.<target>`: the per-target durable queues (work-queue
   retention: a message leaves when acked). One durable pull consumer per target,
-  `ack_wait` = the target's lease, `max_ack_pending` = its max_in_flight. Header
-  `Paypost-Archive-Id` names the archive copy; `Delivery.position` is the queue sequence.
+  `ack_wait` = the target's lease, `max_ack_pending` = its max_in_flight. A message is one
+  event (header `Paypost-Archive-Id` names its archive copy) or, for a target with
+  `bundle` > 1, a BUNDLE of up to that many events one unit of work routed there (header
+  `Paypost-Bundle`: the count; body: (archive id, event) pairs). Deliveries, acks, nacks and
+  dead letters stay per event: a bundle is acked when its last member is settled (nacked
+  with the longest delay a member asked for), and members settled while the bundle stays
+  out are recorded in PostgreSQL (`settled`) with their ack, so a redelivery skips them.
+  `Delivery.position` = queue sequence × 1,000,000 + index in the message.
 - `<P>_DLQ`, subjects `<p>.dlq.<target>`: dead letters with the reason in headers; the
   dead letter's id is its stream sequence.
 
