@@ -11,7 +11,7 @@ Jumps of the fake clock sleep at most MAX_SLEEP_S (no lease or backoff in the su
 longer), so the archive-retention case is decided by `purge_archive` on the bus clock.
 
 One case cannot hold and is skipped with its reason (`next_position`: archive sequences
-are assigned by the server after commit). One case is restated for JetStream
+are assigned by the server when the unit of work ends). One case is restated for JetStream
 (`test_nack_retries_with_exponential_backoff_then_...`): its 1 ms boundaries
 (`advance(0.999)` → nothing, `advance(0.002)` → delivered) cannot be checked against a
 server timer; the restated case checks the same behaviour with margins.
@@ -30,9 +30,18 @@ import pytest
 from bus_suite import NO_JITTER, BusConformance, FakeClock, held, rejected
 from psycopg import sql
 
-from paypost.bus import Bus, BusConfig, Delivery, RetryPolicy, Rule, TargetConfig, UnitOfWork
+from paypost.bus import (
+    ArchiveQuery,
+    Bus,
+    BusConfig,
+    Delivery,
+    RetryPolicy,
+    Rule,
+    TargetConfig,
+    UnitOfWork,
+)
 from paypost.bus.consumer import Consumer
-from paypost.bus.nats import NatsBus, ServiceUnavailable
+from paypost.bus.nats import NatsBus, NatsUnitOfWork, ServiceUnavailable
 from paypost.events import Event
 
 SCALE = 0.02
@@ -139,10 +148,9 @@ class TestNatsBus(BusConformance):
 
     def test_next_position_brackets_what_a_unit_of_work_publishes(self, bus: Bus) -> None:
         pytest.skip(
-            "JetStream assigns archive sequences on the server when the relay publishes, after "
-            "the PostgreSQL commit, so a unit of work cannot know them. No distributed consumer "
-            "needs them: there is no fused in-process path, and tracking records key on (event "
-            "id, content hash)."
+            "JetStream assigns archive sequences on the server when a unit of work publishes its "
+            "segments, as it ends, so the unit of work cannot know them while it runs. No "
+            "distributed consumer needs them: tracking records key on (event id, content hash)."
         )
 
     # The fault simulation sleeps through many scaled clock jumps (~12 s per seed here).
@@ -189,13 +197,13 @@ def test_relay_crash_after_commit_is_published_once_by_the_sweeper(
         bus.relay = lambda uow_id, rows: None  # type: ignore[method-assign]
         bus.publish([held(1), held(2)])
         bus.relay = original  # type: ignore[method-assign]
-        # one archive segment + one queue copy per event
-        assert bus.pending("holds") == 0 and bus.outbox_size() == 3
+        # one queue copy per event (the archive segment went to JetStream before the commit)
+        assert bus.pending("holds") == 0 and bus.outbox_size() == 2
         conn = bus.db()
         rows = conn.execute(
             sql.SQL("SELECT subject, queues, msg_id, headers, body FROM {}.outbox").format(bus.s)
         ).fetchall()
-        assert bus.sweep_outbox(older_than_s=0) == 3
+        assert bus.sweep_outbox(older_than_s=0) == 2
         assert bus.outbox_size() == 0
         # the same rows again (as if the first relay died between publish and delete)
         with conn.cursor() as cur:
@@ -206,10 +214,66 @@ def test_relay_crash_after_commit_is_published_once_by_the_sweeper(
                 ).format(bus.s),
                 [(i, *r) for i, r in enumerate(rows)],
             )
-        assert bus.sweep_outbox(older_than_s=0) == 3
+        assert bus.sweep_outbox(older_than_s=0) == 2
         assert bus.pending("holds") == 2
         assert [d.event.id for d in bus.receive("holds")] == ["held-1", "held-2"]
         assert bus.archive_count() == 2
+    finally:
+        bus.destroy()
+        bus.close()
+
+
+def test_archive_segment_of_a_unit_of_work_that_never_committed_does_not_count(
+    nats_url: str, postgres_url: str, pg_schema: str
+) -> None:
+    """A unit of work publishes its archive segment to JetStream before its commit. If the
+    commit then fails (PostgreSQL gone, the process killed), the segment is in the stream
+    but its events were never published: archive reads, replay and counts skip it, and
+    purge removes it without touching the archive count."""
+    clock = FakeClock()
+    bus = NatsBus(
+        nats_url,
+        postgres_url,
+        BusConfig(archive_retention_s=3600),
+        prefix=pg_schema,
+        clock=clock,
+        sweep=False,
+    )
+    try:
+        bus.put_target(TargetConfig(name="holds", retry=NO_JITTER))
+        bus.put_rule(
+            Rule(name="holds", pattern={"detail-type": ["TransactionHeld"]}, target="holds")
+        )
+        bus.publish([held(1)])
+        original = NatsUnitOfWork.flush
+
+        def flush_then_fail(self: NatsUnitOfWork) -> None:
+            original(self)  # the segment is now in JetStream
+            raise ConnectionError("PostgreSQL went away before COMMIT")
+
+        NatsUnitOfWork.flush = flush_then_fail  # type: ignore[method-assign]
+        try:
+            with pytest.raises(ConnectionError):
+                bus.publish([held(2), held(3)])
+        finally:
+            NatsUnitOfWork.flush = original  # type: ignore[method-assign]
+        stream = bus._run(bus.js.stream_info(bus.archive_stream))
+        assert stream.state.messages == 2  # the committed segment and the orphan
+        everything = ArchiveQuery(start=clock() - 10, end=clock() + 10)
+        assert [a.event.id for a in bus.archive(everything)] == ["held-1"]
+        assert bus.archive_count() == bus.archive_count(clock() - 10, clock() + 10) == 1
+        assert bus.replay(everything).matched == 1
+        got: list[Delivery] = []
+        for _ in range(50):
+            got += bus.receive("holds")
+            if len(got) >= 2:
+                break
+        assert [d.event.id for d in got] == ["held-1", "held-1"]  # published, then replayed
+        bus.ack(got)
+        clock.advance(3601)
+        assert bus.purge_archive() == 1  # held-1 (the orphan was never counted)
+        stream = bus._run(bus.js.stream_info(bus.archive_stream))
+        assert stream.state.messages == 0 and bus.archive_count() == 0
     finally:
         bus.destroy()
         bus.close()

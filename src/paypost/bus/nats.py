@@ -55,6 +55,7 @@ archive's time range and the dedup window use the bus clock.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import random
 import secrets
@@ -204,6 +205,11 @@ def _schema_sql(s: sql.Identifier) -> list[sql.Composed]:
         "CREATE TABLE IF NOT EXISTS {s}.tracking (consumer TEXT NOT NULL, id_key BIGINT NOT NULL,"
         " content_hash BIGINT NOT NULL, PRIMARY KEY (consumer, id_key, content_hash))",
         "CREATE TABLE IF NOT EXISTS {s}.counters (name TEXT NOT NULL, n BIGINT NOT NULL)",
+        # units of work whose archive segments count: a segment is published BEFORE its
+        # unit of work commits (see `_Segment`), so one whose unit of work rolled back or
+        # died is in the stream but has no row here, and archive readers skip it
+        "CREATE TABLE IF NOT EXISTS {s}.archive_uows (uow BIGINT PRIMARY KEY, "
+        "at DOUBLE PRECISION NOT NULL)",
         # members of a nacked queue bundle that were settled before it went back: its
         # redelivery skips them (rows exist only between such a nack and the bundle's end)
         "CREATE TABLE IF NOT EXISTS {s}.settled (target TEXT NOT NULL, seq BIGINT NOT NULL, "
@@ -275,6 +281,10 @@ class _OutRow:
 
 
 SEGMENT_MAX_EVENTS = 256
+#: Nats-Msg-Id prefix of a segment published before its unit of work's commit: it counts
+#: only if `archive_uows` holds the unit of work (older `seg.` segments went through the
+#: outbox after the commit and always count)
+SEGMENT_PREFIX = "segc."
 SEGMENT_MAX_BYTES = 512 * 1024  # JetStream's default max message size is 1 MB
 _segment_encoder = msgspec.msgpack.Encoder()
 _segment_decoder = msgspec.msgpack.Decoder(list[tuple[str, float, bytes]])
@@ -370,6 +380,13 @@ def _whole_messages(qids: list[int], want: int) -> list[int]:
         taken += qids[i : min(j, i + want - len(taken))]
         i = j
     return taken
+
+
+def _segment_uow(msg_id: str) -> int | None:
+    """The unit of work of a pre-commit archive segment (None: an outbox-era segment)."""
+    if not msg_id.startswith(SEGMENT_PREFIX):
+        return None
+    return int(msg_id[len(SEGMENT_PREFIX) :].split(".", 1)[0], 16)
 
 
 def _member(m: Msg, index: int) -> tuple[str, bytes]:
@@ -1242,10 +1259,38 @@ class NatsBus(Bus):
     def _archived(self, start: float, end: float) -> Iterator[tuple[int, float, bytes, str]]:
         """(position, archived at, body, archive id) in [START, END) by the bus clock; the
         position of the i-th event of archive segment `seq` is seq × 1,000,000 + i."""
-        for seq, _, _, body, _ in self._scan(self.archive_stream, self.archive_subject, start):
+        counts = self._committed_segments()
+        for seq, _, headers, body, _ in self._scan(
+            self.archive_stream, self.archive_subject, start
+        ):
+            if not counts(headers):
+                continue
             for i, (entry_id, at, event) in enumerate(_segment_decoder.decode(body)):
                 if start <= at < end:
                     yield seq * POSITION_STRIDE + i, at, event, entry_id
+
+    def _committed_segments(self) -> Callable[[dict[str, str]], bool]:
+        """A test of an archive segment's headers: does it count (its unit of work
+        committed)? Looks each unit of work up once."""
+        known: dict[int, bool] = {}
+
+        def counts(headers: dict[str, str]) -> bool:
+            uow = _segment_uow(headers.get(MSG_ID, ""))
+            if uow is None:
+                return True
+            if uow not in known:
+                row = (
+                    self.db()
+                    .execute(
+                        sql.SQL("SELECT 1 FROM {}.archive_uows WHERE uow = %s").format(self.s),
+                        (uow,),
+                    )
+                    .fetchone()
+                )
+                known[uow] = row is not None
+            return known[uow]
+
+        return counts
 
     def archive(self, query: ArchiveQuery) -> Iterator[ArchivedEvent]:
         matcher = compile_pattern(query.pattern, "--pattern") if query.pattern is not None else None
@@ -1321,8 +1366,17 @@ class NatsBus(Bus):
         }
         referenced |= self._queued_archive_ids()
         dropped = 0
+        counts = self._committed_segments()
+        live: set[int] = set()  # units of work with segments left in the archive
         for seq, _, headers, body, _ in self._scan(self.archive_stream, self.archive_subject):
+            uow = _segment_uow(headers.get(MSG_ID, ""))
             if float(headers.get(H_ARCHIVED_AT, "0")) >= cutoff:
+                if uow is not None:
+                    live.add(uow)
+                continue
+            if not counts(headers):  # its unit of work never committed: not archived
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    self._run(self.js.delete_msg(self.archive_stream, seq))
                 continue
             entries = _segment_decoder.decode(body)
             kept = [e for e in entries if e[1] >= cutoff or e[0] in referenced]
@@ -1333,6 +1387,8 @@ class NatsBus(Bus):
                 for e in kept:
                     seg.add(*e)
                 self._run(self._publish_rows([seg.row(self.archive_subject)]))
+                if uow is not None:
+                    live.add(uow)
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 self._run(self.js.delete_msg(self.archive_stream, seq))
             dropped += len(entries) - len(kept)
@@ -1341,6 +1397,12 @@ class NatsBus(Bus):
                 sql.SQL("INSERT INTO {}.counters VALUES ('archived', %s)").format(self.s),
                 (-dropped,),
             )
+        self.db().execute(
+            sql.SQL("DELETE FROM {}.archive_uows WHERE at < %s AND NOT uow = ANY(%s)").format(
+                self.s
+            ),
+            (cutoff, Int8Array(live)),
+        )
         window_start = (self.clock() if now is None else now) - self.config.effective_dedup_window_s
         self.db().execute(
             sql.SQL("DELETE FROM {}.seen WHERE at < %s").format(self.s), (window_start,)
@@ -1474,10 +1536,22 @@ class NatsUnitOfWork(UnitOfWork):
     # -- write-behind: outbox rows and counters are inserted once, at the end ------------
     def flush(self) -> None:
         b = self.bus
+        archiving: concurrent.futures.Future[list[bool]] | None = None
         if self.segments:
+            # The archive goes to JetStream now, BEFORE the commit, not through the outbox
+            # (~10 KB per authorization written to PostgreSQL and deleted again). It counts
+            # once this transaction commits its `archive_uows` row; a rollback or a crash
+            # leaves segments that archive readers skip. A failed publish fails the unit of
+            # work. The publish runs on the NATS loop while the statements below go to
+            # PostgreSQL; flush returns (and the commit follows) once JetStream stored it.
             archived = sum(len(seg.entries) for seg in self.segments)
             self._bump("archived", archived)
-            self.rows[:0] = [seg.row(b.archive_subject) for seg in self.segments]
+            self.conn.execute(
+                sql.SQL("INSERT INTO {}.archive_uows VALUES (%s, %s)").format(b.s),
+                (self.id, b.clock()),
+            )
+            segments = [seg.row(b.archive_subject) for seg in self.segments]
+            archiving = asyncio.run_coroutine_threadsafe(b._publish_rows(segments), b._loop.loop)
         for subject, entries in self.queued.items():
             size = b.target(subject[len(b.prefix) + len(".q.") :]).bundle
             self.rows.extend(_bundle_rows(subject, entries, self.queued_at[subject], size, self.id))
@@ -1515,6 +1589,8 @@ class NatsUnitOfWork(UnitOfWork):
                 cur.executemany(
                     sql.SQL("INSERT INTO {}.counters VALUES (%s, %s)").format(b.s), counts
                 )
+        if archiving is not None:
+            archiving.result(60)
 
     def release_relay_lock(self) -> None:
         """Give up this unit of work's relay lock (relay failed, or the transaction did): the
@@ -1721,7 +1797,7 @@ class NatsUnitOfWork(UnitOfWork):
         """Add one event to this unit of work's archive segments (see `_Segment`)."""
         seg = self.segments[-1] if self.segments else None
         if seg is None or seg.full(len(body)):
-            seg = _Segment(f"seg.{self.id:x}.{len(self.segments)}")
+            seg = _Segment(f"{SEGMENT_PREFIX}{self.id:x}.{len(self.segments)}")
             self.segments.append(seg)
         seg.add(entry_id, at, body)
 
