@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,6 +43,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from paypost.bus import Rule, TargetConfig
+from paypost.bus.nats import NatsBus
 from paypost.demo import demo_inputs
 from paypost.distributed.runtime import (
     DistributedJob,
@@ -51,6 +54,7 @@ from paypost.distributed.runtime import (
     ingest_sources,
     wait_for_completion,
 )
+from paypost.events import TransactionHeld, new_event
 
 EVENTS = int(os.environ.get("PAYPOST_FAULT_EVENTS", "1500"))
 # A run's time to complete grows with its size: 240 s covers the default 1,500 on a loaded
@@ -434,3 +438,58 @@ def test_postgresql_stopped_for_10_s_and_started_again(
         wait_port(5432, 30)
 
     assert_exactly_once(run_pipeline(s, tmp_path, workers=2, fault=outage), baseline)
+
+
+def test_a_unit_of_work_waits_out_a_short_nats_outage(postgres_url: str, tmp_path: Path) -> None:
+    """A unit of work publishes its archive segment before it commits, so NATS must be up for
+    it to finish: stopped for 3 s while an ingest-style publish runs, the publish waits for
+    the reconnect and completes (nothing lost, nothing archived twice), it does not fail."""
+    server = NatsServer(tmp_path / "js", free_port(), "paypost-outage").start()
+    prefix = f"o_{uuid.uuid4().hex[:10]}"
+    bus = NatsBus(server.url, postgres_url, prefix=prefix, sweep=False)
+    try:
+        bus.put_target(TargetConfig(name="holds", bundle=50))
+        bus.put_rule(
+            Rule(name="holds", pattern={"detail-type": ["TransactionHeld"]}, target="holds")
+        )
+        events = [
+            new_event(
+                TransactionHeld(reason="review", stage="s"),
+                source="paypost.test",
+                tenant="t1",
+                id=f"held-{i}",
+                time="2026-09-21T00:00:00.000Z",
+            )
+            for i in range(100)
+        ]
+        server.stop()
+        outcome: list[object] = []
+
+        def publish() -> None:
+            try:
+                outcome.append(bus.publish(events).published)
+            except BaseException as exc:  # reported below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=publish)
+        worker.start()
+        time.sleep(3)
+        assert worker.is_alive(), f"the publish did not wait for NATS: {outcome}"
+        server.start()
+        worker.join(90)
+        assert outcome == [100]
+        got: list[str] = []
+        for _ in range(100):
+            batch = bus.receive("holds")
+            got += [d.event.id for d in batch]
+            bus.ack(batch)
+            if len(got) >= 100:
+                break
+        assert sorted(got) == sorted(e.id for e in events)
+        assert bus.archive_count() == 100
+    finally:
+        try:
+            bus.destroy()
+            bus.close()
+        finally:
+            server.stop()

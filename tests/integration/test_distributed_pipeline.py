@@ -134,3 +134,50 @@ def test_settings_precedence_and_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown setting"):
         load_settings(cfg, environ={})
     assert os.environ is not None
+
+
+def test_ingest_waits_for_nats_then_names_the_setting(
+    settings: DistributedSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest batch publishes its archive segment before it commits: while NATS refuses
+    it, the batch is retried whole (nothing committed in between, nothing twice); past the
+    wait the error names PAYPOST_BUS_URL and nothing of the batch is committed."""
+    import nats.errors
+
+    from paypost.bus.nats import NatsBus, ServiceUnavailable
+    from paypost.distributed import pipeline as dp
+    from paypost.distributed.runtime import ingest_sources
+
+    job, (cm, inputs) = make_job(settings, 200, seed=5)
+    job.in_process_workers = False
+    pipe = job.pipeline
+    slept: list[float] = []
+    pipe.sleep = slept.append
+    real = NatsBus._publish_rows
+    refusals = {"left": 2}
+
+    async def flaky(self: NatsBus, rows: Any) -> list[bool]:
+        if refusals["left"] > 0 and any(r.subject == self.archive_subject for r in rows):
+            refusals["left"] -= 1
+            raise nats.errors.OutboundBufferLimitError()
+        return await real(self, rows)
+
+    monkeypatch.setattr(NatsBus, "_publish_rows", flaky)
+    try:
+        first = inputs.sources[0]
+        ingest_sources(pipe, [(first.config, first.path)], job.keys)
+        assert refusals["left"] == 0 and slept == [1.0, 1.0]  # retried twice, then taken
+        approved = pipe.ingest_totals()["approved"]
+        assert approved > 0
+        assert pipe.bus.archive_count() == approved  # each approved event archived once
+        # NATS gone for good: the batch gives up with the setting named, nothing committed
+        refusals["left"] = 10**6
+        monkeypatch.setattr(dp, "INGEST_NATS_WAIT_S", 0.0)
+        second = inputs.sources[1]
+        with pytest.raises(ServiceUnavailable, match="PAYPOST_BUS_URL"):
+            ingest_sources(pipe, [(second.config, second.path)], job.keys)
+        assert pipe.load_checkpoint(second.config.name) is None
+        assert pipe.ingest_totals()["approved"] == approved
+    finally:
+        job.close()
+        cm.__exit__(None, None, None)

@@ -1066,9 +1066,9 @@ class NatsBus(Bus):
                 continue
             seq = m.metadata.sequence.stream
             done = self._settled_members(cfg.name, seq)
-            for i in range(int(headers[H_BUNDLE])):
+            for i, member in enumerate(_bundle_decoder.decode(m.data)):
                 if i not in done:
-                    rows.append(self._dlq_row(cfg.name, m, delivered - 1, error, now, i))
+                    rows.append(self._dlq_row(cfg.name, m, delivered - 1, error, now, i, member))
             bundles.append(seq)
         self._run(self._publish_rows(rows))
         if bundles:
@@ -1076,14 +1076,22 @@ class NatsBus(Bus):
         self._run(_ack_all([m for m, _ in expired]))
 
     def _dlq_row(
-        self, target: str, m: Msg, attempts: int, error: str, now: float, index: int = 0
+        self,
+        target: str,
+        m: Msg,
+        attempts: int,
+        error: str,
+        now: float,
+        index: int = 0,
+        member: tuple[str, bytes] | None = None,
     ) -> _OutRow:
-        """The dead letter of event INDEX of queue message M."""
+        """The dead letter of event INDEX of queue message M (MEMBER: its (archive id, body)
+        when the caller decoded the bundle already)."""
         h = m.headers or {}
         seq = m.metadata.sequence.stream
         held = self._held.get((target, seq))
         first = held.first_at if held is not None else float(h.get(H_QUEUED_AT, now))
-        archive_id, body = _member(m, index)
+        archive_id, body = member if member is not None else _member(m, index)
         return _OutRow(
             subject=self.dlq_subject(target),
             queues=[],
@@ -1613,6 +1621,11 @@ class NatsUnitOfWork(UnitOfWork):
             self.release_relay_lock()
         acks, naks = self._settled_messages()
         try:
+            recorded = [h for h in acks if h.recorded]
+            if recorded:  # records left by a concurrent unit of work that took part of it
+                for held in recorded:
+                    target = held.msg.subject[len(b.prefix) + len(".q.") :]
+                    b._forget_settled(target, [held.msg.metadata.sequence.stream])
             b._run(_settle(acks, naks, b))
         except Exception as exc:  # redelivered later; the tracking record skips them
             log.warning("bus.ack_failed", error=repr(exc))

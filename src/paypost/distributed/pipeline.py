@@ -24,12 +24,13 @@ from functools import partial
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import psycopg
 from psycopg import sql
 
 from paypost.bus.consumer import Consumer, TokenBucket
 from paypost.bus.core import Delivery, EncodedEvents, UnitOfWork
-from paypost.bus.nats import NatsBus, NatsUnitOfWork
+from paypost.bus.nats import BUS_URL_SETTING, NatsBus, NatsUnitOfWork, ServiceUnavailable
 from paypost.events import Event
 from paypost.ledger.model import Account
 from paypost.ledger.postgres import PostgresLedger
@@ -77,6 +78,9 @@ WORKER_STAGES: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS, FUSED)
 #: event by event and fell further behind (seen at 1,000,000 under load). 1,000 keeps a unit
 #: of work to seconds; the per-batch cost (commit, relay) stays small per event.
 FUSED_MAX_BATCH = 1000
+
+#: how long an ingest batch is retried while NATS cannot take its archive segment
+INGEST_NATS_WAIT_S = 300.0
 
 #: the workers `paypost serve` runs: one per stage (`--fused`: FUSED replaces DEDUP's)
 PER_STAGE: tuple[str, ...] = (*STAGE_ORDER, NOTIFICATIONS)
@@ -321,11 +325,33 @@ class DistributedPipeline(PureStageHandlers):
 
     def publish_batch(self, batch: ingest_stage.IngestBatch) -> int:
         """One ingest batch: checkpoint + quarantine + vault rows + its events' outbox, in ONE
-        transaction. Returns the events published (dedup drops re-read ones)."""
-        with self.bus.unit_of_work() as uow:
-            state.PostgresIngestStore(uow.conn, self.state_schema).apply(batch)
-            result = uow.publish(batch.events, dedup=True)
-        return result.published
+        transaction. Returns the events published (dedup drops re-read ones).
+
+        The transaction publishes its archive segment before it commits, so it needs NATS:
+        while NATS cannot be reached the batch is retried (it rolled back whole, so the
+        retry starts clean), every second for up to INGEST_NATS_WAIT_S, with a log line
+        `ingest.waiting_for_nats`; then the error names PAYPOST_BUS_URL."""
+        deadline = time.monotonic() + INGEST_NATS_WAIT_S
+        while True:
+            try:
+                with self.bus.unit_of_work() as uow:
+                    state.PostgresIngestStore(uow.conn, self.state_schema).apply(batch)
+                    result = uow.publish(batch.events, dedup=True)
+                return result.published
+            except (TimeoutError, nats.errors.Error) as exc:
+                line = batch.checkpoint.line if batch.checkpoint is not None else None
+                if time.monotonic() >= deadline:
+                    raise ServiceUnavailable(
+                        f"NATS did not take the ingest batch of source {batch.source!r} "
+                        f"(up to line {line}) for {INGEST_NATS_WAIT_S:.0f} s "
+                        f"({type(exc).__name__}: {exc}); nothing of it was committed. Check "
+                        f"nats-server at {BUS_URL_SETTING}={self.bus.nats_url} and run the "
+                        "ingest again: it resumes from its checkpoint."
+                    ) from exc
+                log.warning(
+                    "ingest.waiting_for_nats", source=batch.source, line=line, error=repr(exc)
+                )
+                self.sleep(1.0)
 
     # -- outputs ---------------------------------------------------------------------------
     def export_postings(self, path: Path) -> int:
