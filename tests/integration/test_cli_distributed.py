@@ -130,6 +130,33 @@ def test_bus_commands_on_the_distributed_backend(
         )
         assert json.loads(replay.stdout)["routed"] == {"holds": 3}
         assert bus.pending("holds") == 6
+
+        # a bundling target: its queue counts messages, and stats says so
+        bus.put_target(TargetConfig(name="batched", bundle=10))
+        bus.put_rule(Rule(name="b", pattern={"source": ["paypost.batch"]}, target="batched"))
+        bus.publish(
+            [
+                new_event(
+                    TransactionHeld(reason="review", stage="rules"),
+                    source="paypost.batch",
+                    tenant="t1",
+                    id=f"batch-{i}",
+                    time="2026-11-21T00:00:00.000Z",
+                )
+                for i in range(4)
+            ]
+        )
+        text = runner.invoke(app, ["bus", "--backend", "distributed", "stats"], env=env)
+        flat = " ".join(text.stdout.split())  # the console wraps long lines
+        assert "batched *" in flat and "bundles up to 10 events" in flat
+        doc = json.loads(
+            runner.invoke(
+                app, ["bus", "--backend", "distributed", "stats", "--json"], env=env
+            ).stdout
+        )
+        batched = {t["name"]: t for t in doc["targets"]}["batched"]
+        assert (batched["queued"], batched["routed_total"]) == (1, 4)  # one message, 4 events
+        assert doc["bundled_targets"] == {"batched": 10}
     finally:
         bus.destroy()
         bus.close()

@@ -368,16 +368,21 @@ def bus_stats(
     with open_bus(data_dir, choice=_choice(ctx)) as bus:
         stats = bus.stats()
         outbox = bus.outbox_size() if hasattr(bus, "outbox_size") else None
+        # distributed: a bundling target's queue counts messages (up to `bundle` events each)
+        bundled = (
+            {t.name: t.bundle for t in bus.targets() if t.bundle > 1} if outbox is not None else {}
+        )
     if json:
         doc = msgspec.to_builtins(stats)
         if outbox is not None:
             doc["outbox"] = outbox  # distributed: output events committed, not yet published
+            doc["bundled_targets"] = bundled  # their queued/delayed/in_flight count messages
         emit_json(doc)
         return
     table = Table("target", "queued", "delayed", "in flight", "dead-lettered", "routed total")
     for t in stats.targets:
         table.add_row(
-            t.name,
+            f"{t.name} *" if t.name in bundled else t.name,
             str(t.queued),
             str(t.delayed),
             str(t.in_flight),
@@ -391,6 +396,13 @@ def bus_stats(
         + ("" if outbox is None else f"   outbox rows waiting: {outbox}"),
         highlight=False,
     )
+    if bundled:
+        console.print(
+            "* queued, delayed and in flight count queue messages there: a message bundles up "
+            f"to {max(bundled.values())} events of one unit of work (dead-lettered and routed "
+            "count events).",
+            highlight=False,
+        )
 
 
 @bus_app.command("config")
