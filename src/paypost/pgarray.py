@@ -23,24 +23,23 @@ class TextArray(list[str]):
     """A text[] parameter."""
 
 
-class _Int8ArrayDumper(Dumper):
+class _ArrayDumper(Dumper):
     format = Format.TEXT
+    element = "int8"  # the element type: the parameter goes as <element>[]
 
     def __init__(self, cls: type, context: Any = None) -> None:
         super().__init__(cls, context)
-        self.oid = psycopg.adapters.types["int8"].array_oid
+        self.oid = psycopg.adapters.types[self.element].array_oid
 
+
+class _Int8ArrayDumper(_ArrayDumper):
     def dump(self, obj: Any) -> bytes:
         # int() first: a bool would print as "True", a numpy integer as itself
         return ("{" + ",".join(map(str, map(int, obj))) + "}").encode()
 
 
-class _TextArrayDumper(Dumper):
-    format = Format.TEXT
-
-    def __init__(self, cls: type, context: Any = None) -> None:
-        super().__init__(cls, context)
-        self.oid = psycopg.adapters.types["text"].array_oid
+class _TextArrayDumper(_ArrayDumper):
+    element = "text"
 
     def dump(self, obj: Any) -> bytes:
         if not obj:

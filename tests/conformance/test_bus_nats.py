@@ -77,8 +77,10 @@ class TestNatsBus(BusConformance):
     def clock(self) -> FakeClock:
         return ScaledClock()
 
+    bus_class: type[NatsBus] = NatsBus
+
     def make_bus(self, clock: FakeClock, config: BusConfig | None = None) -> Bus:
-        bus = NatsBus(
+        bus = self.bus_class(
             self.nats_url,
             self.db_url,
             config,
@@ -427,23 +429,7 @@ class TestNatsBusBundled(TestNatsBus):
     unit of work publishes to one target travels as ONE queue message, yet deliveries,
     acks, nacks, backoff, leases and dead letters stay per event."""
 
-    def make_bus(self, clock: FakeClock, config: BusConfig | None = None) -> Bus:
-        bus = _BundlingBus(
-            self.nats_url,
-            self.db_url,
-            config,
-            prefix=self.prefix,
-            clock=clock,
-            time_scale=SCALE,
-            fetch_wait_s=0.01,
-        )
-        bus.db().execute(
-            sql.SQL("CREATE TABLE IF NOT EXISTS {}.test_effects (event_id TEXT NOT NULL)").format(
-                bus.s
-            )
-        )
-        self.opened.append(bus)
-        return bus
+    bus_class = _BundlingBus
 
     # Restated for bundles: the server leases, caps and counts MESSAGES (a bundle is one),
     # while deliveries, acks and redeliveries stay per event.
