@@ -431,6 +431,14 @@ class TestNatsBusBundled(TestNatsBus):
 
     bus_class = _BundlingBus
 
+    # Three seeds, not six, here (CI time): other seeds than the unbundled suite's.
+    @pytest.mark.slow
+    @pytest.mark.parametrize("seed", range(6, 9))
+    def test_simulated_faults_keep_effects_once_and_lose_nothing(
+        self, clock: FakeClock, seed: int
+    ) -> None:
+        BusConformance.test_simulated_faults_keep_effects_once_and_lose_nothing(self, clock, seed)
+
     # Restated for bundles: the server leases, caps and counts MESSAGES (a bundle is one),
     # while deliveries, acks and redeliveries stay per event.
     def test_fan_out_each_target_has_its_own_queue(self, bus: Bus) -> None:
