@@ -61,6 +61,7 @@ import random
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ QUEUE_STRIDE = POSITION_STRIDE
 
 #: relay re-publish protection when the dedup window is longer (server memory per id)
 MAX_MSG_ID_WINDOW_S = 86400.0
+#: settled messages whose delivery count a bus remembers, to drop late copies of them
+SETTLED_RECENT_MAX = 100_000
 #: outbox rows older than this are published by the sweeper (crashed relays)
 SWEEP_AFTER_S = 3.0
 #: how long opening the bus waits for JetStream to answer (a cluster electing leaders)
@@ -489,6 +492,9 @@ class NatsBus(Bus):
         self._router: Router | None = None
         self._state: dict[str, _TargetState] = {}
         self._held: dict[tuple[str, int], _Held] = {}
+        # the delivery count of messages this bus settled lately: a late copy of one of them
+        # (same count) is not a new delivery (see `receive`)
+        self._settled_recent: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._delayed: dict[tuple[str, int], float] = {}
         self._held_lock = threading.Lock()
         self._closed = False
@@ -940,10 +946,17 @@ class NatsBus(Bus):
                 seq, delivered = md.sequence.stream, md.num_delivered
                 with self._held_lock:
                     seen = self._held.get((target, seq))
-                if seen is not None and delivered <= seen.delivered:
-                    # A copy of a delivery this bus already handed out (a pull request that
-                    # outlived its fetch's timeout can bring one late): the server's next
-                    # delivery of that message has a higher count. Not a new attempt.
+                    last = (
+                        seen.delivered
+                        if seen is not None
+                        else self._settled_recent.get((target, seq), 0)
+                    )
+                buffered = st.buffer.get(seq * QUEUE_STRIDE)
+                if delivered <= last or (buffered is not None and buffered.delivered > delivered):
+                    # A copy of a delivery this bus already handed out, settled or holds
+                    # (a pull request that outlived its fetch's timeout can bring one late,
+                    # even after the nack that asked for the next delivery): the server's
+                    # next delivery of that message has a higher count. Not a new attempt.
                     continue
                 if delivered > cfg.retry.max_attempts:
                     expired.append((m, delivered))
@@ -1016,6 +1029,14 @@ class NatsBus(Bus):
                         )
                     )
             return out
+
+    def _remember_settled(self, key: tuple[str, int], delivered: int) -> None:
+        """(Under `_held_lock`.) Remember KEY's last settled delivery, bounded."""
+        recent = self._settled_recent
+        recent[key] = delivered
+        recent.move_to_end(key)
+        while len(recent) > SETTLED_RECENT_MAX:
+            recent.popitem(last=False)
 
     def _settled_members(self, target: str, seq: int) -> frozenset[int]:
         """Members of redelivered bundle SEQ settled before its nack (see `settled`)."""
@@ -1702,6 +1723,7 @@ class NatsUnitOfWork(UnitOfWork):
                 if len(held.done) < held.members:
                     continue
                 del b._held[key]
+                b._remember_settled(key, held.delivered)
                 if held.nak_delay is None:
                     acks.append(held)
                 else:
