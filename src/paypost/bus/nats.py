@@ -213,8 +213,8 @@ def _schema_sql(s: sql.Identifier) -> list[sql.Composed]:
         # died is in the stream but has no row here, and archive readers skip it
         "CREATE TABLE IF NOT EXISTS {s}.archive_uows (uow BIGINT PRIMARY KEY, "
         "at DOUBLE PRECISION NOT NULL)",
-        # members of a nacked queue bundle that were settled before it went back: its
-        # redelivery skips them (rows exist only between such a nack and the bundle's end)
+        # members of a queue bundle settled while the bundle stayed out (other members in
+        # hand, or one nacked): its redelivery skips them; the rows go when it is settled whole
         "CREATE TABLE IF NOT EXISTS {s}.settled (target TEXT NOT NULL, seq BIGINT NOT NULL, "
         "idx INTEGER NOT NULL, PRIMARY KEY (target, seq, idx))",
         # the transactional outbox: one row per message to publish after commit
