@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -84,17 +85,20 @@ def test_bus_commands_on_the_distributed_backend(
     try:
         bus.put_target(TargetConfig(name="holds", retry=RetryPolicy(max_attempts=1)))
         bus.put_rule(Rule(name="h", pattern={"detail-type": ["TransactionHeld"]}, target="holds"))
-        events = [
-            new_event(
-                TransactionHeld(reason="review", stage="rules"),
-                source="paypost.test",
-                tenant="t1",
-                id=f"held-{i}",
-                time="2026-11-21T00:00:00.000Z",
-            )
-            for i in range(3)
-        ]
-        bus.publish(events)
+
+        def held_events(n: int, source: str, prefix: str) -> list[Any]:
+            return [
+                new_event(
+                    TransactionHeld(reason="review", stage="rules"),
+                    source=source,
+                    tenant="t1",
+                    id=f"{prefix}-{i}",
+                    time="2026-11-21T00:00:00.000Z",
+                )
+                for i in range(n)
+            ]
+
+        bus.publish(held_events(3, "paypost.test", "held"))
         bus.nack(bus.receive("holds", 1), "ValueError: account closed")
 
         stats = runner.invoke(app, ["bus", "--backend", "distributed", "stats", "--json"], env=env)
@@ -134,18 +138,7 @@ def test_bus_commands_on_the_distributed_backend(
         # a bundling target: its queue counts messages, and stats says so
         bus.put_target(TargetConfig(name="batched", bundle=10))
         bus.put_rule(Rule(name="b", pattern={"source": ["paypost.batch"]}, target="batched"))
-        bus.publish(
-            [
-                new_event(
-                    TransactionHeld(reason="review", stage="rules"),
-                    source="paypost.batch",
-                    tenant="t1",
-                    id=f"batch-{i}",
-                    time="2026-11-21T00:00:00.000Z",
-                )
-                for i in range(4)
-            ]
-        )
+        bus.publish(held_events(4, "paypost.batch", "batch"))
         text = runner.invoke(app, ["bus", "--backend", "distributed", "stats"], env=env)
         flat = " ".join(text.stdout.split())  # the console wraps long lines
         assert "batched *" in flat and "bundles up to 10 events" in flat
