@@ -570,6 +570,57 @@ class BusConformance(abc.ABC):
         assert self.effect_counts(bus) == Counter({"held-1": 1, "held-2": 1})
         assert (stats.processed, stats.skipped) == (2, 1)
 
+    def test_deferred_deliveries_get_a_unit_of_work_of_their_own_after_the_batch(
+        self, bus: Bus, clock: FakeClock
+    ) -> None:
+        """`Consumer.defer`: deliveries it names are left out of the batch's unit of work
+        (not handled, tracked or acked there) and handled once, in a second one."""
+        bus.publish([held(i) for i in range(6)])
+        waiting = {"held-1", "held-4"}
+        calls: list[list[str]] = []
+
+        def handler(ds: Sequence[Delivery], uow: UnitOfWork) -> None:
+            for d in ds:
+                self.apply_effect(uow, d.event)
+            calls.append(sorted(self.ids(ds)))
+
+        def defer(uow: UnitOfWork, ds: Sequence[Delivery]) -> list[Delivery]:
+            return [d for d in ds if d.event.id in waiting]
+
+        consumer = Consumer(bus, "holds", handler, name="p", defer=defer, sleep=clock.advance)
+        stats = consumer.run(until_idle=True)
+        assert calls == [["held-0", "held-2", "held-3", "held-5"], ["held-1", "held-4"]]
+        assert self.effect_counts(bus) == Counter({f"held-{i}": 1 for i in range(6)})
+        assert bus.pending("holds") == 0
+        assert (stats.batches, stats.processed, stats.nacked) == (1, 6, 0)
+        # both units of work recorded what they processed: a replay changes nothing
+        bus.replay(ArchiveQuery(start=T0 - 1, end=T0 + 1), target="holds")
+        again = Consumer(bus, "holds", handler, name="p", defer=defer, sleep=clock.advance)
+        assert again.run(until_idle=True).skipped == 6
+        assert self.effect_counts(bus) == Counter({f"held-{i}": 1 for i in range(6)})
+
+    def test_a_deferred_poison_event_does_not_undo_its_batch(
+        self, bus: Bus, clock: FakeClock
+    ) -> None:
+        bus.publish([held(i) for i in range(4)])
+
+        def handler(ds: Sequence[Delivery], uow: UnitOfWork) -> None:
+            for d in ds:
+                if d.event.id == "held-3":
+                    raise ValueError("cannot post held-3: account unknown")
+                self.apply_effect(uow, d.event)
+
+        def defer(uow: UnitOfWork, ds: Sequence[Delivery]) -> list[Delivery]:
+            return [d for d in ds if d.event.id in ("held-2", "held-3")]
+
+        stats = Consumer(bus, "holds", handler, defer=defer, sleep=clock.advance).run(
+            until_idle=True
+        )
+        assert self.effect_counts(bus) == Counter({f"held-{i}": 1 for i in range(3)})
+        (dead,) = bus.dlq_list(target="holds")
+        assert dead.event.id == "held-3" and "account unknown" in dead.error
+        assert stats.processed == 3 and stats.dead_lettered == 1
+
     def test_poison_event_does_not_dead_letter_its_neighbours(
         self, bus: Bus, clock: FakeClock
     ) -> None:

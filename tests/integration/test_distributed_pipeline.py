@@ -123,6 +123,64 @@ def test_fused_dedup_failure_is_retried_not_lost(settings: DistributedSettings) 
         cm.__exit__(None, None, None)
 
 
+def test_fused_batch_does_not_wait_for_another_workers_copy_of_one_authorization(
+    settings: DistributedSettings, postgres_url: str
+) -> None:
+    """A fused batch holding a copy of an authorization whose business key another
+    worker's uncommitted batch holds commits its other events at once; only that copy waits
+    (in a unit of work of its own) for the other worker's decision, then is handled once."""
+    import threading
+    import time
+
+    import psycopg
+
+    from paypost.distributed.pipeline import DistributedPipeline
+    from paypost.distributed.runtime import ingest_sources, open_bus
+    from paypost.stages.dedup import business_keys
+
+    job, (cm, inputs) = make_job(settings, 200, seed=5, fused=True)
+    job.in_process_workers = False
+    bus = open_bus(settings)
+    pipeline = DistributedPipeline(bus, job.refdata, job.rulebook, job.pipeline_settings)
+    other = psycopg.connect(postgres_url)
+    try:
+        ingest_sources(job.pipeline, [(x.config, x.path) for x in inputs.sources], job.keys)
+        consumer = pipeline.fused_consumer()
+        batch = []
+        deadline = time.monotonic() + 30
+        while len(batch) < 100 and time.monotonic() < deadline:  # relayed, past its linger
+            batch += bus.receive(consumer.target, consumer.config.batch_size)
+        assert len(batch) >= 100
+        keys = business_keys([d.event for d in batch])
+        blocked = batch[5]
+        assert keys[5] is not None
+        # another worker's transaction holds that authorization's business key
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (keys[5],))
+        worker = threading.Thread(target=consumer.handle_batch, args=(batch,))
+        worker.start()
+        deadline = time.monotonic() + 60
+        done: set[tuple[int, int]] = set()
+        while time.monotonic() < deadline and len(done) < len(batch) - 1:
+            with bus.unit_of_work() as uow:
+                done = uow.processed("dedup", batch)
+            time.sleep(0.1)
+        # every other event of the batch committed while the key was held ...
+        assert done == {d.tracking_key for d in batch} - {blocked.tracking_key}
+        assert worker.is_alive()  # ... and the copy waits for the other worker's commit
+        other.commit()  # the other worker commits (here: without recording that key)
+        worker.join(60)
+        assert not worker.is_alive()
+        with bus.unit_of_work() as uow:
+            assert uow.processed("dedup", batch) == {d.tracking_key for d in batch}
+        assert consumer.stats.processed == len(batch) and consumer.stats.nacked == 0
+    finally:
+        other.close()
+        pipeline.close()
+        bus.close()
+        job.close()
+        cm.__exit__(None, None, None)
+
+
 def test_settings_precedence_and_errors(tmp_path: Path) -> None:
     cfg = tmp_path / "paypost.yaml"
     cfg.write_text("bus_url: nats://file:4222\ndb_url: postgresql://file/db\nprefix: fromfile\n")

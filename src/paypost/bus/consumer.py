@@ -16,6 +16,12 @@ exactly-once in effect (DESIGN §3.1).
 A handler exception rolls the unit of work back. A batch of one is then nacked (retry with
 backoff, dead-letter after the last attempt). A larger batch is retried event by event, each
 in its own unit of work, so only the poison event is nacked and its good neighbours commit.
+
+A consumer may also be given `defer(uow, deliveries)`: called in the unit of work before the
+handler, it names deliveries that must wait for another transaction (e.g. their business key
+is locked by another worker's uncommitted batch). They are left out of this unit of work (not
+handled, tracked or acked) and handled in a second unit of work right after it commits, in
+which `defer` is not asked again, so they wait there instead of holding up the whole batch.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import msgspec
 from paypost.bus.core import Bus, Clock, Delivery, UnitOfWork
 
 Handler = Callable[[Sequence[Delivery], UnitOfWork], None]
+#: which of a batch's fresh deliveries to postpone to a unit of work of their own (see above)
+Defer = Callable[[UnitOfWork, Sequence[Delivery]], Sequence[Delivery]]
 Sleep = Callable[[float], None]
 
 
@@ -93,11 +101,13 @@ class Consumer:
         *,
         name: str | None = None,
         track: bool = True,
+        defer: Defer | None = None,
         sleep: Sleep = time.sleep,
         idle_sleep_s: float = 0.002,
         max_idle_sleep_s: float = 0.05,
     ) -> None:
         self.bus = bus
+        self.defer = defer
         self.config = bus.target(target)
         self.target = target
         self.handler = handler
@@ -112,7 +122,10 @@ class Consumer:
         self._stats_lock = threading.Lock()
 
     # -- one batch -------------------------------------------------------------------------
-    def _apply(self, uow: UnitOfWork, deliveries: Sequence[Delivery]) -> tuple[int, int]:
+    def _apply(
+        self, uow: UnitOfWork, deliveries: Sequence[Delivery], *, may_defer: bool = False
+    ) -> tuple[int, int, list[Delivery]]:
+        """Handle DELIVERIES in UOW: (processed, skipped, postponed by `defer`)."""
         fresh: Sequence[Delivery] = deliveries
         if self.track:
             # Skip what the tracking record has, and repeats of one key inside the batch
@@ -125,38 +138,61 @@ class Consumer:
                     if d.tracking_key not in done:
                         done.add(d.tracking_key)
                         fresh.append(d)
+        later: list[Delivery] = []
+        if fresh and may_defer and self.defer is not None:
+            later = list(self.defer(uow, fresh))
+            if later:
+                postponed = {id(d) for d in later}
+                fresh = [d for d in fresh if id(d) not in postponed]
+                deliveries = [d for d in deliveries if id(d) not in postponed]
         if fresh:
             self.handler(fresh, uow)
             if self.track:
                 uow.track(self.name, fresh)
         uow.ack(deliveries)
-        return len(fresh), len(deliveries) - len(fresh)
+        return len(fresh), len(deliveries) - len(fresh), later
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         """Process one received batch (see the module docs for failure isolation)."""
-        processed = skipped = nacked = dead = 0
-        try:
-            with self.bus.unit_of_work() as uow:
-                processed, skipped = self._apply(uow, deliveries)
-        except Exception as exc:
-            if len(deliveries) == 1:
-                nacked, dead = 1, self.bus.nack(deliveries, describe_error(exc))
-            else:
-                for d in deliveries:
-                    try:
-                        with self.bus.unit_of_work() as uow:
-                            p, s = self._apply(uow, [d])
-                        processed += p
-                        skipped += s
-                    except Exception as exc1:
-                        nacked += 1
-                        dead += self.bus.nack([d], describe_error(exc1))
+        counts = [0, 0, 0, 0]  # processed, skipped, nacked, dead-lettered
+        later = self._handle(deliveries, counts, may_defer=True)
+        if later:
+            # postponed by `defer`: their own unit of work, after the first one committed
+            self._handle(later, counts, may_defer=False)
+        processed, skipped, nacked, dead = counts
         with self._stats_lock:
             self.stats.batches += 1
             self.stats.processed += processed
             self.stats.skipped += skipped
             self.stats.nacked += nacked
             self.stats.dead_lettered += dead
+
+    def _handle(
+        self, deliveries: Sequence[Delivery], counts: list[int], *, may_defer: bool
+    ) -> list[Delivery]:
+        """DELIVERIES in one unit of work, or event by event if it fails (COUNTS updated);
+        returns what `defer` postponed."""
+        try:
+            with self.bus.unit_of_work() as uow:
+                processed, skipped, later = self._apply(uow, deliveries, may_defer=may_defer)
+            counts[0] += processed
+            counts[1] += skipped
+            return later
+        except Exception as exc:
+            if len(deliveries) == 1:
+                counts[2] += 1
+                counts[3] += self.bus.nack(deliveries, describe_error(exc))
+                return []
+        for d in deliveries:
+            try:
+                with self.bus.unit_of_work() as uow:
+                    p, s, _ = self._apply(uow, [d])
+                counts[0] += p
+                counts[1] += s
+            except Exception as exc1:
+                counts[2] += 1
+                counts[3] += self.bus.nack([d], describe_error(exc1))
+        return []
 
     # -- receiving -------------------------------------------------------------------------
     def _receive(self) -> tuple[list[Delivery], float]:

@@ -241,7 +241,14 @@ class DistributedPipeline(PureStageHandlers):
             state.bump_counters(uow.conn, schema, counts)
             state.record_outcomes(uow.conn, schema, outcomes)
 
-        consumer = Consumer(self.bus, DEDUP, handle, name=DEDUP, sleep=self.sleep)
+        def defer(uow: UnitOfWork, deliveries: Sequence[Delivery]) -> list[Delivery]:
+            # Copies of an authorization whose business key another worker's uncommitted
+            # batch holds wait in a unit of work of their own, not the whole batch with them.
+            keys = dedup_stage.business_keys([d.event for d in deliveries])
+            contended = state.try_lock_keys(uow.conn, {k for k in keys if k is not None})
+            return [d for d, k in zip(deliveries, keys, strict=True) if k in contended]
+
+        consumer = Consumer(self.bus, DEDUP, handle, name=DEDUP, defer=defer, sleep=self.sleep)
         consumer.config = msgspec.structs.replace(
             consumer.config,
             batch_size=min(consumer.config.batch_size, FUSED_MAX_BATCH),

@@ -146,6 +146,27 @@ def _business_key(tenant: str, auth: AuthorizationApproved, ts: int) -> int:
     return _hash64(material.encode())
 
 
+def business_keys(events: Sequence[Event]) -> list[int | None]:
+    """The business key of each event (None where its payload does not decode): what a
+    worker locks before it checks them, so another worker's copy of the same authorization
+    waits for its decision (see `paypost.distributed.state.try_lock_keys`)."""
+    out: list[int | None] = []
+    seconds: dict[str, int] = {}
+    for event in events:
+        try:
+            if event.detail_type != AuthorizationApproved.DETAIL_TYPE:
+                raise ValueError(event.detail_type)
+            auth = msgspec.convert(event.detail, AuthorizationApproved)
+            text = auth.request.transmission_time
+            ts = seconds.get(text)
+            if ts is None:
+                ts = seconds[text] = transmission_seconds(text)
+            out.append(_business_key(event.tenant, auth, ts))
+        except (msgspec.ValidationError, ValueError, TypeError):
+            out.append(None)
+    return out
+
+
 _encoder = msgspec.json.Encoder(order="sorted")
 _struct_encoder = msgspec.json.Encoder()
 _json = msgspec.json.Encoder()
