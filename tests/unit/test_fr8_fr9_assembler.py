@@ -27,6 +27,7 @@ from paypost.stages.assembler import (
     expire,
     settle,
 )
+from paypost.stages.assembler_pg import PostgresLegStore
 from paypost.stages.post import create_legs, internal_accounts
 
 NOW = 1_800_000_000_000_000  # µs
@@ -105,16 +106,48 @@ def step(legs: list[Event], store: LegStore, *, now_us: int = NOW) -> AssemblyRe
     if isinstance(store, SqliteLegStore) and ledger_sqlite.schema_exists(store.conn):
         done = asm.finish(result, store, partial(ledger_sqlite.post_batch_in, store.conn))
         assert done.posted + done.ledger_duplicates == len(result.completed)
+    ledger = getattr(store, "ledger", None)
+    if ledger is not None:  # the PostgreSQL store beside the PostgreSQL ledger
+        done = asm.finish(result, store, partial(ledger.post_batch_in, store.conn))  # type: ignore[attr-defined]
+        assert done.posted + done.ledger_duplicates == len(result.completed)
     return result
 
 
-@pytest.fixture(params=[*STORES, "postgres"])
+@pytest.fixture(params=[*STORES, "postgres", "postgres-ledger"])
 def store(request: pytest.FixtureRequest) -> Iterator[LegStore]:
-    if request.param == "postgres":
+    if request.param.startswith("postgres"):
         pg_schema = request.getfixturevalue("pg_schema")
-        yield from postgres_store(request.getfixturevalue("postgres_url"), pg_schema)
+        url = request.getfixturevalue("postgres_url")
+        if request.param == "postgres-ledger":
+            yield from postgres_with_ledger(url, pg_schema)
+        else:
+            yield from postgres_store(url, pg_schema)
         return
     yield from STORES[request.param]()
+
+
+def postgres_with_ledger(url: str, schema: str) -> Iterator[LegStore]:
+    """The distributed wiring: the store and the ledger on one connection, batches posted
+    by finish; sequences a batch holds whole get no assembly_sequences row."""
+    import psycopg
+
+    from paypost.ledger.postgres import PostgresLedger
+    from paypost.stages import assembler_pg
+
+    ledger = PostgresLedger(url, prefix=f"{schema}_l")
+    ledger.create_accounts(LEDGER_ACCOUNTS)
+    try:
+        with psycopg.connect(url) as conn:
+            assembler_pg.ensure_schema(conn, schema)
+            conn.commit()
+            store = assembler_pg.PostgresLegStore(
+                conn, schema, ledger_schema=partial(ledger.schema_in, conn)
+            )
+            store.ledger = ledger  # type: ignore[attr-defined]
+            yield store
+            conn.commit()
+    finally:
+        ledger.close()
 
 
 def postgres_store(url: str, schema: str) -> Iterator[LegStore]:
@@ -481,6 +514,62 @@ def test_a_batch_rolled_back_before_settle_assembles_again() -> None:
     assert len(step(legs, store).completed) == 1
     conn.execute("COMMIT")
     assert count(conn, "ledger_entries") == 1 and count(conn, "assembly_posted") == 1
+
+
+@pytest.mark.postgres
+def test_on_postgres_a_sequence_held_whole_gets_no_row_and_is_found_through_the_ledger(
+    postgres_url: str, pg_schema: str
+) -> None:
+    """The distributed wiring: a sequence completed by the batch that held all its legs is
+    recorded by its ledger entry and one appended `assembly_posted` row (no row to insert,
+    lock and update in assembly_sequences); copies of its legs later are duplicates, a
+    conflicting copy is dead-lettered alone; a sequence spread over batches still has its
+    row; once the ledger lost the entry (a reconciliation break) the legs post again."""
+    for store in postgres_with_ledger(postgres_url, pg_schema):
+        assert isinstance(store, PostgresLegStore)
+        conn, s = store.conn, f'"{pg_schema}"'
+        whole, spread = legs_for(50), legs_for(51)
+        step(whole, store)
+        step([spread[1]], store)
+        step([spread[0]], store)
+        conn.commit()
+        rows = conn.execute(f"SELECT sequence_id, state FROM {s}.assembly_sequences").fetchall()
+        assert rows == [(spread[0].detail["sequence_id"], "complete")]
+        posted = conn.execute(f"SELECT tenant, sequence_id FROM {s}.assembly_posted").fetchall()
+        assert posted == [("uk-bank", whole[0].detail["sequence_id"])]
+        again = step(whole + list(reversed(whole)), store)  # the same store, a new batch
+        fresh = PostgresLegStore(conn, pg_schema, ledger_schema=store.ledger_schema)
+        fresh.ledger = store.ledger  # type: ignore[attr-defined]
+        copies = step(whole, fresh)  # another worker, after the commit
+        forged = Event.from_dict(
+            {**whole[1].to_dict(), "id": "forged", "detail": {**whole[1].detail, "side": "debit"}}
+        )
+        conflict = step([whole[0], forged], fresh)
+        assert again.completed == [] and again.duplicates == 4 and again.alerts == []
+        assert copies.completed == [] and copies.duplicates == 2
+        assert [[e.id for e in d.events] for d in conflict.dead_letters] == [["forged"]]
+        ledger = store.ledger  # type: ignore[attr-defined]
+        ls = f'"{ledger.schema("uk-bank")}"'
+        assert conn.execute(f"SELECT count(*) FROM {ls}.ledger_entries").fetchone() == (2,)
+        conn.commit()
+        # the ledger loses the entry: the legs assemble and post again, once
+        conn.execute(
+            f"DELETE FROM {ls}.ledger_legs WHERE entry_pk IN (SELECT pk FROM {ls}.ledger_entries"
+            " WHERE id = %s)",
+            (whole[0].detail["sequence_id"],),
+        )
+        conn.execute(
+            f"DELETE FROM {ls}.ledger_entries WHERE id = %s", (whole[0].detail["sequence_id"],)
+        )
+        conn.commit()
+        redriven = assemble(whole, fresh, now_us=NOW)
+        assert len(redriven.completed) == 1
+        # rolled back before settle: nothing remembered, the legs assemble again
+        conn.rollback()
+        assert len(step(whole, fresh).completed) == 1
+        conn.commit()
+        assert conn.execute(f"SELECT count(*) FROM {ls}.ledger_entries").fetchone() == (2,)
+        assert conn.execute(f"SELECT count(*) FROM {s}.assembly_sequences").fetchone() == (1,)
 
 
 # -- the well-formedness check: the fast path says exactly what msgspec says --------------------

@@ -165,7 +165,10 @@ class DistributedPipeline(PureStageHandlers):
         return encoded(create_legs, events, self.settings.posting)
 
     def _assembler(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
-        store = assembler_pg.PostgresLegStore(uow.conn, self.assembly_schema)
+        conn = uow.conn
+        store = assembler_pg.PostgresLegStore(
+            conn, self.assembly_schema, ledger_schema=partial(self.ledger.schema_in, conn)
+        )
         result = asm.assemble(events, store, now_us=int(self.clock() * 1e6))
         done = asm.finish(result, store, partial(self.ledger.post_batch_in, uow.conn))
         posting_file_pg.add_to_outbox(uow.conn, done.records, self.postings_schema)

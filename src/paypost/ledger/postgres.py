@@ -183,6 +183,10 @@ class PostgresLedger:
             self._known.add(name)
         return ident
 
+    def schema_in(self, conn: psycopg.Connection[Any], tenant: str) -> str | None:
+        """TENANT's ledger schema, or None while the tenant has no ledger yet (on CONN)."""
+        return self.schema(tenant) if self._tenant_exists(conn, tenant) else None
+
     def _tenant_exists(self, conn: psycopg.Connection[Any], tenant: str) -> bool:
         name = self.schema(tenant)
         if name in self._known:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -98,9 +98,13 @@ class LegStore(Protocol):
     connection it is given and never commits: the caller's unit of work does.
     """
 
-    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
+    def load(
+        self, sequence_ids: Iterable[str], whole: Collection[str] = ()
+    ) -> dict[str, SequenceRecord]:
         """The records of SEQUENCE_IDS that exist (open ones with their legs). `assemble`
-        passes a mapping sequence id → tenant of its legs (iterating it gives the ids)."""
+        passes a mapping sequence id → tenant of its legs (iterating it gives the ids), and
+        as WHOLE the sequences the batch holds every leg of (a store may record those only
+        once the ledger posted them: `posted`)."""
         ...
 
     def save(
@@ -114,6 +118,11 @@ class LegStore(Protocol):
 
     def pending_before(self, cutoff_us: int, limit: int) -> list[SequenceRecord]:
         """Pending sequences whose first leg arrived before CUTOFF_US, with their legs."""
+        ...
+
+    def posted(self, positions: Sequence[tuple[str, int]]) -> None:
+        """The ledger holds these entries (entry id = sequence id, ledger position): `settle`
+        reports them, in the transaction of `assemble`."""
         ...
 
 
@@ -182,7 +191,10 @@ def assemble(events: Sequence[Event], store: LegStore, *, now_us: int) -> Assemb
         by_seq.setdefault(d["sequence_id"], []).append((event, d))
     # The tenant of each sequence (its first leg's): a store may find completed sequences
     # through the ledger's entries, which are keyed by (tenant, entry id = sequence id).
-    known = store.load({seq_id: items[0][0].tenant for seq_id, items in by_seq.items()})
+    known = store.load(
+        {seq_id: items[0][0].tenant for seq_id, items in by_seq.items()},
+        [seq_id for seq_id, items in by_seq.items() if _whole(items)],
+    )
     to_save: list[SequenceRecord] = []
     new_legs: list[tuple[str, StoredLeg]] = []
     closed: list[str] = []
@@ -290,6 +302,15 @@ def assemble(events: Sequence[Event], store: LegStore, *, now_us: int) -> Assemb
         new_legs.extend((seq_id, lg) for lg in batch_new)
     store.save(to_save, new_legs, closed)
     return result
+
+
+def _whole(items: list[tuple[Event, dict[str, Any]]]) -> bool:
+    """True when ITEMS (one sequence's legs in a batch) hold leg 0 … n-1 of one count n."""
+    count = items[0][1]["leg_count"]
+    if len(items) < count:
+        return False
+    seen = {d["leg_index"] for _, d in items if d["leg_count"] == count}
+    return len(seen) == count and all(type(i) is int and 0 <= i < count for i in seen)
 
 
 def _after_completion(
@@ -515,14 +536,13 @@ def settle(
             )
     if refused:
         store.save(refused, [], [])
-    if isinstance(store, SqliteLegStore):
-        store.posted(
-            [
-                (done.entry.id, res.position)
-                for done, res in zip(result.completed, post_results, strict=True)
-                if res.applied and res.position is not None
-            ]
-        )
+    store.posted(
+        [
+            (done.entry.id, res.position)
+            for done, res in zip(result.completed, post_results, strict=True)
+            if res.applied and res.position is not None
+        ]
+    )
     return events, records, dead
 
 
@@ -609,7 +629,9 @@ class MemoryLegStore:
     def __init__(self) -> None:
         self.records: dict[str, SequenceRecord] = {}
 
-    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
+    def load(
+        self, sequence_ids: Iterable[str], whole: Collection[str] = ()
+    ) -> dict[str, SequenceRecord]:
         out: dict[str, SequenceRecord] = {}
         for s in sequence_ids:
             rec = self.records.get(s)
@@ -655,6 +677,9 @@ class MemoryLegStore:
         ]
         stale.sort(key=lambda r: (r.first_seen_us, r.sequence_id))
         return list(self.load([r.sequence_id for r in stale[:limit]]).values())
+
+    def posted(self, positions: Sequence[tuple[str, int]]) -> None:
+        """Nothing to do: this store keeps every record itself."""
 
 
 SCHEMA = """
@@ -730,7 +755,9 @@ class SqliteLegStore:
             self._ledger = ledger_sqlite.schema_exists(self.conn)
         return self._ledger
 
-    def load(self, sequence_ids: Iterable[str]) -> dict[str, SequenceRecord]:
+    def load(
+        self, sequence_ids: Iterable[str], whole: Collection[str] = ()
+    ) -> dict[str, SequenceRecord]:
         ids = list(sequence_ids)
         out: dict[str, SequenceRecord] = {}
         for start in range(0, len(ids), _CHUNK):
