@@ -210,8 +210,15 @@ class DistributedPipeline(PureStageHandlers):
         work (the embedded pipeline's fused dispatch, on PostgreSQL): downstream events are
         archived but skip the queue round trip. A stage that fails on an event hands that
         event to the stage's durable queue (retries, DLQ), where per-stage workers take it.
-        It shares the dedup stage's tracking record, so an event is processed once whether
-        a fused or a dedup worker takes it."""
+        An event is processed once whether a fused or a dedup worker takes it.
+
+        Its tracking record is the dedup stage's own index of event ids (`dedup_events`,
+        written in the same transaction): a redelivered or replayed event is found there
+        and has no effect, and two workers that process one event at the same time clash on
+        it (the later rolls back), so the bus's tracking rows (a second random-key index
+        insert and lookup per authorization: ~18 µs of PostgreSQL time at 1,000,000) are not
+        written. The business-key locks make the second of two copies in flight wait for
+        the first (`defer`)."""
         inline = frozenset(self.handlers)
         schema = self.state_schema
         # past a third of the lease, a batch still in hand has its leases restarted
@@ -251,7 +258,9 @@ class DistributedPipeline(PureStageHandlers):
             contended = state.try_lock_keys(uow.conn, {k for k in keys if k is not None})
             return [d for d, k in zip(deliveries, keys, strict=True) if k in contended]
 
-        consumer = Consumer(self.bus, DEDUP, handle, name=DEDUP, defer=defer, sleep=self.sleep)
+        consumer = Consumer(
+            self.bus, DEDUP, handle, name=DEDUP, track=False, defer=defer, sleep=self.sleep
+        )
         consumer.config = msgspec.structs.replace(
             consumer.config,
             batch_size=min(consumer.config.batch_size, FUSED_MAX_BATCH),

@@ -31,6 +31,7 @@ import msgspec
 import psycopg
 from psycopg import sql
 
+from paypost.bus.nats import ConcurrentDelivery
 from paypost.config import UserError
 from paypost.events import Event
 from paypost.pgarray import Int8Array, TextArray
@@ -195,6 +196,16 @@ class PostgresDedupIndex:
                     ).format(s),
                     (Int8Array(idk), Int8Array(check), Int8Array(digest), Int8Array(ets)),
                 )
+                # The stage records only ids it found unseen (index and batch): one already
+                # there now was recorded by another worker since, processing the same event
+                # at the same time (a lease ran out). This index is the fused worker's
+                # tracking record, so, as a tracking record does, the later one rolls back.
+                if cur.rowcount != len(idk):
+                    raise ConcurrentDelivery(
+                        f"dedup: {len(idk) - cur.rowcount} of {len(idk)} events were "
+                        "processed by another worker meanwhile (a lease ran out); this batch "
+                        "rolls back and finds them processed on redelivery."
+                    )
             if effects.high_water:
                 # append-only marks, max() on read: an upserted row per tenant would be locked
                 # from the dedup stage to the commit and serialize every worker of the tenant
