@@ -483,3 +483,24 @@ def test_fast_paths_give_the_same_keys_and_accepted_events_as_before(
     assert after == before
     h = f"{p.key & 0xFFFFFFFFFFFFFFFF:016x}"
     assert key_hex(p.key) == f"{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}"
+
+
+def test_a_batch_prepared_once_decides_exactly_as_one_prepared_by_the_check() -> None:
+    """`Prepared` (the keys a worker locks before the check) hands the check the same
+    decoded events: the same outputs and effects, with an undecodable event, a duplicate and
+    a redelivery among them; events it was not made from are prepared by the check itself."""
+    from paypost.stages.dedup import Prepared, business_keys
+
+    events = _population(7)
+    events.append(Event.from_dict({**events[0].to_dict(), "id": "bad-1", "detail": {}}))
+    prepared = Prepared(events[:-3])  # the last three are not in it
+    keys = business_keys(events)
+    assert keys[-1] is None and all(k is not None for k in keys[:-1])
+    assert keys[: len(events) - 3] == [prepared.business_keys()[id(e)] for e in events[:-3]]
+    twice = [msgspec.structs.replace(e) for e in events[:2]]  # equal, not the same objects
+    assert prepared.get(twice[0]) is None and prepared.get(events[0]) is not None
+    a = check_duplicates(events, MemoryDedupIndex())
+    b = check_duplicates(events, MemoryDedupIndex(), prepared=prepared)
+    assert [e.to_dict() for e in a.outputs] == [e.to_dict() for e in b.outputs]
+    assert a.effects == b.effects and a.counts == b.counts
+    assert a.counts.duplicate > 0 and a.counts.redelivered > 0 and a.counts.held == 1

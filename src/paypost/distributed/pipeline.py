@@ -151,9 +151,11 @@ class DistributedPipeline(PureStageHandlers):
 
     # -- stage handlers (thin: the pure stages decide, PostgreSQL stores) ------------------
     # standardize, enrich, rules: PureStageHandlers (shared with the embedded pipeline).
-    def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+    def _dedup(
+        self, events: list[Event], uow: UnitOfWork, prepared: dedup_stage.Prepared | None = None
+    ) -> list[Event]:
         index = state.PostgresDedupIndex(uow.conn, self.state_schema)
-        result = dedup_stage.check_duplicates(events, index, self.settings.dedup)
+        result = dedup_stage.check_duplicates(events, index, self.settings.dedup, prepared=prepared)
         index.apply(result.effects)
         # the reconciler's record of what came in, with the dedup effects (FR10)
         state.record_inbound(uow.conn, self.state_schema, state.inbound_rows(result.outputs))
@@ -223,9 +225,12 @@ class DistributedPipeline(PureStageHandlers):
         schema = self.state_schema
         # past a third of the lease, a batch still in hand has its leases restarted
         extend_after_s = self.bus.target(DEDUP).lease_s / 3
+        # what `defer` decoded of the batch, for the dedup stage of the same unit of work
+        local = threading.local()
 
         def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
             assert isinstance(uow, NatsUnitOfWork)
+            prepared, local.prepared = getattr(local, "prepared", None), None
             counts: dict[str, int] = {}
             outcomes: list[state.OutcomeRow] = []  # held/rejected, for `paypost review`
             pending: dict[str, list[Event]] = {DEDUP: [d.event for d in deliveries]}
@@ -239,7 +244,12 @@ class DistributedPipeline(PureStageHandlers):
                     if time.monotonic() - leased_at > extend_after_s:
                         self.bus.extend_leases(deliveries)
                         leased_at = time.monotonic()
-                    outputs = self._run_isolated(uow, name, events)
+                    outputs: Sequence[Event]
+                    if name == DEDUP:
+                        with uow.savepoint():  # see `_run_isolated`
+                            outputs = self._dedup(events, uow, prepared)
+                    else:
+                        outputs = self._run_isolated(uow, name, events)
                     if not outputs:
                         continue
                     _count(outputs, counts)
@@ -254,9 +264,12 @@ class DistributedPipeline(PureStageHandlers):
         def defer(uow: UnitOfWork, deliveries: Sequence[Delivery]) -> list[Delivery]:
             # Copies of an authorization whose business key another worker's uncommitted
             # batch holds wait in a unit of work of their own, not the whole batch with them.
-            keys = dedup_stage.business_keys([d.event for d in deliveries])
-            contended = state.try_lock_keys(uow.conn, {k for k in keys if k is not None})
-            return [d for d, k in zip(deliveries, keys, strict=True) if k in contended]
+            local.prepared = prepared = dedup_stage.Prepared([d.event for d in deliveries])
+            keys = prepared.business_keys()
+            contended = state.try_lock_keys(uow.conn, {k for k in keys.values() if k is not None})
+            if not contended:
+                return []
+            return [d for d in deliveries if keys[id(d.event)] in contended]
 
         consumer = Consumer(
             self.bus, DEDUP, handle, name=DEDUP, track=False, defer=defer, sleep=self.sleep

@@ -146,27 +146,6 @@ def _business_key(tenant: str, auth: AuthorizationApproved, ts: int) -> int:
     return _hash64(material.encode())
 
 
-def business_keys(events: Sequence[Event]) -> list[int | None]:
-    """The business key of each event (None where its payload does not decode): what a
-    worker locks before it checks them, so another worker's copy of the same authorization
-    waits for its decision (see `paypost.distributed.state.try_lock_keys`)."""
-    out: list[int | None] = []
-    seconds: dict[str, int] = {}
-    for event in events:
-        try:
-            if event.detail_type != AuthorizationApproved.DETAIL_TYPE:
-                raise ValueError(event.detail_type)
-            auth = msgspec.convert(event.detail, AuthorizationApproved)
-            text = auth.request.transmission_time
-            ts = seconds.get(text)
-            if ts is None:
-                ts = seconds[text] = transmission_seconds(text)
-            out.append(_business_key(event.tenant, auth, ts))
-        except (msgspec.ValidationError, ValueError, TypeError):
-            out.append(None)
-    return out
-
-
 _encoder = msgspec.json.Encoder(order="sorted")
 _struct_encoder = msgspec.json.Encoder()
 _json = msgspec.json.Encoder()
@@ -345,8 +324,40 @@ def _parked(p: _Prepared, reason: str, original: str | None) -> Event:
     return _emit(p.event, detail)
 
 
+class Prepared:
+    """The decoded form and keys of a batch's events, computed once (`prepare`) and handed
+    to `check_duplicates`: a worker that locks the batch's business keys before the check
+    reads them from here instead of decoding every event twice."""
+
+    __slots__ = ("_by_event",)
+
+    def __init__(self, events: Sequence[Event]) -> None:
+        seconds: dict[str, int] = {}
+        self._by_event = {id(e): _prepare(e, seconds) for e in events}
+
+    def business_keys(self) -> dict[int, int | None]:
+        """id(event) → its business key (None where its payload does not decode)."""
+        return {k: (p.key if p.error is None else None) for k, p in self._by_event.items()}
+
+    def get(self, event: Event) -> _Prepared | None:
+        p = self._by_event.get(id(event))
+        return p if p is not None and p.event is event else None
+
+
+def business_keys(events: Sequence[Event]) -> list[int | None]:
+    """The business key of each event (None where its payload does not decode): what a
+    worker locks before it checks them, so another worker's copy of the same authorization
+    waits for its decision (see `paypost.distributed.state.try_lock_keys`)."""
+    keys = Prepared(events).business_keys()
+    return [keys[id(e)] for e in events]
+
+
 def check_duplicates(
-    events: Sequence[Event], index: DedupIndex, config: DedupConfig | None = None
+    events: Sequence[Event],
+    index: DedupIndex,
+    config: DedupConfig | None = None,
+    *,
+    prepared: Prepared | None = None,
 ) -> DedupResult:
     """FR2–FR4, FR9: sort a batch into originals, parked duplicates/conflicts and redeliveries.
 
@@ -357,25 +368,26 @@ def check_duplicates(
     """
     cfg = config or DedupConfig()
     seconds: dict[str, int] = {}
-    prepared = [_prepare(e, seconds) for e in events]
+    done = prepared.get if prepared is not None else lambda e: None
+    batch = [done(e) or _prepare(e, seconds) for e in events]
     # In-batch memory as plain tuples and strings (the index's records are only built for
     # what it returns): (id check, content hash) by id key, original event id by key.
     seen_ids = {
         k: (s.id_check, s.content_hash)
-        for k, s in index.seen_events({p.idk for p in prepared}).items()
+        for k, s in index.seen_events({p.idk for p in batch}).items()
     }
     seen_keys = {
         k: s.event_id
-        for k, s in index.seen_keys({(p.ts, p.key) for p in prepared if p.error is None}).items()
+        for k, s in index.seen_keys({(p.ts, p.key) for p in batch if p.error is None}).items()
     }
-    high_water = dict(index.high_water({p.event.tenant for p in prepared}))
+    high_water = dict(index.high_water({p.event.tenant for p in batch}))
 
     outputs: list[Event] = []
     effects = DedupEffects()
     counts = DedupCounts()
     window = cfg.window_seconds
 
-    for p in prepared:
+    for p in batch:
         ev = p.event
         seen = seen_ids.get(p.idk)
         if seen is not None and seen[0] != p.idc:
