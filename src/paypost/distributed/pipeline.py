@@ -245,8 +245,8 @@ class DistributedPipeline(PureStageHandlers):
                         self.bus.extend_leases(deliveries)
                         leased_at = time.monotonic()
                     outputs: Sequence[Event]
-                    if name == DEDUP:
-                        with uow.savepoint():  # see `_run_isolated`
+                    if name == DEDUP and self.handlers[DEDUP] == self._dedup:
+                        with uow.savepoint():  # as `_run_isolated` runs dedup
                             outputs = self._dedup(events, uow, prepared)
                     else:
                         outputs = self._run_isolated(uow, name, events)
