@@ -757,17 +757,25 @@ def _savepoint(conn: Any, name: str) -> Iterator[None]:
     conn.execute(f"RELEASE {name}")
 
 
-def _batches_with_gc(
-    batches: Iterator[ingest_stage.IngestBatch],
-) -> Iterator[ingest_stage.IngestBatch]:
+@contextlib.contextmanager
+def tuned_gc() -> Iterator[None]:
     """Reference data and compiled rules are long-lived: freeze them out of the cyclic GC's
-    scans and raise its threshold, so a big batch does not pay for rescanning them (DESIGN §5)."""
+    scans and raise its threshold, so a big batch does not pay for rescanning them, nor for
+    a young-generation collection every 700 of the objects its events are made of (DESIGN
+    §5). For the process that runs the pipeline (embedded), a worker or the ingest."""
     gc.collect()
     gc.freeze()
     old = gc.get_threshold()
     gc.set_threshold(50_000, 50, 100)
     try:
-        yield from batches
+        yield
     finally:
         gc.set_threshold(*old)
         gc.unfreeze()
+
+
+def _batches_with_gc(
+    batches: Iterator[ingest_stage.IngestBatch],
+) -> Iterator[ingest_stage.IngestBatch]:
+    with tuned_gc():
+        yield from batches

@@ -9,6 +9,7 @@ setting to fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from paypost.bus.consumer import Consumer
 from paypost.bus.nats import NatsBus
 from paypost.config import UserError
 from paypost.logs import get_logger
-from paypost.pipeline import ASSEMBLER, DEDUP, STAGE_ORDER, Mode, PipelineSettings
+from paypost.pipeline import ASSEMBLER, DEDUP, STAGE_ORDER, Mode, PipelineSettings, tuned_gc
 from paypost.refdata.model import RefData
 from paypost.refdata.store import HolderCipher
 from paypost.stages import ingest as ingest_stage
@@ -187,8 +188,12 @@ class WorkerSet:
     prune_every_s: float = 3600.0
     handoff_idle_sleep_s: float = 0.5
     _ticks: list[threading.Event] = field(default_factory=list)
+    _gc: contextlib.AbstractContextManager[None] | None = None
 
     def start(self) -> WorkerSet:
+        # the reference data and rules are loaded: out of the cyclic GC's way (tuned_gc)
+        self._gc = tuned_gc()
+        self._gc.__enter__()
         for stage in self.stages:
             consumer = self.pipeline.stage_consumer(stage, self.concurrency)
             if FUSED in self.stages and stage != FUSED:
@@ -240,6 +245,9 @@ class WorkerSet:
         self.stop.set()
         for t in self.threads:
             t.join(30)
+        if self._gc is not None:
+            self._gc.__exit__(None, None, None)
+            self._gc = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +289,16 @@ def ingest_sources(
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
     """Read every source from its checkpoint and publish it; returns events published."""
+    with tuned_gc():
+        return _ingest(pipeline, sources, keys, on_batch)
+
+
+def _ingest(
+    pipeline: DistributedPipeline,
+    sources: Sequence[tuple[ingest_stage.SourceConfig, Path]],
+    keys: Any,
+    on_batch: Callable[[int], None] | None,
+) -> int:
     published = 0
     for config, path in sources:
         checkpoint = pipeline.load_checkpoint(config.name)
