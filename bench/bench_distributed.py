@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--workers", type=int, default=2, help="worker processes")
     ap.add_argument("--fused", action="store_true", help="serve --fused")
+    ap.add_argument(
+        "--concurrency", type=int, default=None, help="serve --concurrency (batches in flight)"
+    )
     ap.add_argument("--mode", default="batch")
     args = ap.parse_args()
     settings = load_settings(prefix=f"bench_{uuid.uuid4().hex[:8]}")
@@ -86,6 +89,7 @@ def main() -> None:
                     *(sys.executable, "-c", "from paypost.cli import main; main()", "serve"),
                     *("--backend", "distributed", "--data-dir", str(logdir / f"w{i}")),
                     "--fused" if args.fused else "--per-stage",
+                    *(("--concurrency", str(args.concurrency)) if args.concurrency else ()),
                 ],
                 env=env,
                 stdout=(logdir / f"w{i}.log").open("wb"),
