@@ -813,7 +813,7 @@ class SqliteLegStore:
                 chunk,
             ):
                 if sid in wanted[key] and tenants[sid] == tenant:
-                    out[sid] = _posted_record(sid, tenant, digests)
+                    out[sid] = posted_record(sid, tenant, digests)
         # Entries whose key collided with another id's are kept apart by the ledger (in
         # ledger_entry_ids, almost always empty): look there for the ids not found.
         if self.conn.execute("SELECT 1 FROM ledger_entry_ids LIMIT 1").fetchone() is not None:
@@ -827,7 +827,7 @@ class SqliteLegStore:
                     (tenant, sid),
                 ).fetchone()
                 if row is not None:
-                    out[sid] = _posted_record(sid, tenant, row[0])
+                    out[sid] = posted_record(sid, tenant, row[0])
         return out
 
     def save(
@@ -914,7 +914,8 @@ def _split(digests: bytes | None) -> list[bytes]:
     return [raw[i : i + 16] for i in range(0, len(raw), 16)]
 
 
-def _posted_record(sequence_id: str, tenant: str, digests: bytes) -> SequenceRecord:
+def posted_record(sequence_id: str, tenant: str, digests: bytes) -> SequenceRecord:
+    """The record of a sequence found posted through the ledger (`assembly_posted`)."""
     found = _split(digests)
     return SequenceRecord(
         sequence_id=sequence_id,

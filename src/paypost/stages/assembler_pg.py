@@ -39,7 +39,7 @@ from psycopg import sql
 
 from paypost.events import Event
 from paypost.pgarray import Int8Array, TextArray
-from paypost.stages.assembler import OPEN_STATES, SequenceRecord, StoredLeg
+from paypost.stages.assembler import OPEN_STATES, SequenceRecord, StoredLeg, posted_record
 
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _ENCODER = msgspec.json.Encoder()
@@ -190,16 +190,7 @@ class PostgresLegStore:
                 ).format(sql.Identifier(ledger), self.s),
                 (tenant, TextArray(sids)),
             ):
-                raw = bytes(digests)
-                found = [raw[i : i + 16] for i in range(0, len(raw), 16)]
-                out[sid] = SequenceRecord(
-                    sequence_id=sid,
-                    tenant=tenant,
-                    leg_count=len(found),
-                    state="complete",
-                    first_seen_us=0,
-                    digests=found,
-                )
+                out[sid] = posted_record(sid, tenant, bytes(digests))
         return out
 
     def _with_legs(self, rows: Sequence[Any]) -> dict[str, SequenceRecord]:
