@@ -136,7 +136,7 @@ def test_fused_batch_does_not_wait_for_another_workers_copy_of_one_authorization
 
     from paypost.distributed.pipeline import DistributedPipeline
     from paypost.distributed.runtime import ingest_sources, open_bus
-    from paypost.stages.dedup import business_keys
+    from paypost.stages.dedup import Prepared
 
     job, (cm, inputs) = make_job(settings, 200, seed=5, fused=True)
     job.in_process_workers = False
@@ -151,11 +151,11 @@ def test_fused_batch_does_not_wait_for_another_workers_copy_of_one_authorization
         while len(batch) < 100 and time.monotonic() < deadline:  # relayed, past its linger
             batch += bus.receive(consumer.target, consumer.config.batch_size)
         assert len(batch) >= 100
-        keys = business_keys([d.event for d in batch])
         blocked = batch[5]
-        assert keys[5] is not None
+        key = Prepared([blocked.event]).business_keys()[id(blocked.event)]
+        assert key is not None
         # another worker's transaction holds that authorization's business key
-        other.execute("SELECT pg_advisory_xact_lock(%s)", (keys[5],))
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
         worker = threading.Thread(target=consumer.handle_batch, args=(batch,))
         worker.start()
         deadline = time.monotonic() + 60

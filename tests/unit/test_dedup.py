@@ -489,14 +489,18 @@ def test_a_batch_prepared_once_decides_exactly_as_one_prepared_by_the_check() ->
     """`Prepared` (the keys a worker locks before the check) hands the check the same
     decoded events: the same outputs and effects, with an undecodable event, a duplicate and
     a redelivery among them; events it was not made from are prepared by the check itself."""
-    from paypost.stages.dedup import Prepared, business_keys
+    from paypost.stages.dedup import Prepared
 
     events = _population(7)
     events.append(Event.from_dict({**events[0].to_dict(), "id": "bad-1", "detail": {}}))
     prepared = Prepared(events[:-3])  # the last three are not in it
-    keys = business_keys(events)
-    assert keys[-1] is None and all(k is not None for k in keys[:-1])
-    assert keys[: len(events) - 3] == [prepared.business_keys()[id(e)] for e in events[:-3]]
+    keys = Prepared(events).business_keys()
+    assert keys[id(events[-1])] is None and all(keys[id(e)] is not None for e in events[:-1])
+    assert (
+        keys[id(events[0])]
+        == business_key("uk-bank", msgspec.convert(events[0].detail, AuthorizationApproved))[0]
+    )
+    assert {id(e): keys[id(e)] for e in events[:-3]} == prepared.business_keys()
     twice = [msgspec.structs.replace(e) for e in events[:2]]  # equal, not the same objects
     assert prepared.get(twice[0]) is None and prepared.get(events[0]) is not None
     a = check_duplicates(events, MemoryDedupIndex())

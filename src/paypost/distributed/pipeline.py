@@ -127,6 +127,9 @@ class DistributedPipeline(PureStageHandlers):
         }
         rate = self.settings.posting_rate_limit_per_s
         self.buffer = TokenBucket(rate, clock) if rate else None
+        # per thread: (unit of work, its batch decoded, business keys it holds), set by the
+        # fused worker's `defer` for the dedup stage of that unit of work
+        self._fused_batch = threading.local()
 
     def close(self) -> None:
         self.ledger.close()
@@ -151,10 +154,11 @@ class DistributedPipeline(PureStageHandlers):
 
     # -- stage handlers (thin: the pure stages decide, PostgreSQL stores) ------------------
     # standardize, enrich, rules: PureStageHandlers (shared with the embedded pipeline).
-    def _dedup(
-        self, events: list[Event], uow: UnitOfWork, prepared: dedup_stage.Prepared | None = None
-    ) -> list[Event]:
-        index = state.PostgresDedupIndex(uow.conn, self.state_schema)
+    def _dedup(self, events: list[Event], uow: UnitOfWork) -> list[Event]:
+        # a fused worker's unit of work: its batch decoded and its keys locked (`defer`)
+        batch = getattr(self._fused_batch, "uow_batch", None)
+        prepared, held = (batch[1], batch[2]) if batch and batch[0] is uow else (None, ())
+        index = state.PostgresDedupIndex(uow.conn, self.state_schema, held=held)
         result = dedup_stage.check_duplicates(events, index, self.settings.dedup, prepared=prepared)
         index.apply(result.effects)
         # the reconciler's record of what came in, with the dedup effects (FR10)
@@ -225,12 +229,16 @@ class DistributedPipeline(PureStageHandlers):
         schema = self.state_schema
         # past a third of the lease, a batch still in hand has its leases restarted
         extend_after_s = self.bus.target(DEDUP).lease_s / 3
-        # what `defer` decoded of the batch, for the dedup stage of the same unit of work
-        local = threading.local()
+        local = self._fused_batch
 
         def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
             assert isinstance(uow, NatsUnitOfWork)
-            prepared, local.prepared = getattr(local, "prepared", None), None
+            try:
+                _handle(deliveries, uow)
+            finally:
+                local.uow_batch = None
+
+        def _handle(deliveries: Sequence[Delivery], uow: NatsUnitOfWork) -> None:
             counts: dict[str, int] = {}
             outcomes: list[state.OutcomeRow] = []  # held/rejected, for `paypost review`
             pending: dict[str, list[Event]] = {DEDUP: [d.event for d in deliveries]}
@@ -244,12 +252,7 @@ class DistributedPipeline(PureStageHandlers):
                     if time.monotonic() - leased_at > extend_after_s:
                         self.bus.extend_leases(deliveries)
                         leased_at = time.monotonic()
-                    outputs: Sequence[Event]
-                    if name == DEDUP and self.handlers[DEDUP] == self._dedup:
-                        with uow.savepoint():  # as `_run_isolated` runs dedup
-                            outputs = self._dedup(events, uow, prepared)
-                    else:
-                        outputs = self._run_isolated(uow, name, events)
+                    outputs = self._run_isolated(uow, name, events)
                     if not outputs:
                         continue
                     _count(outputs, counts)
@@ -264,9 +267,13 @@ class DistributedPipeline(PureStageHandlers):
         def defer(uow: UnitOfWork, deliveries: Sequence[Delivery]) -> list[Delivery]:
             # Copies of an authorization whose business key another worker's uncommitted
             # batch holds wait in a unit of work of their own, not the whole batch with them.
-            local.prepared = prepared = dedup_stage.Prepared([d.event for d in deliveries])
+            # The batch decoded once, and the keys this transaction now holds, for its dedup
+            # stage (`_dedup`): it neither decodes nor locks them again.
+            prepared = dedup_stage.Prepared([d.event for d in deliveries])
             keys = prepared.business_keys()
-            contended = state.try_lock_keys(uow.conn, {k for k in keys.values() if k is not None})
+            wanted = {k for k in keys.values() if k is not None}
+            contended = state.try_lock_keys(uow.conn, wanted)
+            local.uow_batch = (uow, prepared, wanted - contended)
             if not contended:
                 return []
             return [d for d in deliveries if keys[id(d.event)] in contended]

@@ -289,28 +289,19 @@ def ingest_sources(
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
     """Read every source from its checkpoint and publish it; returns events published."""
-    with tuned_gc():
-        return _ingest(pipeline, sources, keys, on_batch)
-
-
-def _ingest(
-    pipeline: DistributedPipeline,
-    sources: Sequence[tuple[ingest_stage.SourceConfig, Path]],
-    keys: Any,
-    on_batch: Callable[[int], None] | None,
-) -> int:
     published = 0
-    for config, path in sources:
-        checkpoint = pipeline.load_checkpoint(config.name)
-        reader = ingest_stage.open_reader(config, keys, path=path, checkpoint=checkpoint)
-        for batch in reader.batches(final=True):
-            try:
-                published += pipeline.publish_batch(batch)
-            except BaseException:
-                reader.edge.forget(e.token for e in batch.sealed_pans)
-                raise
-            if on_batch is not None:
-                on_batch(batch.counts.approved + batch.counts.declined)
+    with tuned_gc():
+        for config, path in sources:
+            checkpoint = pipeline.load_checkpoint(config.name)
+            reader = ingest_stage.open_reader(config, keys, path=path, checkpoint=checkpoint)
+            for batch in reader.batches(final=True):
+                try:
+                    published += pipeline.publish_batch(batch)
+                except BaseException:
+                    reader.edge.forget(e.token for e in batch.sealed_pans)
+                    raise
+                if on_batch is not None:
+                    on_batch(batch.counts.approved + batch.counts.declined)
     return published
 
 

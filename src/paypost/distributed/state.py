@@ -123,10 +123,12 @@ class PostgresDedupIndex:
     """The `DedupIndex` port on PostgreSQL. A business key two workers record at once clashes
     on the primary key: the later transaction fails and its redelivery parks the duplicate."""
 
-    def __init__(self, conn: Conn, schema: str) -> None:
+    def __init__(self, conn: Conn, schema: str, *, held: Collection[int] = ()) -> None:
         self.conn = conn
         self.schema = schema
         self.s = sql.Identifier(schema)
+        #: business keys whose lock this transaction already holds (`try_lock_keys`)
+        self.held = held
 
     def seen_events(self, id_keys: Collection[int]) -> dict[int, SeenEvent]:
         if not id_keys:
@@ -146,10 +148,12 @@ class PostgresDedupIndex:
         # one would fail on the primary key (a whole-batch retry). A transaction-scoped
         # advisory lock per business key, taken in key order (no deadlock), makes the
         # second wait for the first's commit and then see its key: it parks the duplicate.
-        self.conn.execute(
-            "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS u(k)",
-            (Int8Array(sorted({k for _, k in keys})),),
-        )
+        wanted = sorted({k for _, k in keys if k not in self.held})
+        if wanted:
+            self.conn.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS u(k)",
+                (Int8Array(wanted),),
+            )
         rows = self.conn.execute(
             sql.SQL(
                 "SELECT k.key, k.event_id, k.ts FROM unnest(%s::bigint[], %s::bigint[]) "

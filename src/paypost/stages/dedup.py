@@ -325,8 +325,8 @@ def _parked(p: _Prepared, reason: str, original: str | None) -> Event:
 
 
 class Prepared:
-    """The decoded form and keys of a batch's events, computed once (`prepare`) and handed
-    to `check_duplicates`: a worker that locks the batch's business keys before the check
+    """The decoded form and keys of a batch's events, computed once and handed to
+    `check_duplicates`: a worker that locks the batch's business keys before the check
     reads them from here instead of decoding every event twice."""
 
     __slots__ = ("_by_event",)
@@ -342,14 +342,6 @@ class Prepared:
     def get(self, event: Event) -> _Prepared | None:
         p = self._by_event.get(id(event))
         return p if p is not None and p.event is event else None
-
-
-def business_keys(events: Sequence[Event]) -> list[int | None]:
-    """The business key of each event (None where its payload does not decode): what a
-    worker locks before it checks them, so another worker's copy of the same authorization
-    waits for its decision (see `paypost.distributed.state.try_lock_keys`)."""
-    keys = Prepared(events).business_keys()
-    return [keys[id(e)] for e in events]
 
 
 def check_duplicates(
