@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from paypost.bench import service_cpu_s
 from paypost.demo import demo_inputs
 from paypost.distributed.runtime import (
     DistributedJob,
@@ -33,26 +34,6 @@ from paypost.distributed.runtime import (
 )
 
 KEY = bytes(range(32))
-
-
-def service_cpu_s() -> dict[str, float]:
-    """CPU seconds used so far by nats-server and PostgreSQL (the postmaster's reaped
-    backends included): they share the 2 cores with paypost, so they count in the budget.
-    Other users of the same services add to it (noted with the figures)."""
-    out = {"nats": 0.0, "postgres": 0.0}
-    for p in psutil.process_iter(["name", "ppid"]):
-        try:
-            name = p.info["name"] or ""
-            t = p.cpu_times()
-            if name.startswith("nats-server"):
-                out["nats"] += t.user + t.system
-            elif name == "postgres":
-                out["postgres"] += t.user + t.system
-                if psutil.Process(p.info["ppid"]).name() != "postgres":  # the postmaster
-                    out["postgres"] += t.children_user + t.children_system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
 
 
 def main() -> None:
@@ -153,8 +134,8 @@ def main() -> None:
     publisher_s = (own_after.ru_utime + own_after.ru_stime) - (
         own_before.ru_utime + own_before.ru_stime
     )
-    nats_s = services["nats"] - services_before["nats"]
-    pg_s = services["postgres"] - services_before["postgres"]
+    nats_s = services["nats-server"] - services_before["nats-server"]
+    pg_s = services["postgresql"] - services_before["postgresql"]
     total_s = workers_s + publisher_s + nats_s + pg_s
     print(
         f"events={args.events} approved={rep.approved} posted={rep.posted} "

@@ -216,14 +216,43 @@ class StageMetrics:
     per_event_us: list[float] = field(default_factory=list)
     #: the same in CPU time of the thread (not inflated when other processes share the cores)
     cpu_per_event_us: list[float] = field(default_factory=list)
+    #: the events of each batch: a percentile counts every event, not every batch
+    #: (`weighted_percentile`), so a batch of one weighs one event, not one batch of 1,000
+    sizes: list[int] = field(default_factory=list)
 
-    def add(self, n: int, seconds: float, cpu_seconds: float | None = None) -> None:
+    def add(self, n: int, seconds: float, cpu_seconds: float = 0.0) -> None:
         if n:
             self.events += n
             self.seconds += seconds
             self.per_event_us.append(seconds * 1e6 / n)
-            if cpu_seconds is not None:
-                self.cpu_per_event_us.append(cpu_seconds * 1e6 / n)
+            self.cpu_per_event_us.append(cpu_seconds * 1e6 / n)
+            self.sizes.append(n)
+
+    def p(self, q: float, *, cpu: bool = False) -> float:
+        """The Q-quantile over events of the time per event (µs; CPU time with CPU)."""
+        values = self.cpu_per_event_us if cpu else self.per_event_us
+        return weighted_percentile(values, self.sizes, q)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (it crosses process boundaries and files); `merge` takes it back."""
+        return {
+            "events": self.events,
+            "seconds": self.seconds,
+            "per_event_us": list(self.per_event_us),
+            "cpu_per_event_us": list(self.cpu_per_event_us),
+            "sizes": list(self.sizes),
+        }
+
+    def merge(self, data: Mapping[str, Any]) -> None:
+        """Add another process's `to_dict` (the batches of several shards or workers)."""
+        per_event, cpu, sizes = data["per_event_us"], data["cpu_per_event_us"], data["sizes"]
+        if not len(per_event) == len(cpu) == len(sizes):
+            raise ValueError("stage times: per_event_us, cpu_per_event_us, sizes differ in length")
+        self.events += int(data["events"])
+        self.seconds += float(data["seconds"])
+        self.per_event_us += [float(x) for x in per_event]
+        self.cpu_per_event_us += [float(x) for x in cpu]
+        self.sizes += [int(x) for x in sizes]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -233,6 +262,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[rank]
+
+
+def weighted_percentile(values: Sequence[float], weights: Sequence[int], q: float) -> float:
+    """The Q-quantile (0..1) of VALUES where VALUES[i] counts WEIGHTS[i] times, by nearest
+    rank (0.0 for none): per-batch times per event, weighted by each batch's events, give the
+    quantile over events."""
+    if len(values) != len(weights):
+        raise ValueError(f"{len(values)} values for {len(weights)} weights")
+    pairs = sorted((v, w) for v, w in zip(values, weights, strict=True) if w > 0)
+    total = sum(w for _, w in pairs)
+    if not total:
+        return 0.0
+    rank = min(total - 1, max(0, round(q * (total - 1))))
+    seen = 0
+    for value, weight in pairs:
+        seen += weight
+        if seen > rank:
+            return value
+    return pairs[-1][0]  # unreachable: seen reaches total > rank
 
 
 # The fused path's tracking record: each unit of work that ran the stages in-process records

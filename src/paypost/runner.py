@@ -27,7 +27,6 @@ from paypost.pipeline import (
     Pipeline,
     PipelineSettings,
     RunTotals,
-    percentile,
     read_counters,
 )
 from paypost.refdata.model import RefData
@@ -238,12 +237,8 @@ class Job:
             events_per_second=round(this_run / seconds, 1) if seconds > 0 else 0.0,
             latency_p50_ms=round(totals.latency_percentile_ms(0.50), 3),
             latency_p99_ms=round(totals.latency_percentile_ms(0.99), 3),
-            stage_p50_us={
-                n: round(percentile(m.per_event_us, 0.50), 2) for n, m in metrics.items()
-            },
-            stage_p99_us={
-                n: round(percentile(m.per_event_us, 0.99), 2) for n, m in metrics.items()
-            },
+            stage_p50_us={n: round(m.p(0.50), 2) for n, m in metrics.items()},
+            stage_p99_us={n: round(m.p(0.99), 2) for n, m in metrics.items()},
             peak_rss_mb=round(peak_rss_mb(), 1),
             data_dir=str(self.data_dir),
             database=str(self.data_dir / DB_FILENAME),

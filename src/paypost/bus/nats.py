@@ -1328,6 +1328,11 @@ class NatsBus(Bus):
             if matcher is None or matcher.matches(event.to_dict()):
                 yield ArchivedEvent(position=pos, archived_at=at, event=event)
 
+    def archive_bytes(self) -> int:
+        """Bytes the archive stream holds (its segments as JetStream stores them)."""
+        info = self._run(self.js.stream_info(self.archive_stream))
+        return int(info.state.bytes or 0)
+
     def archive_count(self, start: float | None = None, end: float | None = None) -> int:
         if start is None and end is None:
             # counted in PostgreSQL with the outbox rows that carry them (and by purge)

@@ -79,7 +79,13 @@ def _serve_stages(
     prefix: str | None,
     data_dir: Path,
 ) -> None:
-    from paypost.distributed.runtime import WorkerSet, load_pipeline, load_settings, open_bus
+    from paypost.distributed.runtime import (
+        WorkerSet,
+        load_pipeline,
+        load_settings,
+        open_bus,
+        write_stage_times,
+    )
     from paypost.logs import configure_logging
     from paypost.runner import vault_master_key
 
@@ -99,6 +105,7 @@ def _serve_stages(
         while not stop.wait(1.0):
             pass
         workers.close()
+        write_stage_times(pipeline, data_dir)
         pipeline.close()
     finally:
         bus.close()

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -48,6 +49,7 @@ from paypost.pipeline import (
     PipelineSettings,
     PureStageHandlers,
     StageHandler,
+    StageMetrics,
     _count,
     encoded,
     ledger_accounts,
@@ -130,9 +132,30 @@ class DistributedPipeline(PureStageHandlers):
         # per thread: (unit of work, its batch decoded, business keys it holds), set by the
         # fused worker's `defer` for the dedup stage of that unit of work
         self._fused_batch = threading.local()
+        #: processing time per event of each batch, per stage (as the embedded pipeline's):
+        #: `stage_times()`, written by `paypost serve` / `worker` when they stop
+        self.metrics: dict[str, StageMetrics] = {name: StageMetrics() for name in STAGE_ORDER}
+        self._metrics_lock = threading.Lock()
 
     def close(self) -> None:
         self.ledger.close()
+
+    def _timed(self, name: str, n: int, run: Callable[[], Sequence[Event]]) -> Sequence[Event]:
+        """RUN (stage NAME over N events), its wall and thread CPU time per event recorded."""
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        try:
+            return run()
+        finally:
+            seconds = time.perf_counter() - started
+            cpu = time.thread_time() - cpu_started
+            with self._metrics_lock:
+                self.metrics[name].add(n, seconds, cpu)
+
+    def stage_times(self) -> dict[str, dict[str, Any]]:
+        """Per stage that ran: `StageMetrics.to_dict` (each batch's events and wall and CPU
+        time per event)."""
+        with self._metrics_lock:
+            return {name: m.to_dict() for name, m in self.metrics.items() if m.events}
 
     # -- set-up ----------------------------------------------------------------------------
     def install(self) -> None:
@@ -198,7 +221,8 @@ class DistributedPipeline(PureStageHandlers):
             schema = self.state_schema
 
             def handle(deliveries: Sequence[Delivery], uow: UnitOfWork) -> None:
-                outputs = handler([d.event for d in deliveries], uow)
+                events = [d.event for d in deliveries]
+                outputs = self._timed(name, len(events), partial(handler, events, uow))
                 counts: dict[str, int] = {}
                 _count(outputs, counts)
                 state.bump_counters(uow.conn, schema, counts)
@@ -289,6 +313,9 @@ class DistributedPipeline(PureStageHandlers):
         return consumer
 
     def _run_isolated(self, uow: NatsUnitOfWork, name: str, events: list[Event]) -> Sequence[Event]:
+        return self._timed(name, len(events), partial(self._run_stage, uow, name, events))
+
+    def _run_stage(self, uow: NatsUnitOfWork, name: str, events: list[Event]) -> Sequence[Event]:
         handler = self.handlers[name]
         if name == DEDUP:
             # The fused consumer IS the dedup queue's consumer: a hand-off to that queue would

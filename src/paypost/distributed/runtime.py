@@ -26,7 +26,15 @@ from paypost.bus.consumer import Consumer
 from paypost.bus.nats import NatsBus
 from paypost.config import UserError
 from paypost.logs import get_logger
-from paypost.pipeline import ASSEMBLER, DEDUP, STAGE_ORDER, Mode, PipelineSettings, tuned_gc
+from paypost.pipeline import (
+    ASSEMBLER,
+    DEDUP,
+    STAGE_ORDER,
+    Mode,
+    PipelineSettings,
+    StageMetrics,
+    tuned_gc,
+)
 from paypost.refdata.model import RefData
 from paypost.refdata.store import HolderCipher
 from paypost.stages import ingest as ingest_stage
@@ -248,6 +256,48 @@ class WorkerSet:
         if self._gc is not None:
             self._gc.__exit__(None, None, None)
             self._gc = None
+
+
+#: the stage times a worker process writes into its data directory when it stops
+STAGE_TIMES_FILE = "stage-times.json"
+
+
+def write_stage_times(pipeline: DistributedPipeline, data_dir: Path) -> Path | None:
+    """At a worker's stop: DATA_DIR/STAGE_TIMES_FILE gets each stage's batches (events, wall
+    and CPU time per event; `paypost bench --backend distributed` merges them over its
+    workers), and one `worker.stage_times` log line the p50 / p99 over events. None when the
+    process ran no batch."""
+    times = pipeline.stage_times()
+    if not times:
+        return None
+    summary = {}
+    for name, data in times.items():
+        m = StageMetrics()
+        m.merge(data)
+        summary[name] = {
+            "events": m.events,
+            "p50_us": round(m.p(0.50), 1),
+            "p99_us": round(m.p(0.99), 1),
+            "cpu_p99_us": round(m.p(0.99, cpu=True), 1),
+        }
+    log.info("worker.stage_times", stages=summary)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / STAGE_TIMES_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode(times))
+    tmp.replace(path)
+    return path
+
+
+def read_stage_times(paths: Sequence[Path]) -> dict[str, StageMetrics]:
+    """The stage times of several workers (`write_stage_times` files) merged per stage;
+    missing files are skipped (a worker that ran no batch writes none)."""
+    out: dict[str, StageMetrics] = {}
+    for path in paths:
+        if path.exists():
+            for name, data in msgspec.json.decode(path.read_bytes()).items():
+                out.setdefault(name, StageMetrics()).merge(data)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

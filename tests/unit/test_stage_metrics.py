@@ -1,0 +1,43 @@
+"""Per-stage times as `paypost bench` and `paypost run` report them: quantiles over events."""
+
+from __future__ import annotations
+
+import pytest
+
+from paypost.pipeline import StageMetrics, weighted_percentile
+
+
+def test_a_small_batch_weighs_its_events_not_a_batch() -> None:
+    # 99 batches of 1,000 events at 50 µs each, and one deferred batch of 1 event that cost
+    # 5,000 µs: 99,001 events, one of them slow. Over batches, p99 would be the slow one.
+    m = StageMetrics()
+    for _ in range(99):
+        m.add(1000, 0.050, 0.040)
+    m.add(1, 0.005, 0.002)
+    assert m.events == 99_001
+    assert m.p(0.99) == pytest.approx(50.0)
+    assert m.p(0.99, cpu=True) == pytest.approx(40.0)
+    assert m.p(1.0) == pytest.approx(5000.0)  # the slowest event is still there
+
+
+def test_weighted_percentile_is_the_plain_one_when_weights_are_equal() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [weighted_percentile(values, [3] * 5, q) for q in (0.0, 0.5, 1.0)] == [1.0, 3.0, 5.0]
+    assert weighted_percentile([], [], 0.99) == 0.0
+    with pytest.raises(ValueError, match="weights"):
+        weighted_percentile([1.0], [1, 2], 0.5)
+
+
+def test_merge_adds_another_process_batches() -> None:
+    a, b = StageMetrics(), StageMetrics()
+    a.add(10, 0.001, 0.0005)
+    b.add(30, 0.009, 0.006)
+    merged = StageMetrics()
+    merged.merge(a.to_dict())
+    merged.merge(b.to_dict())
+    assert merged.events == 40
+    assert merged.sizes == [10, 30]
+    assert merged.p(0.5) == pytest.approx(300.0)  # 30 of the 40 events at 300 µs each
+    broken = b.to_dict() | {"sizes": []}
+    with pytest.raises(ValueError, match="length"):
+        StageMetrics().merge(broken)
