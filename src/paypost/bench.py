@@ -834,38 +834,15 @@ def pg_storage_limit(db_url: str, rows: int, row_bytes: int, batch: int) -> floa
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema))
 
 
-def run_distributed(
-    root: Path,
-    sources: Sequence[Source],
-    events: int,
-    master: bytes,
-    seed: int,
-    settings: PipelineSettings,
-    workers: int,
-    *,
-    progress: Callable[[int], None] = lambda n: None,
-) -> DistributedRun:
-    """Ingest SOURCES into the distributed backbone and time them to posted: WORKERS
-    `paypost serve --backend distributed --fused` processes consume (each runs every stage of
-    a batch in one PostgreSQL transaction), this process publishes. Uses PAYPOST_BUS_URL /
-    PAYPOST_DB_URL (default: NATS and PostgreSQL on 127.0.0.1) under a fresh prefix that is
-    destroyed afterwards."""
-    import base64
-    import subprocess
-    import sys
+def _distributed_job(
+    events: int, master: bytes, seed: int, settings: PipelineSettings
+) -> tuple[Any, Any]:
+    """A distributed job under a fresh prefix (its settings, the job): reference data of the
+    generator's EVENTS and SEED, the bench's rules, SETTINGS published for the workers."""
     import uuid
 
     from paypost.demo import demo_refdata
-    from paypost.distributed.runtime import (
-        STAGE_TIMES_FILE,
-        DistributedJob,
-        RunReport,
-        destroy,
-        ingest_sources,
-        load_settings,
-        read_stage_times,
-        wait_for_completion,
-    )
+    from paypost.distributed.runtime import DistributedJob, load_settings
 
     dsettings = load_settings(prefix=f"bench_{uuid.uuid4().hex[:8]}")
     refdata = demo_refdata(events, master, seed).refdata
@@ -885,6 +862,19 @@ def run_distributed(
             f"--backend distributed: cannot reach NATS JetStream / PostgreSQL ({exc!r}); start "
             "them (docs/deployment.md) and set PAYPOST_BUS_URL / PAYPOST_DB_URL."
         ) from None
+    return dsettings, job
+
+
+@contextlib.contextmanager
+def _distributed_workers(
+    dsettings: Any, master: bytes, root: Path, workers: int
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """WORKERS `paypost serve --backend distributed --fused` processes for DSETTINGS' prefix,
+    each with its data directory (log, stage times) under ROOT; stopped with SIGTERM (each
+    finishes its batch and writes its stage times) when the block ends."""
+    import base64
+    import sys
+
     env = dict(os.environ)
     env.update(
         PAYPOST_BUS_URL=dsettings.bus_url,
@@ -893,8 +883,6 @@ def run_distributed(
         PAYPOST_VAULT_KEY=base64.b64encode(master).decode(),
     )
     procs: list[subprocess.Popen[bytes]] = []
-    peak_total = peak_single = 0.0
-    problems: list[str] = []
     try:
         for i in range(workers):
             wdir = root / f"worker-{i}"
@@ -912,49 +900,7 @@ def run_distributed(
                 )
             )
         time.sleep(3)  # the workers load the published configuration (not timed)
-        worker_cpu0 = {p.pid: _process_cpu_s(p.pid) for p in procs}
-        worker_cpu = dict(worker_cpu0)
-        services0 = service_cpu_s()
-        own0 = time.process_time()
-        started = time.perf_counter()
-        ingest_sources(
-            job.pipeline,
-            [(s.config, s.path) for s in sources if s.path is not None],
-            job.keys,
-            on_batch=progress,
-        )
-        approved = job.pipeline.ingest_totals()["approved"]
-
-        def on_poll(rep: RunReport) -> None:
-            nonlocal peak_total, peak_single
-            sizes = []
-            for p in procs:
-                with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(p.pid)
-                    sizes.append(proc.memory_info().rss / 2**20)
-                    t = proc.cpu_times()
-                    worker_cpu[p.pid] = t.user + t.system
-            peak_total = max(peak_total, sum(sizes) + _rss_mb())
-            peak_single = max([peak_single, *sizes])
-            for p in procs:
-                if p.poll() is not None:
-                    raise BenchFailed(
-                        f"a distributed worker exited with status {p.returncode}; see "
-                        f"{root}/worker-*/worker.log"
-                    )
-
-        rep = wait_for_completion(
-            job.pipeline, started, approved, timeout_s=3600, poll_s=0.5, on_poll=on_poll
-        )
-        seconds = time.perf_counter() - started
-        services1 = service_cpu_s()
-        cpu = {
-            "workers": sum(worker_cpu[pid] - worker_cpu0[pid] for pid in worker_cpu),
-            "publisher": time.process_time() - own0,
-            **{k: services1[k] - services0[k] for k in services1},
-        }
-        archived_events = job.pipeline.bus.archive_count()
-        archived_bytes = job.pipeline.bus.archive_bytes()
+        yield procs
     finally:
         for p in procs:
             p.terminate()
@@ -963,20 +909,103 @@ def run_distributed(
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        job.close()
-    try:
-        if not rep.complete:
-            problems.append(
-                f"not complete: {rep.terminal()} of {rep.approved} approved in a terminal "
-                f"state, {rep.in_flight} in flight"
+
+
+def _check_workers(procs: Sequence[subprocess.Popen[bytes]], root: Path) -> None:
+    for p in procs:
+        if p.poll() is not None:
+            raise BenchFailed(
+                f"a distributed worker exited with status {p.returncode}; see "
+                f"{root}/worker-*/worker.log"
             )
-        if rep.dead_lettered:
-            problems.append(f"{rep.dead_lettered} dead-lettered")
-        if rep.journal_entries != rep.posted:
-            problems.append(f"{rep.journal_entries} journal entries for {rep.posted} posted")
-        if not rep.trial_balance_zero:
-            problems.append(f"trial balance is not zero: {rep.trial_balance}")
+
+
+def _run_problems(rep: Any) -> list[str]:
+    """What is wrong with a finished distributed run (empty: the answer is right)."""
+    problems = []
+    if not rep.complete:
+        problems.append(
+            f"not complete: {rep.terminal()} of {rep.approved} approved in a terminal "
+            f"state, {rep.in_flight} in flight"
+        )
+    if rep.dead_lettered:
+        problems.append(f"{rep.dead_lettered} dead-lettered")
+    if rep.journal_entries != rep.posted:
+        problems.append(f"{rep.journal_entries} journal entries for {rep.posted} posted")
+    if not rep.trial_balance_zero:
+        problems.append(f"trial balance is not zero: {rep.trial_balance}")
+    return problems
+
+
+def run_distributed(
+    root: Path,
+    sources: Sequence[Source],
+    events: int,
+    master: bytes,
+    seed: int,
+    settings: PipelineSettings,
+    workers: int,
+    *,
+    progress: Callable[[int], None] = lambda n: None,
+) -> DistributedRun:
+    """Ingest SOURCES into the distributed backbone and time them to posted: WORKERS
+    `paypost serve --backend distributed --fused` processes consume (each runs every stage of
+    a batch in one PostgreSQL transaction), this process publishes. Uses PAYPOST_BUS_URL /
+    PAYPOST_DB_URL (default: NATS and PostgreSQL on 127.0.0.1) under a fresh prefix that is
+    destroyed afterwards."""
+    from paypost.distributed.runtime import (
+        STAGE_TIMES_FILE,
+        RunReport,
+        destroy,
+        ingest_sources,
+        read_stage_times,
+        wait_for_completion,
+    )
+
+    dsettings, job = _distributed_job(events, master, seed, settings)
+    peak_total = peak_single = 0.0
+    try:
+        with _distributed_workers(dsettings, master, root, workers) as procs:
+            worker_cpu0 = {p.pid: _process_cpu_s(p.pid) for p in procs}
+            worker_cpu = dict(worker_cpu0)
+            services0 = service_cpu_s()
+            own0 = time.process_time()
+            started = time.perf_counter()
+            ingest_sources(
+                job.pipeline,
+                [(s.config, s.path) for s in sources if s.path is not None],
+                job.keys,
+                on_batch=progress,
+            )
+            approved = job.pipeline.ingest_totals()["approved"]
+
+            def on_poll(rep: RunReport) -> None:
+                nonlocal peak_total, peak_single
+                sizes = []
+                for p in procs:
+                    with contextlib.suppress(psutil.Error):
+                        proc = psutil.Process(p.pid)
+                        sizes.append(proc.memory_info().rss / 2**20)
+                        t = proc.cpu_times()
+                        worker_cpu[p.pid] = t.user + t.system
+                peak_total = max(peak_total, sum(sizes) + _rss_mb())
+                peak_single = max([peak_single, *sizes])
+                _check_workers(procs, root)
+
+            rep = wait_for_completion(
+                job.pipeline, started, approved, timeout_s=3600, poll_s=0.5, on_poll=on_poll
+            )
+            seconds = time.perf_counter() - started
+            services1 = service_cpu_s()
+            cpu = {
+                "workers": sum(worker_cpu[pid] - worker_cpu0[pid] for pid in worker_cpu),
+                "publisher": time.process_time() - own0,
+                **{k: services1[k] - services0[k] for k in services1},
+            }
+            archived_events = job.pipeline.bus.archive_count()
+            archived_bytes = job.pipeline.bus.archive_bytes()
     finally:
+        job.close()
         destroy(dsettings)
     return DistributedRun(
         seconds,
@@ -985,7 +1014,7 @@ def run_distributed(
         workers,
         peak_total,
         peak_single,
-        problems,
+        _run_problems(rep),
         cpu_seconds=cpu,
         # written by each worker as it stops (`paypost serve`)
         stage_times=read_stage_times(
@@ -995,6 +1024,84 @@ def run_distributed(
         archived_bytes=archived_bytes,
         db_url=dsettings.db_url,
     )
+
+
+def run_distributed_latency(
+    root: Path,
+    master: bytes,
+    seed: int,
+    rate: float,
+    seconds: float,
+    scratch: Path,
+    workers: int,
+) -> LatencyRun:
+    """Realtime mode on the distributed backbone at RATE authorizations/s for SECONDS: the
+    publisher releases each authorization at its scheduled arrival (one ingest transaction
+    each, `PacedReader`), WORKERS fused workers post it; its latency runs from the scheduled
+    arrival to the `posted_at` its ledger entry was given in the posting transaction (open
+    loop: a backlog counts). Only posted authorizations have a latency."""
+    from psycopg import sql
+
+    from paypost.distributed.runtime import destroy, wait_for_completion
+    from paypost.events import derive_event_id
+    from paypost.iso.iso20022 import transaction_ref_for
+    from paypost.stages.dedup import STAGE as DEDUP_STAGE
+    from paypost.stages.post import sequence_id_for
+
+    wanted = max(1, int(rate * seconds))
+    refdata_events = int(wanted * 1.3) + 150
+    sources = generate_sources(
+        refdata_events, master, seed + 1, "realtime", scratch, in_process=True
+    )
+    dsettings, job = _distributed_job(
+        refdata_events, master, seed + 1, PipelineSettings(mode="realtime")
+    )
+    due_at: dict[str, float] = {}  # ledger entry id -> scheduled arrival (epoch seconds)
+    problems: list[str] = []
+    try:
+        with _distributed_workers(dsettings, master, root, workers) as procs:
+            # the schedule runs on perf_counter; ledger times are epoch microseconds
+            epoch = time.time() - time.perf_counter()
+            schedule = _Schedule(rate=rate, start=time.perf_counter() + 0.05)
+            for source in sources:
+                if source.path is None or schedule.authorizations >= wanted:
+                    continue
+                reader = ingest_stage.open_reader(source.config, job.keys, path=source.path)
+                for batch in PacedReader(reader, schedule, wanted).batches(final=True):
+                    job.pipeline.publish_batch(batch)
+                    for ev in batch.events:
+                        accepted = derive_event_id(ev.id, DEDUP_STAGE, 0)
+                        entry = sequence_id_for(ev.tenant, transaction_ref_for(accepted))
+                        due_at[entry] = epoch + schedule.due[-1]
+                _check_workers(procs, root)
+            elapsed = time.perf_counter() - schedule.start
+            approved = job.pipeline.ingest_totals()["approved"]
+            rep = wait_for_completion(
+                job.pipeline,
+                schedule.start,
+                approved,
+                timeout_s=600,
+                poll_s=0.2,
+                on_poll=lambda _: _check_workers(procs, root),
+            )
+        problems += _run_problems(rep)
+        latencies: list[float] = []
+        conn = job.pipeline.bus.db()
+        for tenant in sorted(job.refdata.tenants):
+            query = sql.SQL("SELECT id, posted_at FROM {}.ledger_entries").format(
+                sql.Identifier(job.pipeline.ledger.schema(tenant))
+            )
+            for entry_id, posted_us in conn.execute(query):
+                if entry_id in due_at:
+                    latencies.append((posted_us / 1e6 - due_at[entry_id]) * 1000)
+        if len(latencies) != rep.posted:
+            problems.append(
+                f"latency: {len(latencies)} of {rep.posted} posted entries matched an arrival"
+            )
+    finally:
+        job.close()
+        destroy(dsettings)
+    return LatencyRun(rate, len(latencies), elapsed, latencies, problems)
 
 
 #: the stage figures a bench reports: (quantile, CPU time?) for p50, p99, CPU p50, CPU p99
@@ -1115,6 +1222,18 @@ def run_bench(
                 options.shards or 2,
                 progress=on_progress,
             )
+            dlatency = None
+            if options.latency_seconds > 0 and options.latency_rate > 0:
+                on_phase(f"realtime latency at {options.latency_rate:,.0f}/s", None)
+                dlatency = run_distributed_latency(
+                    root / "latency",
+                    master,
+                    options.seed,
+                    options.latency_rate,
+                    options.latency_seconds,
+                    upstream,
+                    options.shards or 2,
+                )
             limit = (0, 0.0)
             if options.limit and drun.approved:
                 on_phase("storage limit (raw PostgreSQL COPY)", None)
@@ -1122,7 +1241,7 @@ def run_bench(
                 row_bytes = round(drun.archived_bytes / drun.approved)
                 rps = pg_storage_limit(drun.db_url, rows, row_bytes, settings.records_per_batch())
                 limit = (rows, rps)
-            return _distributed_result(options, drun, commit, own_dir, root, limit)
+            return _distributed_result(options, drun, commit, own_dir, root, limit, dlatency)
         run = run_throughput(
             root,
             sources,
@@ -1239,11 +1358,11 @@ def _distributed_result(
     own_dir: bool,
     root: Path,
     limit: tuple[int, float] = (0, 0.0),
+    latency: LatencyRun | None = None,
 ) -> BenchResult:
     """The distributed run's figures. Per-stage times come from the workers (each writes
     its own when it stops), the CPU from every process that serves the run, the storage
-    limit from PostgreSQL (`pg_storage_limit`); the realtime latency run is embedded-only
-    (reported as 0)."""
+    limit from PostgreSQL (`pg_storage_limit`), the latency from `run_distributed_latency`."""
     approved = max(run.approved, 1)
     eps = run.approved / run.seconds if run.seconds > 0 else 0.0
     model, ncpu = machine()
@@ -1251,6 +1370,7 @@ def _distributed_result(
     per_auth_bytes = run.archived_bytes / approved
     limit_rows, limit_rps = limit
     cpu_by = {k: round(v * 1e6 / approved, 1) for k, v in run.cpu_seconds.items()}
+    problems = run.problems + [f"latency run: {p}" for p in (latency.problems if latency else ())]
     result = BenchResult(
         backend="distributed",
         mode=options.mode,
@@ -1262,11 +1382,13 @@ def _distributed_result(
         shards=run.workers,
         stage_p50_us=p50,
         stage_p99_us=p99,
-        e2e_latency_p50_ms=0.0,
-        e2e_latency_p99_ms=0.0,
-        latency_offered_per_second=0.0,
-        latency_events=0,
-        latency_achieved_per_second=0.0,
+        e2e_latency_p50_ms=round(latency.p(0.5), 3) if latency else 0.0,
+        e2e_latency_p99_ms=round(latency.p(0.99), 3) if latency else 0.0,
+        latency_offered_per_second=latency.offered if latency else 0.0,
+        latency_events=latency.events if latency else 0,
+        latency_achieved_per_second=(
+            round(latency.events / latency.seconds, 1) if latency and latency.seconds else 0.0
+        ),
         peak_rss_mb=round(run.peak_rss_total_mb, 1),
         peak_rss_mb_per_process=round(run.peak_rss_single_mb, 1),
         limit_rows=limit_rows,
@@ -1276,8 +1398,8 @@ def _distributed_result(
         archived_events=run.archived_events,
         archived_bytes_per_authorization=round(per_auth_bytes, 1),
         database_bytes=0,
-        correct=not run.problems,
-        problems=run.problems,
+        correct=not problems,
+        problems=problems,
         cpu_us_per_authorization=round(sum(cpu_by.values()), 1),
         cpu_us_by_process=cpu_by,
         stage_cpu_p50_us=cpu50,

@@ -103,7 +103,14 @@ def test_bench_distributed_is_correct(
     monkeypatch.setenv("PAYPOST_BUS_URL", nats_url)
     monkeypatch.setenv("PAYPOST_DB_URL", postgres_url)
     result = run_bench(
-        BenchOptions(events=1500, backend="distributed", shards=2, data_dir=tmp_path / "b")
+        BenchOptions(
+            events=1500,
+            backend="distributed",
+            shards=2,
+            latency_rate=50.0,
+            latency_seconds=1.0,
+            data_dir=tmp_path / "b",
+        )
     )
     assert result.correct, result.problems
     assert result.backend == "distributed" and result.shards == 2
@@ -121,6 +128,10 @@ def test_bench_distributed_is_correct(
     assert result.archived_bytes_per_authorization > 1000
     assert result.limit_rows == 1500 and result.limit_rows_per_second > 0
     assert result.limit_ratio > 0
+    # realtime latency: every posted authorization of the paced run matched its arrival
+    # (a mismatch is a problem, so `correct` would be False)
+    assert result.latency_events > 0 and result.latency_offered_per_second == 50.0
+    assert 0 < result.e2e_latency_p50_ms <= result.e2e_latency_p99_ms
     # a worker leaves its stage times where it ran (one that got no batch leaves none)
     assert list((tmp_path / "b").glob("worker-*/stage-times.json"))
 

@@ -231,9 +231,6 @@ def bench(
                 f"{result.commit} · {result.cpus} × {result.machine} · {result.date}",
             ),
         ]
-        if result.backend == "distributed":
-            # the realtime latency run is embedded-only
-            rows = [r for r in rows if not r[0].startswith("realtime latency")]
         for what, value in rows:
             table.add_row(what, value)
         console.print(table)

@@ -212,6 +212,12 @@ def message_id_for(output_event_id: str) -> str:
     return _compact_id(output_event_id)
 
 
+def transaction_ref_for(accepted_event_id: str) -> str:
+    """CdtTrfTxInf/PmtId/TxId of the pacs.008 built from an accepted authorization: the
+    accepted event id's hex digits (the transaction's reference through posting)."""
+    return _compact_id(accepted_event_id)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation of the authorization (everything the message needs), collecting every problem.
 
@@ -539,7 +545,7 @@ def build_pacs008(
     tx: dict[str, Any] = {
         "PmtId": {
             "EndToEndId": req.rrn or "NOTPROVIDED",
-            "TxId": _compact_id(input_id),
+            "TxId": transaction_ref_for(input_id),
             "UETR": derive_uetr(input_id),
         },
         "PmtTpInf": {"LclInstrm": {"Prtry": "CARD"}},
