@@ -1305,13 +1305,7 @@ def run_bench(
             shards=len(reports),
             stage_p50_us=p50,
             stage_p99_us=p99,
-            e2e_latency_p50_ms=round(latency.p(0.5), 3) if latency else 0.0,
-            e2e_latency_p99_ms=round(latency.p(0.99), 3) if latency else 0.0,
-            latency_offered_per_second=options.latency_rate if latency else 0.0,
-            latency_events=latency.events if latency else 0,
-            latency_achieved_per_second=(
-                round(latency.events / latency.seconds, 1) if latency and latency.seconds else 0.0
-            ),
+            **_latency_fields(latency),
             peak_rss_mb=round(peak, 1),
             peak_rss_mb_per_process=round(run.peak_rss_single_mb, 1),
             limit_rows=options.events if options.limit else 0,
@@ -1351,6 +1345,27 @@ def run_bench(
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _latency_fields(latency: LatencyRun | None) -> dict[str, Any]:
+    """The latency run's fields of a `BenchResult` (all 0 without a latency run)."""
+    if latency is None:
+        return {
+            "e2e_latency_p50_ms": 0.0,
+            "e2e_latency_p99_ms": 0.0,
+            "latency_offered_per_second": 0.0,
+            "latency_events": 0,
+            "latency_achieved_per_second": 0.0,
+        }
+    return {
+        "e2e_latency_p50_ms": round(latency.p(0.5), 3),
+        "e2e_latency_p99_ms": round(latency.p(0.99), 3),
+        "latency_offered_per_second": latency.offered,
+        "latency_events": latency.events,
+        "latency_achieved_per_second": (
+            round(latency.events / latency.seconds, 1) if latency.seconds else 0.0
+        ),
+    }
+
+
 def _distributed_result(
     options: BenchOptions,
     run: DistributedRun,
@@ -1382,13 +1397,7 @@ def _distributed_result(
         shards=run.workers,
         stage_p50_us=p50,
         stage_p99_us=p99,
-        e2e_latency_p50_ms=round(latency.p(0.5), 3) if latency else 0.0,
-        e2e_latency_p99_ms=round(latency.p(0.99), 3) if latency else 0.0,
-        latency_offered_per_second=latency.offered if latency else 0.0,
-        latency_events=latency.events if latency else 0,
-        latency_achieved_per_second=(
-            round(latency.events / latency.seconds, 1) if latency and latency.seconds else 0.0
-        ),
+        **_latency_fields(latency),
         peak_rss_mb=round(run.peak_rss_total_mb, 1),
         peak_rss_mb_per_process=round(run.peak_rss_single_mb, 1),
         limit_rows=limit_rows,
