@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import gc
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -208,10 +209,18 @@ class PipelineSettings:
 # Metrics: per-stage processing time per event, terminal-state counters.
 
 
+#: batches a `StageMetrics` keeps samples of: past it, a uniform sample of them (a worker runs
+#: for days; in realtime mode every authorization is a batch). ~2 MB per stage when full.
+STAGE_SAMPLES_MAX = 20_000
+
+
 @dataclass
 class StageMetrics:
     events: int = 0
     seconds: float = 0.0
+    #: batches seen (`sizes` and the per-event lists hold at most `max_samples` of them)
+    batches: int = 0
+    max_samples: int = STAGE_SAMPLES_MAX
     #: processing time per event of each batch (µs): batch time / batch size
     per_event_us: list[float] = field(default_factory=list)
     #: the same in CPU time of the thread (not inflated when other processes share the cores)
@@ -221,12 +230,21 @@ class StageMetrics:
     sizes: list[int] = field(default_factory=list)
 
     def add(self, n: int, seconds: float, cpu_seconds: float = 0.0) -> None:
-        if n:
-            self.events += n
-            self.seconds += seconds
-            self.per_event_us.append(seconds * 1e6 / n)
-            self.cpu_per_event_us.append(cpu_seconds * 1e6 / n)
+        if not n:
+            return
+        self.events += n
+        self.seconds += seconds
+        self.batches += 1
+        sample = (seconds * 1e6 / n, cpu_seconds * 1e6 / n, n)
+        if len(self.sizes) < self.max_samples:
+            self.per_event_us.append(sample[0])
+            self.cpu_per_event_us.append(sample[1])
             self.sizes.append(n)
+            return
+        # reservoir sampling: every batch so far is kept with the same chance
+        slot = _SAMPLER.randrange(self.batches)
+        if slot < self.max_samples:
+            self.per_event_us[slot], self.cpu_per_event_us[slot], self.sizes[slot] = sample
 
     def p(self, q: float, *, cpu: bool = False) -> float:
         """The Q-quantile over events of the time per event (µs; CPU time with CPU)."""
@@ -238,6 +256,7 @@ class StageMetrics:
         return {
             "events": self.events,
             "seconds": self.seconds,
+            "batches": self.batches,
             "per_event_us": list(self.per_event_us),
             "cpu_per_event_us": list(self.cpu_per_event_us),
             "sizes": list(self.sizes),
@@ -250,9 +269,14 @@ class StageMetrics:
             raise ValueError("stage times: per_event_us, cpu_per_event_us, sizes differ in length")
         self.events += int(data["events"])
         self.seconds += float(data["seconds"])
+        self.batches += int(data.get("batches", len(sizes)))
         self.per_event_us += [float(x) for x in per_event]
         self.cpu_per_event_us += [float(x) for x in cpu]
         self.sizes += [int(x) for x in sizes]
+
+
+#: the reservoir's choices (seeded: a run's figures do not depend on a global random state)
+_SAMPLER = random.Random(20_000)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -41,3 +41,15 @@ def test_merge_adds_another_process_batches() -> None:
     broken = b.to_dict() | {"sizes": []}
     with pytest.raises(ValueError, match="length"):
         StageMetrics().merge(broken)
+
+
+def test_a_long_running_worker_keeps_a_bounded_sample() -> None:
+    # realtime mode: every authorization a batch, for as long as the worker runs
+    m = StageMetrics(max_samples=1000)
+    for i in range(50_000):
+        m.add(1, (100 if i % 100 == 0 else 10) / 1e6, 5 / 1e6)  # 1% of batches slow
+    assert m.events == m.batches == 50_000
+    assert len(m.sizes) == len(m.per_event_us) == len(m.cpu_per_event_us) == 1000
+    assert m.p(0.5) == pytest.approx(10.0)
+    assert m.p(0.999) == pytest.approx(100.0)  # the slow 1% is still in the sample
+    assert 0.003 < sum(1 for v in m.per_event_us if v > 50) / 1000 < 0.03
