@@ -141,15 +141,15 @@ class DistributedPipeline(PureStageHandlers):
         self.ledger.close()
 
     def _timed(self, name: str, n: int, run: Callable[[], Sequence[Event]]) -> Sequence[Event]:
-        """RUN (stage NAME over N events), its wall and thread CPU time per event recorded."""
+        """RUN (stage NAME over N events), its wall and thread CPU time per event recorded
+        when it returns (a batch that raised is rolled back and counted when it is retried)."""
         started, cpu_started = time.perf_counter(), time.thread_time()
-        try:
-            return run()
-        finally:
-            seconds = time.perf_counter() - started
-            cpu = time.thread_time() - cpu_started
-            with self._metrics_lock:
-                self.metrics[name].add(n, seconds, cpu)
+        outputs = run()
+        seconds = time.perf_counter() - started
+        cpu = time.thread_time() - cpu_started
+        with self._metrics_lock:
+            self.metrics[name].add(n, seconds, cpu)
+        return outputs
 
     def stage_times(self) -> dict[str, dict[str, Any]]:
         """Per stage that ran: `StageMetrics.to_dict` (each batch's events and wall and CPU
