@@ -1211,17 +1211,10 @@ def run_bench(
         # Default: one shard per tenant (whole tenants per shard; the OS spreads them).
         shards = options.shards or len({s.config.tenant for s in sources})
         on_phase("ingest → posted", options.events)
+        # what both backends' throughput runs take first
+        inputs = (root, sources, options.events, master, options.seed, settings)
         if options.backend == "distributed":
-            drun = run_distributed(
-                root,
-                sources,
-                options.events,
-                master,
-                options.seed,
-                settings,
-                options.shards or 2,
-                progress=on_progress,
-            )
+            drun = run_distributed(*inputs, options.shards or 2, progress=on_progress)
             dlatency = None
             if options.latency_seconds > 0 and options.latency_rate > 0:
                 on_phase(f"realtime latency at {options.latency_rate:,.0f}/s", None)
@@ -1243,12 +1236,7 @@ def run_bench(
                 limit = (rows, rps)
             return _distributed_result(options, drun, commit, own_dir, root, limit, dlatency)
         run = run_throughput(
-            root,
-            sources,
-            options.events,
-            master,
-            options.seed,
-            settings,
+            *inputs,
             shards,
             progress=on_progress,
             in_process=options.in_process,
