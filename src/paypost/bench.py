@@ -712,6 +712,13 @@ def run_latency(
 # The storage limit
 
 
+def _limit_body(row_bytes: int) -> bytes:
+    """A row body of ROW_BYTES (at least 1) random hex digits, which barely compress: the
+    limit measured is the store's, not its compressor's."""
+    n = max(1, row_bytes)
+    return os.urandom(n // 2 + 1).hex().encode()[:n]
+
+
 def storage_limit(path: Path, rows: int, row_bytes: int, batch: int) -> float:
     """Rows/s of batched inserts of ROWS rows of ROW_BYTES into a fresh SQLite file at PATH,
     with paypost's pragmas (WAL, synchronous=FULL) and BATCH rows per transaction."""
@@ -720,7 +727,7 @@ def storage_limit(path: Path, rows: int, row_bytes: int, batch: int) -> float:
         conn.execute(
             "CREATE TABLE limit_rows (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB NOT NULL)"
         )
-        body = os.urandom(max(1, row_bytes) // 2).hex().encode()[: max(1, row_bytes)]
+        body = _limit_body(row_bytes)
         started = time.perf_counter()
         done = 0
         while done < rows:
@@ -752,7 +759,7 @@ class DistributedRun:
     peak_rss_total_mb: float
     peak_rss_single_mb: float
     problems: list[str]
-    #: CPU seconds of the timed part by process kind (`DISTRIBUTED_PROCESSES`)
+    #: CPU seconds of the timed part: workers, publisher, nats-server, postgresql
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     #: per stage: every batch of the workers (events, wall and CPU µs per event)
     stage_times: dict[str, StageMetrics] = field(default_factory=dict)
@@ -761,9 +768,6 @@ class DistributedRun:
     #: the PostgreSQL the run used (for the storage limit)
     db_url: str = ""
 
-
-#: what the distributed run's CPU is split into (everything that serves the run)
-DISTRIBUTED_PROCESSES = ("workers", "publisher", "nats-server", "postgresql")
 
 #: rows of the distributed storage limit (PostgreSQL COPY), at most: at 1,000,000 the full
 #: count would write ~10 GB for a rate that 200,000 rows already measure
@@ -800,7 +804,7 @@ def pg_storage_limit(db_url: str, rows: int, row_bytes: int, batch: int) -> floa
     from psycopg import sql
 
     schema = sql.Identifier(f"bench_limit_{uuid.uuid4().hex[:8]}")
-    body = os.urandom(max(1, row_bytes) // 2 + 1).hex().encode()[: max(1, row_bytes)]
+    body = _limit_body(row_bytes)
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
         try:
