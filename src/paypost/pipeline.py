@@ -252,13 +252,16 @@ class StageMetrics:
         return weighted_percentile(values, self.sizes, q)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (it crosses process boundaries and files); `merge` takes it back."""
+        """Plain data (it crosses process boundaries and files); `merge` takes it back.
+
+        Times are rounded to the nanosecond: a float's 16 or 17 digits can form a
+        Luhn-valid run that every card-number scan of a file or log rightly flags."""
         return {
             "events": self.events,
-            "seconds": self.seconds,
+            "seconds": round(self.seconds, 6),
             "batches": self.batches,
-            "per_event_us": list(self.per_event_us),
-            "cpu_per_event_us": list(self.cpu_per_event_us),
+            "per_event_us": [round(x, 3) for x in self.per_event_us],
+            "cpu_per_event_us": [round(x, 3) for x in self.cpu_per_event_us],
             "sizes": list(self.sizes),
         }
 

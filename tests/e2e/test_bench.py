@@ -22,6 +22,7 @@ from paypost.config import UserError
 from paypost.demo import demo_refdata
 from paypost.pipeline import STAGE_ORDER, PipelineSettings
 from paypost.runner import Job
+from paypost.security.tokens import contains_pan
 
 KEY = bytes(range(32))
 
@@ -134,6 +135,11 @@ def test_bench_distributed_is_correct(
     assert 0 < result.e2e_latency_p50_ms <= result.e2e_latency_p99_ms
     # a worker leaves its stage times where it ran (one that got no batch leaves none)
     assert list((tmp_path / "b").glob("worker-*/stage-times.json"))
+    # nothing the workers wrote (logs with their alerts, stage times) holds a clear PAN
+    written = [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+    assert any(p.name == "worker.log" for p in written)
+    for path in written:
+        assert not contains_pan(path.read_text(errors="replace")), path
 
 
 def test_cli_json_and_record(tmp_path: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
+import msgspec
 import pytest
 
 from paypost.pipeline import StageMetrics, weighted_percentile
+from paypost.security.tokens import contains_pan
 
 
 def test_a_small_batch_weighs_its_events_not_a_batch() -> None:
@@ -53,3 +57,15 @@ def test_a_long_running_worker_keeps_a_bounded_sample() -> None:
     assert m.p(0.5) == pytest.approx(10.0)
     assert m.p(0.999) == pytest.approx(100.0)  # the slow 1% is still in the sample
     assert 0.003 < sum(1 for v in m.per_event_us if v > 50) / 1000 < 0.03
+
+
+def test_stage_times_as_written_hold_no_card_number_lookalike() -> None:
+    # a float's 16-17 digits can form a Luhn-valid run: stage-times.json must not trip a scan
+    rng = random.Random(1)
+    m = StageMetrics()
+    for _ in range(2000):
+        m.add(rng.randrange(1, 1000), rng.random() / 10, rng.random() / 20)
+    text = msgspec.json.encode(m.to_dict()).decode()
+    assert not contains_pan(text)
+    # the same times unrounded do trip it: this test is about a real risk
+    assert contains_pan(msgspec.json.encode(m.per_event_us).decode())
